@@ -1,0 +1,250 @@
+"""`cprd` command line: source, target, ctl, demo, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from .errors import CprdError, UsageError
+
+FLAGS = {"r": os.O_RDONLY, "w": os.O_WRONLY, "rw": os.O_RDWR, "a": os.O_WRONLY | os.O_APPEND,
+         "ra": os.O_RDWR | os.O_APPEND}
+
+
+def _uid_list(values: list[str] | None) -> tuple[int, ...]:
+    out = []
+    for v in values or []:
+        try:
+            out.append(int(v))
+        except ValueError:
+            import pwd
+
+            try:
+                out.append(pwd.getpwnam(v).pw_uid)
+            except KeyError:
+                raise UsageError(f"--allow-uid {v!r}: no such user or uid") from None
+    return tuple(out)
+
+
+def _print(obj: Any, as_json: bool, human: str) -> None:
+    print(json.dumps(obj, indent=None if as_json else 2) if as_json else human)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s cprd[%(process)d] %(levelname)s %(name)s %(message)s")
+
+
+# -- daemons ---------------------------------------------------------------------------------
+def cmd_source(a: argparse.Namespace) -> int:
+    import trio
+
+    from .daemon import serve_source
+    from .paths import control_path
+
+    return trio.run(lambda: serve_source(control_path(a.control), spec=a.populate, state_dir=a.state_dir,
+                                         allow_uids=_uid_list(a.allow_uid)))
+
+
+def cmd_target(a: argparse.Namespace) -> int:
+    import trio
+
+    from .daemon import serve_target
+
+    return trio.run(lambda: serve_target(os.path.abspath(a.listen), allow_uids=_uid_list(a.allow_uid)))
+
+
+# -- ctl -------------------------------------------------------------------------------------
+def _client(a: argparse.Namespace):
+    from .client import Client
+
+    return Client(a.control)
+
+
+def cmd_put(a: argparse.Namespace) -> int:
+    if (a.path is None) == (a.fd is None):
+        raise UsageError("ctl put needs exactly one of --path FILE or --fd N")
+    if a.path is not None:
+        try:
+            fd = os.open(a.path, FLAGS[a.flags] | os.O_CLOEXEC | (os.O_CREAT if a.flags != "r" else 0), 0o600)
+        except OSError as e:
+            raise UsageError(f"cannot open {a.path} ({a.flags}): {e.strerror}") from None
+    else:
+        fd = a.fd
+        try:
+            os.fstat(fd)
+        except OSError:
+            raise UsageError(f"--fd {fd} is not an open fd of this process; pass one it inherited") from None
+    try:
+        with _client(a) as c:
+            res = c.put(a.name, a.id, fd, replace=a.replace)
+    finally:
+        if a.path is not None:
+            os.close(fd)
+    _print(res, a.json, f"put ({res['name']!r}, {res['id']}) kind={res['kind']} fd={res['fd']}")
+    return 0
+
+
+def cmd_get(a: argparse.Namespace) -> int:
+    with _client(a) as c:
+        info, fd = c.get(a.name, a.id)
+    if a.exec:
+        cmd = a.exec[1:] if a.exec[0] == "--" else a.exec
+        if not cmd:
+            os.close(fd)
+            raise UsageError("--exec needs a command")
+        # Hand the fd over as systemd does: fd 3, LISTEN_FDS=1, LISTEN_FDNAMES, LISTEN_PID=our pid (exec keeps it).
+        if fd != 3:
+            os.dup2(fd, 3, inheritable=True)
+            os.close(fd)
+        else:
+            os.set_inheritable(3, True)
+        env = dict(os.environ, LISTEN_FDS="1", LISTEN_FDNAMES=a.name, LISTEN_PID=str(os.getpid()))
+        try:
+            os.execvpe(cmd[0], cmd, env)
+        except OSError as e:
+            raise UsageError(f"cannot run {cmd[0]!r}: {e.strerror}") from None
+    os.close(fd)
+    _print(info, a.json, "\n".join(f"{k}: {v}" for k, v in info.items()))
+    return 0
+
+
+def cmd_del(a: argparse.Namespace) -> int:
+    with _client(a) as c:
+        res = c.delete(a.name, a.id)
+    _print(res, a.json, f"deleted ({a.name!r}, {a.id})")
+    return 0
+
+
+def cmd_ls(a: argparse.Namespace) -> int:
+    with _client(a) as c:
+        entries = c.ls()
+    lines = [f"{'NAME':<24} {'ID':>11} {'KIND':<9} {'FD':>6}"]
+    lines += [f"{e['name']:<24} {e['id']:>11} {e['kind']:<9} {e['fd']:>6}" for e in entries]
+    _print(entries, a.json, "\n".join(lines))
+    return 0
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    with _client(a) as c:
+        st = c.status()
+    human = "\n".join(f"{k}: {v}" for k, v in st.items())
+    _print(st, a.json, human)
+    return 0
+
+
+def cmd_handoff(a: argparse.Namespace) -> int:
+    with _client(a) as c:
+        res = c.handoff(os.path.abspath(a.to), batch=a.batch, window=a.window)
+    human = (f"handed off {res['entries']} entries ({res['fds']} fds) to pid {res['target_pid']} in "
+             f"{res['ms']:.1f} ms")
+    _print(res, a.json, human)
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(fds=a.fds, as_json=a.json)
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from . import bench
+
+    return bench.main(a)
+
+
+# -- parser ----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cprd", description="Hand a live table of open fds from one process to "
+                                "another, losing and duplicating none.")
+    p.add_argument("--log-level", default=os.environ.get("CPRD_LOG", "info"),
+                   help="debug, info, warning, error (default info; env CPRD_LOG)")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    def control_opt(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--control", metavar="PATH",
+                        help="control socket (default $CPRD_CONTROL, else $XDG_RUNTIME_DIR/cprd/control.sock, "
+                             "/run/cprd/control.sock for root)")
+
+    s = sub.add_parser("source", help="own fds in a table and serve them on the control socket")
+    control_opt(s)
+    s.add_argument("--populate", default="", metavar="SPEC",
+                   help="create real fds, e.g. files=500,eventfds=300,memfds=50,pipes=50,sockets=50,devices=10")
+    s.add_argument("--state-dir", help="where --populate creates its files (default beside the control socket)")
+    s.add_argument("--allow-uid", action="append", metavar="UID", help="let this uid (or user) use the daemon")
+    s.set_defaults(func=cmd_source)
+
+    t = sub.add_parser("target", help="wait for one handoff, then own and serve the table")
+    t.add_argument("--listen", required=True, metavar="PATH", help="socket to receive the handoff on")
+    t.add_argument("--allow-uid", action="append", metavar="UID", help="let this uid (or user) use the daemon")
+    t.set_defaults(func=cmd_target)
+
+    c = sub.add_parser("ctl", help="talk to a running daemon")
+    csub = c.add_subparsers(dest="ctl", required=True, metavar="OP")
+
+    def key(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("name")
+        sp.add_argument("id", type=int)
+
+    cp_ = csub.add_parser("put", help="store an fd (opened from --path, or inherited --fd)")
+    key(cp_)
+    cp_.add_argument("--path", help="open this file and store its fd")
+    cp_.add_argument("--flags", default="rw", choices=sorted(FLAGS), help="open mode for --path (default rw)")
+    cp_.add_argument("--fd", type=int, help="store this inherited fd")
+    cp_.add_argument("--replace", action="store_true", help="replace an existing entry (its old fd is closed)")
+    cp_.set_defaults(func=cmd_put)
+    cg = csub.add_parser("get", help="show an entry, or run a command with its fd as fd 3 (--exec)")
+    key(cg)
+    cg.add_argument("--exec", nargs=argparse.REMAINDER, metavar="CMD",
+                    help="run CMD with the fd as fd 3 and LISTEN_FDS=1, LISTEN_FDNAMES=NAME, LISTEN_PID")
+    cg.set_defaults(func=cmd_get)
+    cd = csub.add_parser("del", help="delete an entry (the daemon closes its fd)")
+    key(cd)
+    cd.set_defaults(func=cmd_del)
+    csub.add_parser("ls", help="list entries").set_defaults(func=cmd_ls)
+    csub.add_parser("status", help="daemon status").set_defaults(func=cmd_status)
+    ch = csub.add_parser("handoff", help="hand the whole table to a waiting `cprd target`")
+    ch.add_argument("--to", required=True, metavar="PATH", help="the target's --listen socket")
+    ch.add_argument("--batch", type=int, default=253, help="fds per message (1..253, default 253)")
+    ch.add_argument("--window", type=int, default=4, help="batches in flight before an ack (default 4)")
+    ch.set_defaults(func=cmd_handoff)
+    for sp in csub.choices.values():
+        control_opt(sp)
+        sp.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    d = sub.add_parser("demo", help="populate a source, hand it to a target, prove every fd survived")
+    d.add_argument("--fds", type=int, default=1000, help="about how many fds (default 1000)")
+    d.add_argument("--json", action="store_true", help="print the summary as JSON")
+    d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", help="benchmarks")
+    from . import bench
+
+    bench.add_parser(b)
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    _setup_logging(a.log_level)
+    try:
+        return a.func(a)
+    except UsageError as e:
+        print(f"cprd: error: {e}", file=sys.stderr)
+        return 2
+    except CprdError as e:
+        print(f"cprd: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,343 @@
+"""The daemon: owns an FdTable, serves the control socket, starts handoffs.
+
+Theory of operation
+-------------------
+One trio nursery holds: a signal watcher (SIGTERM/SIGINT stop the daemon cleanly), the accept
+loop on the listening control socket, and one task per client connection. Requests are handled
+one at a time per connection; the table is touched only from these tasks, which trio runs one
+at a time, so no locks are needed.
+
+States: ``serving`` -> ``handing-off`` -> ``handed-off`` (then exit 0), or back to ``serving``
+when a handoff fails. While handing off, the table is frozen: reads (get, ls, status) are
+answered, mutations get a Busy error that says to retry. Just before Commit the accept loop
+stops (the listening socket travels to the target, which accepts from then on; a client that
+connects meanwhile waits in the kernel's backlog, it is never refused).
+
+Each connection is bounded: IDLE_TIMEOUT seconds without a request closes it, MAX_CONNECTIONS
+are served at once (more get an error reply and are closed), and frames are size-checked before
+parsing. A peer whose uid is neither ours, root, nor in --allow-uid is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from . import __version__, scm
+from .errors import BadFd, Busy, CapacityError, CprdError, KeyMissing, ProtocolError, UsageError
+from .fds import OwnedFds
+from .handoff import Result, fd_capacity, send_table
+from .kinds import classify
+from .paths import file_id, peer_cred, unlink_if_same
+from .protocol import control as cp
+from .table import FdTable
+
+log = logging.getLogger("cprd.daemon")
+
+IDLE_TIMEOUT = 60.0
+MAX_CONNECTIONS = 256
+
+
+class Daemon:
+    def __init__(self, *, role: str, table: FdTable, listener: socket.socket, control_path: str,
+                 allow_uids: tuple[int, ...] = (), handoffs: int = 0) -> None:
+        self.role = role
+        self.table = table
+        self.listener = listener
+        self.control_path = control_path
+        self.control_fid = file_id(control_path)
+        self.allowed_uids = {os.geteuid(), 0, *allow_uids}
+        self.state = "serving"
+        self.handoffs = handoffs
+        self.started = time.time()
+        self.exit_code = 0
+        self._nursery: trio.Nursery | None = None
+        self._accept_scope: trio.CancelScope | None = None
+        self._accept_done: trio.Event | None = None
+        self._conns = 0
+        self._exit_after_reply = False
+        self._tlistener = trio.socket.from_stdlib_socket(listener)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def run(self, on_serving: Callable[[], Awaitable[None]] | None = None) -> int:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._watch_signals)
+            await nursery.start(self._accept_loop)
+            log.info("event=serving role=%s pid=%d control=%s entries=%d", self.role, os.getpid(),
+                     self.control_path, len(self.table))
+            if on_serving is not None:
+                await on_serving()
+        return self.exit_code
+
+    def stop(self, code: int = 0) -> None:
+        self.exit_code = code
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("event=stopping signal=%s entries=%d", signal.Signals(signum).name, len(self.table))
+                if self.state != "handed-off":
+                    unlink_if_same(self.control_path, self.control_fid)
+                self.stop(0)
+                return
+
+    async def _accept_loop(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        done = self._accept_done = trio.Event()
+        try:
+            with trio.CancelScope() as scope:
+                self._accept_scope = scope
+                task_status.started()
+                while True:
+                    conn, _ = await self._tlistener.accept()
+                    if self._conns >= MAX_CONNECTIONS:
+                        await self._refuse(conn, Busy(f"the daemon serves {MAX_CONNECTIONS} connections already;"
+                                                      " close idle clients and retry"))
+                        continue
+                    self._conns += 1
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._serve_conn, conn)
+        finally:
+            done.set()
+
+    async def _stop_accepting(self) -> None:
+        if self._accept_scope is not None:
+            self._accept_scope.cancel()
+            assert self._accept_done is not None
+            await self._accept_done.wait()
+            self._accept_scope = None
+
+    async def _refuse(self, conn: Any, err: CprdError) -> None:
+        with conn:
+            with trio.move_on_after(1):
+                try:
+                    for f in cp.encode_error(err):
+                        await scm.send(conn, f, (), "control reply")
+                except (CprdError, OSError):
+                    pass
+
+    # -- one connection ----------------------------------------------------------------------
+    async def _serve_conn(self, conn: Any) -> None:
+        try:
+            pid, uid, _ = peer_cred(conn)
+            if uid not in self.allowed_uids:
+                log.warning("event=refused_peer pid=%d uid=%d", pid, uid)
+                await self._refuse(conn, CprdError(
+                    f"uid {uid} may not use this cprd (it serves uids {sorted(self.allowed_uids)}); ask its "
+                    "operator to add --allow-uid"))
+                return
+            with conn:
+                while True:
+                    with trio.move_on_after(IDLE_TIMEOUT) as cs:
+                        try:
+                            data, fds = await scm.recv(conn, cp.MAX_FRAME, 1, "control request")
+                        except scm.Closed:
+                            return
+                        except CprdError as e:  # truncated fds (at our limit) or an oversize frame
+                            await self._reply(conn, cp.encode_error(e), [])
+                            continue
+                    if cs.cancelled_caught:
+                        return
+                    with fds:
+                        try:
+                            req = cp.decode_request(data, len(fds))
+                            frames, out_fds = await self._dispatch(req, fds)
+                        except CprdError as e:
+                            log.info("event=request_failed code=%s error=%r", e.code, str(e))
+                            frames, out_fds = cp.encode_error(e), []
+                    if not await self._reply(conn, frames, out_fds):
+                        return
+                    if self._exit_after_reply:
+                        self.stop(0)
+                        return
+        finally:
+            self._conns -= 1
+
+    async def _reply(self, conn: Any, frames: list[bytes], fds: list[int]) -> bool:
+        try:
+            for i, f in enumerate(frames):
+                await scm.send(conn, f, fds if i == 0 else [], "control reply")
+        except (CprdError, OSError) as e:
+            log.info("event=reply_failed error=%r", str(e))
+            return False
+        return True
+
+    # -- requests ----------------------------------------------------------------------------
+    async def _dispatch(self, req: cp.Request, fds: OwnedFds) -> tuple[list[bytes], list[int]]:
+        a = req.args
+        if req.op in ("put", "del") and self.state != "serving":
+            raise Busy(f"a handoff is in progress, so the table is frozen; retry {req.op} when it is done")
+        if req.op == "put":
+            ident = classify(fds.fds[0])
+            entry = self.table.save(a["name"], a["id"], fds.fds[0], ident, replace=a["replace"])
+            fds.take()
+            log.info("event=put name=%r id=%d fd=%d kind=%s", entry.name, entry.id, entry.fd, ident.kind.label)
+            return cp.encode_reply(entry.describe()), []
+        if req.op == "get":
+            entry = self.table.find(a["name"], a["id"])
+            if entry is None:
+                raise KeyMissing(f"no entry ({a['name']!r}, {a['id']}); list entries with `cprd ctl ls`")
+            return cp.encode_reply(entry.describe()), [entry.fd]
+        if req.op == "del":
+            self.table.delete(a["name"], a["id"])
+            log.info("event=del name=%r id=%d", a["name"], a["id"])
+            return cp.encode_reply({"name": a["name"], "id": a["id"], "deleted": True}), []
+        if req.op == "ls":
+            entries = sorted(self.table, key=lambda e: (e.name, e.id))
+            return cp.encode_reply([e.describe() for e in entries]), []
+        if req.op == "status":
+            return cp.encode_reply(self.status()), []
+        if req.op == "handoff":
+            return cp.encode_reply(await self._handoff(a["to"], a["batch"], a["window"])), []
+        raise UsageError(f"unknown operation {req.op!r}")  # decode_request already refuses these
+
+    def status(self) -> dict[str, Any]:
+        soft, n_open, capacity = fd_capacity(0)
+        return {
+            "pid": os.getpid(), "role": self.role, "state": self.state, "version": __version__,
+            "entries": len(self.table), "by_kind": self.table.by_kind(), "fd_limit": soft, "open_fds": n_open,
+            "fd_capacity": capacity, "control": self.control_path, "handoffs_received": self.handoffs,
+            "uptime_s": round(time.time() - self.started, 3),
+        }
+
+    async def _handoff(self, to: str, batch: int, window: int) -> dict[str, Any]:
+        if self.state != "serving":
+            raise Busy(f"a handoff is already {self.state}; wait for it to finish")
+        if not os.path.isabs(to):
+            raise UsageError(f"handoff target path {to!r} must be absolute")
+        self.state = "handing-off"
+        stopped = False
+
+        async def before_commit() -> None:
+            nonlocal stopped
+            stopped = True
+            await self._stop_accepting()
+
+        try:
+            res: Result = await send_table(self.table, to, listener_fd=self.listener.fileno(),
+                                           control_path=self.control_path, batch=batch, window=window,
+                                           before_commit=before_commit)
+        except BaseException as e:
+            self.state = "serving"
+            if stopped and self._nursery is not None and self._accept_scope is None:
+                await self._nursery.start(self._accept_loop)
+            if isinstance(e, CprdError):
+                log.warning("event=handoff_failed to=%s error=%r entries_kept=%d", to, str(e), len(self.table))
+                raise
+            if isinstance(e, OSError):
+                log.warning("event=handoff_failed to=%s error=%r entries_kept=%d", to, str(e), len(self.table))
+                raise CprdError(f"handoff to {to} failed: {e}; the source keeps every entry") from None
+            raise
+        self.state = "handed-off"
+        self._exit_after_reply = True
+        return res.describe()
+
+
+def populate_table(table: FdTable, triples: list[tuple[str, int, int]]) -> None:
+    """Move freshly made (name, id, fd) triples into table (closing them all on any error)."""
+    it = iter(triples)
+    try:
+        for name, id_, fd in it:
+            try:
+                table.save(name, id_, fd, classify(fd))
+            except BaseException:
+                os.close(fd)
+                raise
+    except BaseException:
+        for _, _, fd in it:
+            os.close(fd)
+        raise
+
+
+__all__ = ["Daemon", "populate_table", "BadFd", "CapacityError", "ProtocolError"]
+
+
+async def serve_source(control: str, *, spec: str = "", state_dir: str | None = None,
+                       allow_uids: tuple[int, ...] = ()) -> int:
+    """`cprd source`: create the control socket, populate the table, serve until handed off or stopped."""
+    from .handoff import raise_nofile
+    from .kinds import parse_spec, populate, spec_fds
+    from .paths import bind_listener
+
+    raise_nofile()
+    counts = parse_spec(spec)
+    need = spec_fds(counts)
+    soft, n_open, capacity = fd_capacity()
+    if need > capacity:
+        raise CapacityError(f"--populate asks for {need} fds but this process can open {capacity} more "
+                            f"(RLIMIT_NOFILE {soft}, {n_open} open); ask for fewer or raise the limit")
+    listener = bind_listener(control, "control")
+    fid = file_id(control)
+    table = FdTable()
+    try:
+        if need:
+            t0 = time.perf_counter()
+            directory = state_dir or os.path.join(os.path.dirname(control), f"state-{os.getpid()}")
+            populate_table(table, populate(counts, directory))
+            log.info("event=populated entries=%d ms=%.1f state_dir=%s", len(table),
+                     (time.perf_counter() - t0) * 1e3, directory)
+        d = Daemon(role="source", table=table, listener=listener, control_path=control, allow_uids=allow_uids)
+        return await d.run()
+    except BaseException:
+        unlink_if_same(control, fid)
+        table.close_all()
+        listener.close()
+        raise
+
+
+async def serve_target(listen: str, *, allow_uids: tuple[int, ...] = ()) -> int:
+    """`cprd target`: wait for one handoff on `listen`, then serve the received table on the source's
+    control socket (which arrives with the Commit)."""
+    from .handoff import NotAHandoff, confirm, raise_nofile, receive_table
+    from .paths import bind_listener
+
+    raise_nofile()
+    hs = bind_listener(listen, "handoff")
+    fid = file_id(listen)
+    ths = trio.socket.from_stdlib_socket(hs)
+    allowed = {os.geteuid(), 0, *allow_uids}
+    log.info("event=waiting listen=%s pid=%d", listen, os.getpid())
+    try:
+        while True:
+            conn, _ = await ths.accept()
+            pid, uid, _ = peer_cred(conn)
+            if uid not in allowed:
+                log.warning("event=refused_peer pid=%d uid=%d", pid, uid)
+                conn.close()
+                continue
+            try:
+                received = await receive_table(conn)
+            except NotAHandoff as e:
+                log.warning("event=not_a_handoff peer_pid=%d error=%r", pid, str(e))
+                conn.close()
+                continue
+            except BaseException:
+                conn.close()
+                raise
+            break
+    finally:
+        unlink_if_same(listen, fid)
+        hs.close()
+    lfds = received.listener.take()
+    if not lfds:
+        received.table.close_all()
+        conn.close()
+        raise ProtocolError("the source sent no control socket with its commit; nothing to serve on")
+    listener = socket.socket(fileno=lfds[0])
+    d = Daemon(role="target", table=received.table, listener=listener, control_path=received.hello.control_path,
+               allow_uids=allow_uids, handoffs=1)
+
+    async def on_serving() -> None:
+        await confirm(conn, received)
+        conn.close()
+
+    return await d.run(on_serving)

@@ -1,0 +1,90 @@
+"""The one exception hierarchy of cprd.
+
+Every message says what happened and what the user can do about it. Each class has a short stable
+``code`` that travels in control-protocol error replies, so a client can re-raise the same class.
+"""
+
+from __future__ import annotations
+
+
+class CprdError(Exception):
+    """Base of every error cprd raises on purpose."""
+
+    code = "error"
+
+
+class BadKey(CprdError):
+    """A (name, id) key that breaks the naming rules."""
+
+    code = "bad-key"
+
+
+class KeyExists(CprdError):
+    """save() of a key that is already in the table (without replace)."""
+
+    code = "exists"
+
+
+class KeyMissing(CprdError):
+    """find/delete of a key that is not in the table."""
+
+    code = "missing"
+
+
+class BadFd(CprdError):
+    """An fd that cannot be stored: closed, or of a kind cprd refuses (epoll)."""
+
+    code = "bad-fd"
+
+
+class ProtocolError(CprdError):
+    """Bytes on a socket that do not follow the handoff or control protocol."""
+
+    code = "protocol"
+
+
+class CapacityError(CprdError):
+    """Not enough room for fds (RLIMIT_NOFILE) in the process that would receive them."""
+
+    code = "capacity"
+
+
+class HandoffError(CprdError):
+    """A handoff that did not complete; the source keeps every entry."""
+
+    code = "handoff"
+
+
+class VerifyError(HandoffError):
+    """An fd that arrived does not match the identity the source sent for it."""
+
+    code = "verify"
+
+
+class Busy(CprdError):
+    """The daemon cannot do this now (for example a handoff is running); retry."""
+
+    code = "busy"
+
+
+class ControlError(CprdError):
+    """The control socket cannot be reached or set up."""
+
+    code = "control"
+
+
+class UsageError(CprdError):
+    """A malformed request or command line."""
+
+    code = "usage"
+
+
+_BY_CODE = {cls.code: cls for cls in (
+    CprdError, BadKey, KeyExists, KeyMissing, BadFd, ProtocolError, CapacityError, HandoffError,
+    VerifyError, Busy, ControlError, UsageError,
+)}
+
+
+def error_from_code(code: str, message: str) -> CprdError:
+    """Rebuild the exception a daemon reported in a control reply."""
+    return _BY_CODE.get(code, CprdError)(message)

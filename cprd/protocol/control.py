@@ -1,0 +1,151 @@
+"""The control protocol (version 1): requests and replies as frames, with no I/O.
+
+Theory of operation
+-------------------
+A client connects to the daemon's SOCK_SEQPACKET control socket and sends one request frame at a
+time; the daemon answers each with one reply, which may span several frames (flag MORE on all
+but the last). Frames use the common 12-byte header (frame.py) with magic b"CPRC"; the payload
+is a UTF-8 JSON object. At most MAX_FRAME bytes a frame, checked before anything is parsed.
+
+    request  {"op": OP, ...arguments}            type REQUEST
+    reply    {"ok": true, "result": ...}         type REPLY
+             {"ok": false, "error": CODE, "message": TEXT}
+
+fds ride with SCM_RIGHTS: exactly one on a `put` request and on a `get` reply, none elsewhere.
+Control traffic is small and rare, so JSON is fine here; the handoff protocol is binary.
+
+The request schemas live in OPS; ``parse_request`` checks one and names what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import CprdError, ProtocolError, UsageError
+from . import frame
+
+MAGIC = b"CPRC"
+VERSION = 1
+MAX_FRAME = 64 * 1024
+MAX_PAYLOAD = MAX_FRAME - frame.HEADER_SIZE
+CHUNK = 60 * 1024
+REQUEST, REPLY = 1, 2
+MORE = 1
+
+# op -> (required args with types, optional args with types and defaults, fds on the request)
+OPS: dict[str, tuple[dict[str, type], dict[str, tuple[type, Any]], int]] = {
+    "put": ({"name": str, "id": int}, {"replace": (bool, False)}, 1),
+    "get": ({"name": str, "id": int}, {}, 0),
+    "del": ({"name": str, "id": int}, {}, 0),
+    "ls": ({}, {}, 0),
+    "status": ({}, {}, 0),
+    "handoff": ({"to": str}, {"batch": (int, 253), "window": (int, 4)}, 0),
+}
+
+
+@dataclass(slots=True, frozen=True)
+class Request:
+    op: str
+    args: dict[str, Any]
+
+
+def encode_request(op: str, **args: Any) -> bytes:
+    payload = json.dumps({"op": op, **args}, separators=(",", ":")).encode()
+    if len(payload) > MAX_PAYLOAD:
+        raise UsageError(f"request of {len(payload)} bytes is over the limit of {MAX_PAYLOAD}")
+    return frame.pack(MAGIC, VERSION, REQUEST, payload)
+
+
+def _decode_json(payload: memoryview | bytes, what: str) -> Any:
+    try:
+        return json.loads(bytes(payload).decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ProtocolError(f"control {what}: payload is not valid UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise ProtocolError(f"control {what}: payload is not JSON ({e.msg} at byte {e.pos})") from None
+
+
+def decode_request(data: bytes, nfds: int) -> Request:
+    """Check one request frame that arrived with nfds fds. ProtocolError/UsageError say what is wrong;
+    the caller owns (and on error closes) the fds."""
+    version, type_, flags, payload = frame.unpack(data, MAGIC, MAX_PAYLOAD, "control request")
+    if version != VERSION:
+        raise ProtocolError(f"control request: version {version}, this daemon speaks {VERSION}; "
+                            "use a cprd client of the same version")
+    if type_ != REQUEST or flags:
+        raise ProtocolError(f"control request: frame type {type_} flags {flags}, expected a request")
+    obj = _decode_json(payload, "request")
+    if not isinstance(obj, dict):
+        raise ProtocolError("control request: payload must be a JSON object")
+    return parse_request(obj, nfds)
+
+
+def parse_request(obj: dict[str, Any], nfds: int) -> Request:
+    op = obj.get("op")
+    if op not in OPS:
+        raise UsageError(f"unknown operation {op!r}; known: {', '.join(OPS)}")
+    required, optional, want_fds = OPS[op]
+    args: dict[str, Any] = {}
+    for key, typ in required.items():
+        if key not in obj:
+            raise UsageError(f"{op}: missing argument {key!r}")
+        args[key] = _typed(op, key, obj[key], typ)
+    for key, (typ, default) in optional.items():
+        args[key] = _typed(op, key, obj[key], typ) if key in obj else default
+    extra = set(obj) - set(required) - set(optional) - {"op"}
+    if extra:
+        raise UsageError(f"{op}: unknown argument(s) {', '.join(sorted(extra))}")
+    if nfds != want_fds:
+        raise UsageError(f"{op}: {nfds} fds arrived with the request, expected {want_fds}")
+    return Request(op, args)
+
+
+def _typed(op: str, key: str, value: Any, typ: type) -> Any:
+    if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise UsageError(f"{op}: argument {key!r} must be an integer, got {value!r}")
+    if not isinstance(value, typ):
+        raise UsageError(f"{op}: argument {key!r} must be a {typ.__name__}, got {value!r}")
+    return value
+
+
+def encode_reply(result: Any) -> list[bytes]:
+    return _chunks({"ok": True, "result": result})
+
+
+def encode_error(err: CprdError) -> list[bytes]:
+    return _chunks({"ok": False, "error": err.code, "message": str(err)})
+
+
+def _chunks(obj: Any) -> list[bytes]:
+    payload = json.dumps(obj, separators=(",", ":")).encode()
+    parts = [payload[i:i + CHUNK] for i in range(0, len(payload), CHUNK)] or [b""]
+    return [frame.pack(MAGIC, VERSION, REPLY, p, MORE if i < len(parts) - 1 else 0) for i, p in enumerate(parts)]
+
+
+class ReplyReader:
+    """Reassemble one reply from its frames: feed() each frame; it returns the decoded reply dict
+    when the last frame has arrived, else None."""
+
+    MAX_REPLY = 64 * 1024 * 1024
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def feed(self, data: bytes) -> dict[str, Any] | None:
+        version, type_, flags, payload = frame.unpack(data, MAGIC, MAX_PAYLOAD, "control reply")
+        if type_ != REPLY:
+            raise ProtocolError(f"control reply: frame type {type_}, expected a reply")
+        self._size += len(payload)
+        if self._size > self.MAX_REPLY:
+            raise ProtocolError(f"control reply: over {self.MAX_REPLY} bytes")
+        self._parts.append(bytes(payload))
+        if flags & MORE:
+            return None
+        obj = _decode_json(b"".join(self._parts), "reply")
+        self._parts, self._size = [], 0
+        if not isinstance(obj, dict) or "ok" not in obj:
+            raise ProtocolError("control reply: not a reply object")
+        return obj

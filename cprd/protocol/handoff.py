@@ -1,0 +1,437 @@
+"""The handoff protocol (version 1), as a codec and a state machine with no I/O.
+
+Theory of operation
+-------------------
+A handoff is one SOCK_SEQPACKET connection from the source (the process that owns the table) to
+the target (the process that will own it). Each message is one frame (see frame.py) with magic
+b"CPRH". The conversation, with who sends what::
+
+    source                                  target
+    SourceHello(versions, pid, counts) -->
+                                       <--  TargetHello(version, pid, fd capacity)  | Abort
+    Batch(seq, records) + fds          -->                (up to `window` unacked)
+                                       <--  Ack(seq, verified so far)
+    ...
+    End(entries, fds, digest)          -->
+                                       <--  Ready(entries, digest)                  | Abort
+    Commit(+ listening control socket) -->
+                                       <--  Confirm(pid)
+
+Either side may send Abort(code, message) at any point before Confirm. Ownership: until the
+source has sent Commit, the source owns every fd and the target closes what it received on any
+failure. Once the target has read Commit it owns everything; the source closes its copies when
+it reads Confirm (or learns the target has read Commit). The I/O layer enforces that; this file
+only says which message may come next (TRANSITIONS), encodes and decodes, counts fds against
+metadata, and computes the digest.
+
+Each Batch carries the metadata of exactly the fds attached to that message (at most 253, the
+kernel's SCM_MAX_FD), as fixed 30-byte records plus the name. The digest is BLAKE2b-128 over the
+concatenated record bytes of every batch, in order.
+
+Version rule: a target accepts any source version it knows (1..VERSION) and answers in the
+source's highest version that it also speaks. Golden byte fixtures of each version live in
+tests/golden/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass, field
+from enum import Enum
+
+from ..errors import ProtocolError
+from ..kinds import Identity, Kind
+from ..table import _CONTROL
+from . import frame
+
+MAGIC = b"CPRH"
+VERSION = 1
+MIN_VERSION = 1
+SCM_MAX_FD = 253
+MAX_PAYLOAD = 128 * 1024  # a full batch of 253 records with 255-byte names is 72 KiB
+DIGEST_SIZE = 16
+
+# message types
+SOURCE_HELLO, TARGET_HELLO, BATCH, ACK, END, READY, COMMIT, CONFIRM, ABORT = range(1, 10)
+
+_SOURCE_HELLO = struct.Struct("<HHIIIHH")  # min_ver, max_ver, pid, entries, fds, batch_max, path_len
+_TARGET_HELLO = struct.Struct("<HIIII")  # version, pid, fd_limit, open_fds, capacity
+_BATCH = struct.Struct("<IH")  # seq, count
+RECORD = struct.Struct("<iBBIIQQ")  # id, kind, name_len, mode, flags, dev, ino (30 bytes) + name
+_ACK = struct.Struct("<II")  # seq, verified
+_END = struct.Struct(f"<II{DIGEST_SIZE}s")  # entries, fds, digest
+_READY = struct.Struct(f"<I{DIGEST_SIZE}s")  # entries, digest
+_COMMIT = struct.Struct("<B")  # listener attached (0/1)
+_CONFIRM = struct.Struct("<I")  # pid
+_ABORT = struct.Struct("<H")  # code, then UTF-8 message
+
+_KINDS = {int(k) for k in Kind}
+
+
+# -- events ---------------------------------------------------------------------------------
+@dataclass(slots=True, frozen=True)
+class SourceHello:
+    pid: int
+    entries: int
+    fds: int
+    batch_max: int = SCM_MAX_FD
+    control_path: str = ""
+    min_version: int = MIN_VERSION
+    max_version: int = VERSION
+
+
+@dataclass(slots=True, frozen=True)
+class TargetHello:
+    version: int
+    pid: int
+    fd_limit: int
+    open_fds: int
+    capacity: int
+
+
+@dataclass(slots=True, frozen=True)
+class Record:
+    name: str
+    id: int
+    ident: Identity
+
+
+@dataclass(slots=True)
+class Batch:
+    seq: int
+    records: list[Record]
+    raw: bytes = field(default=b"", repr=False, compare=False)  # the record bytes, for the digest
+
+
+@dataclass(slots=True, frozen=True)
+class Ack:
+    seq: int
+    verified: int
+
+
+@dataclass(slots=True, frozen=True)
+class End:
+    entries: int
+    fds: int
+    digest: bytes
+
+
+@dataclass(slots=True, frozen=True)
+class Ready:
+    entries: int
+    digest: bytes
+
+
+@dataclass(slots=True, frozen=True)
+class Commit:
+    listener: bool
+
+
+@dataclass(slots=True, frozen=True)
+class Confirm:
+    pid: int
+
+
+class AbortCode:
+    GENERIC = 1
+    CAPACITY = 2
+    VERSION = 3
+    VERIFY = 4
+    PROTOCOL = 5
+    BUSY = 6
+    CANCELLED = 7
+
+
+@dataclass(slots=True, frozen=True)
+class Abort:
+    code: int
+    message: str
+
+
+Event = SourceHello | TargetHello | Batch | Ack | End | Ready | Commit | Confirm | Abort
+_TYPE = {SourceHello: SOURCE_HELLO, TargetHello: TARGET_HELLO, Batch: BATCH, Ack: ACK, End: END,
+         Ready: READY, Commit: COMMIT, Confirm: CONFIRM, Abort: ABORT}
+
+
+# -- codec ----------------------------------------------------------------------------------
+def encode_record(name: str, id: int, ident: Identity) -> bytes:
+    nb = name.encode("utf-8")
+    return RECORD.pack(id, ident.kind, len(nb), ident.mode, ident.flags, ident.dev, ident.ino) + nb
+
+
+def encode_records(records: list[Record]) -> bytes:
+    return b"".join(encode_record(r.name, r.id, r.ident) for r in records)
+
+
+def encode(ev: Event, version: int = VERSION) -> bytes:
+    """The frame for one event."""
+    match ev:
+        case SourceHello():
+            path = ev.control_path.encode("utf-8")
+            p = _SOURCE_HELLO.pack(ev.min_version, ev.max_version, ev.pid, ev.entries, ev.fds, ev.batch_max,
+                                   len(path)) + path
+        case TargetHello():
+            p = _TARGET_HELLO.pack(ev.version, ev.pid, ev.fd_limit, ev.open_fds, ev.capacity)
+        case Batch():
+            raw = ev.raw or encode_records(ev.records)
+            p = _BATCH.pack(ev.seq, len(ev.records)) + raw
+        case Ack():
+            p = _ACK.pack(ev.seq, ev.verified)
+        case End():
+            p = _END.pack(ev.entries, ev.fds, ev.digest)
+        case Ready():
+            p = _READY.pack(ev.entries, ev.digest)
+        case Commit():
+            p = _COMMIT.pack(1 if ev.listener else 0)
+        case Confirm():
+            p = _CONFIRM.pack(ev.pid)
+        case Abort():
+            p = _ABORT.pack(ev.code) + ev.message.encode("utf-8", "replace")[:4096]
+        case _:
+            raise TypeError(f"not a handoff event: {ev!r}")
+    return frame.pack(MAGIC, version, _TYPE[type(ev)], p)
+
+
+def _need(p: memoryview, n: int, what: str) -> None:
+    if len(p) < n:
+        raise ProtocolError(f"handoff {what}: payload of {len(p)} bytes is too short (needs {n})")
+
+
+def _exact(p: memoryview, n: int, what: str) -> None:
+    if len(p) != n:
+        raise ProtocolError(f"handoff {what}: payload of {len(p)} bytes, expected exactly {n}")
+
+
+def decode_records(p: memoryview, count: int) -> list[Record]:
+    out: list[Record] = []
+    off, end, size = 0, len(p), RECORD.size
+    unpack = RECORD.unpack_from
+    for i in range(count):
+        if off + size > end:
+            raise ProtocolError(f"handoff batch: record {i} of {count} is cut short; the batch length lies")
+        id_, kind, nlen, mode, flags, dev, ino = unpack(p, off)
+        off += size
+        if nlen == 0 or off + nlen > end:
+            raise ProtocolError(f"handoff batch: record {i} has a name length of {nlen} that does not fit")
+        try:
+            name = str(p[off:off + nlen], "utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError(f"handoff batch: record {i} has a name that is not valid UTF-8") from None
+        off += nlen
+        if _CONTROL.search(name):
+            raise ProtocolError(f"handoff batch: record {i} name {name!r} contains a control character")
+        if kind not in _KINDS or kind == Kind.EPOLL:
+            raise ProtocolError(f"handoff batch: record {i} ({name!r}, {id_}) has unknown or refused kind {kind}")
+        out.append(Record(name, id_, Identity(Kind(kind), mode, dev, ino, flags)))
+    if off != end:
+        raise ProtocolError(f"handoff batch: {end - off} bytes left after {count} records; the count lies")
+    return out
+
+
+def decode(data: bytes, nfds: int = 0) -> tuple[int, Event]:
+    """Decode one frame that arrived with `nfds` fds attached. Returns (version, event).
+
+    ProtocolError on any fault, including a count of fds that does not match the metadata. The
+    caller owns (and on error must close) the fds."""
+    version, type_, _flags, p = frame.unpack(data, MAGIC, MAX_PAYLOAD, "handoff")
+    if not MIN_VERSION <= version <= VERSION and type_ != SOURCE_HELLO:
+        raise ProtocolError(f"handoff: protocol version {version} is not one this cprd speaks "
+                            f"({MIN_VERSION}..{VERSION}); upgrade the older side")
+    expect_fds = 0
+    ev: Event
+    if type_ == SOURCE_HELLO:
+        _need(p, _SOURCE_HELLO.size, "source hello")
+        lo, hi, pid, entries, fds, bmax, plen = _SOURCE_HELLO.unpack_from(p)
+        _exact(p, _SOURCE_HELLO.size + plen, "source hello")
+        try:
+            path = str(p[_SOURCE_HELLO.size:], "utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError("handoff source hello: control path is not valid UTF-8") from None
+        if lo > hi:
+            raise ProtocolError(f"handoff source hello: version range {lo}..{hi} is empty")
+        if not 1 <= bmax <= SCM_MAX_FD:
+            raise ProtocolError(f"handoff source hello: batch size {bmax} is outside 1..{SCM_MAX_FD}")
+        ev = SourceHello(pid, entries, fds, bmax, path, lo, hi)
+    elif type_ == TARGET_HELLO:
+        _exact(p, _TARGET_HELLO.size, "target hello")
+        ev = TargetHello(*_TARGET_HELLO.unpack_from(p))
+    elif type_ == BATCH:
+        _need(p, _BATCH.size, "batch")
+        seq, count = _BATCH.unpack_from(p)
+        if count == 0 or count > SCM_MAX_FD:
+            raise ProtocolError(f"handoff batch: {count} records, expected 1..{SCM_MAX_FD}")
+        raw = p[_BATCH.size:]
+        ev = Batch(seq, decode_records(raw, count), bytes(raw))
+        expect_fds = count
+    elif type_ == ACK:
+        _exact(p, _ACK.size, "ack")
+        ev = Ack(*_ACK.unpack_from(p))
+    elif type_ == END:
+        _exact(p, _END.size, "end")
+        ev = End(*_END.unpack_from(p))
+    elif type_ == READY:
+        _exact(p, _READY.size, "ready")
+        ev = Ready(*_READY.unpack_from(p))
+    elif type_ == COMMIT:
+        _exact(p, _COMMIT.size, "commit")
+        (flag,) = _COMMIT.unpack_from(p)
+        if flag > 1:
+            raise ProtocolError(f"handoff commit: listener flag {flag} is not 0 or 1")
+        ev = Commit(bool(flag))
+        expect_fds = flag
+    elif type_ == CONFIRM:
+        _exact(p, _CONFIRM.size, "confirm")
+        ev = Confirm(*_CONFIRM.unpack_from(p))
+    elif type_ == ABORT:
+        _need(p, _ABORT.size, "abort")
+        (code,) = _ABORT.unpack_from(p)
+        ev = Abort(code, str(p[_ABORT.size:], "utf-8", "replace"))
+    else:
+        raise ProtocolError(f"handoff: unknown message type {type_}")
+    if nfds != expect_fds:
+        raise ProtocolError(
+            f"handoff {type(ev).__name__}: {nfds} fds arrived but the message accounts for {expect_fds}"
+        )
+    return version, ev
+
+
+# -- state machine --------------------------------------------------------------------------
+class State(Enum):
+    START = "start"
+    HELLO = "hello"  # source hello sent
+    TRANSFER = "transfer"  # batches flowing
+    ENDED = "ended"  # end sent, target verifying
+    READY = "ready"  # target has verified everything
+    COMMITTED = "committed"  # commit sent: the target owns the table
+    DONE = "done"  # target confirmed
+    ABORTED = "aborted"
+
+
+SENDER: dict[type, str] = {
+    SourceHello: "source", Batch: "source", End: "source", Commit: "source",
+    TargetHello: "target", Ack: "target", Ready: "target", Confirm: "target",
+}
+
+# (state, event) -> next state. Abort is allowed from every state but DONE and ABORTED.
+TRANSITIONS: dict[tuple[State, type], State] = {
+    (State.START, SourceHello): State.HELLO,
+    (State.HELLO, TargetHello): State.TRANSFER,
+    (State.TRANSFER, Batch): State.TRANSFER,
+    (State.TRANSFER, Ack): State.TRANSFER,
+    (State.TRANSFER, End): State.ENDED,
+    (State.ENDED, Ack): State.ENDED,
+    (State.ENDED, Ready): State.READY,
+    (State.READY, Commit): State.COMMITTED,
+    (State.COMMITTED, Confirm): State.DONE,
+}
+
+
+class Handoff:
+    """One side's view of one handoff conversation.
+
+    ``send(ev)`` returns the bytes to put on the wire (with the fds the caller attaches);
+    ``receive(data, nfds)`` returns the peer's event. Both raise ProtocolError on an event out of
+    turn, and keep the counters and digest that End/Ready are checked against.
+    """
+
+    def __init__(self, role: str, window: int = 4) -> None:
+        assert role in ("source", "target")
+        self.role = role
+        self.peer = "target" if role == "source" else "source"
+        self.state = State.START
+        self.version = VERSION
+        self.window = window
+        self.next_seq = 0  # next batch seq to send / expect
+        self.acked = 0  # batches acknowledged (source) / sent acks (target)
+        self.records = 0
+        self.fds = 0
+        self._digest = hashlib.blake2b(digest_size=DIGEST_SIZE)
+        self.hello: SourceHello | None = None
+        self.peer_hello: TargetHello | None = None
+        self.abort: Abort | None = None
+
+    @property
+    def digest(self) -> bytes:
+        return self._digest.copy().digest()
+
+    @property
+    def unacked(self) -> int:
+        return self.next_seq - self.acked
+
+    def can_send_batch(self) -> bool:
+        return self.state is State.TRANSFER and self.unacked < self.window
+
+    def _step(self, ev: Event, sender: str) -> None:
+        if isinstance(ev, Abort):
+            if self.state in (State.DONE, State.ABORTED):
+                raise ProtocolError(f"handoff: abort from the {sender} after the handoff {self.state.value}")
+            self.state = State.ABORTED
+            self.abort = ev
+            return
+        if SENDER[type(ev)] != sender:
+            raise ProtocolError(f"handoff: the {sender} sent {type(ev).__name__}, which only the "
+                                f"{SENDER[type(ev)]} may send")
+        nxt = TRANSITIONS.get((self.state, type(ev)))
+        if nxt is None:
+            raise ProtocolError(f"handoff: {type(ev).__name__} is not allowed in state {self.state.value}")
+        self._account(ev)
+        self.state = nxt
+
+    def _account(self, ev: Event) -> None:
+        if isinstance(ev, SourceHello):
+            if ev.max_version < MIN_VERSION or ev.min_version > VERSION:
+                raise ProtocolError(
+                    f"handoff: source speaks versions {ev.min_version}..{ev.max_version}, this cprd "
+                    f"{MIN_VERSION}..{VERSION}; upgrade the older side")
+            self.version = min(ev.max_version, VERSION)
+            self.hello = ev
+        elif isinstance(ev, TargetHello):
+            if self.hello and not self.hello.min_version <= ev.version <= self.hello.max_version:
+                raise ProtocolError(f"handoff: target chose version {ev.version}, outside the source's "
+                                    f"{self.hello.min_version}..{self.hello.max_version}")
+            self.version = ev.version
+            self.peer_hello = ev
+        elif isinstance(ev, Batch):
+            if ev.seq != self.next_seq:
+                raise ProtocolError(f"handoff: batch {ev.seq} arrived, expected batch {self.next_seq}")
+            if self.unacked >= self.window:
+                raise ProtocolError(f"handoff: batch {ev.seq} exceeds the window of {self.window} unacked batches")
+            bmax = self.hello.batch_max if self.hello else SCM_MAX_FD
+            if len(ev.records) > bmax:
+                raise ProtocolError(f"handoff: batch of {len(ev.records)} fds exceeds the agreed {bmax}")
+            if self.hello and self.records + len(ev.records) > self.hello.entries:
+                raise ProtocolError(f"handoff: more entries arrived than the {self.hello.entries} announced")
+            self.next_seq += 1
+            self.records += len(ev.records)
+            self.fds += len(ev.records)
+            self._digest.update(ev.raw or encode_records(ev.records))
+        elif isinstance(ev, Ack):
+            if ev.seq != self.acked:
+                raise ProtocolError(f"handoff: ack for batch {ev.seq}, expected {self.acked}")
+            if ev.seq >= self.next_seq:
+                raise ProtocolError(f"handoff: ack for batch {ev.seq}, which was never sent")
+            self.acked += 1
+        elif isinstance(ev, End):
+            if ev.entries != self.records or ev.fds != self.fds:
+                raise ProtocolError(f"handoff end: source says {ev.entries} entries/{ev.fds} fds, "
+                                    f"{self.records}/{self.fds} arrived")
+            if self.hello and ev.entries != self.hello.entries:
+                raise ProtocolError(f"handoff end: {ev.entries} entries sent, {self.hello.entries} announced")
+            if ev.digest != self.digest:
+                raise ProtocolError("handoff end: digest of the entries does not match what arrived")
+        elif isinstance(ev, Ready):
+            if ev.entries != self.records or ev.digest != self.digest:
+                raise ProtocolError(f"handoff ready: target holds {ev.entries} entries with another digest "
+                                    f"than the {self.records} sent")
+
+    def send(self, ev: Event) -> bytes:
+        self._step(ev, self.role)
+        return encode(ev, self.version)
+
+    def receive(self, data: bytes, nfds: int = 0) -> Event:
+        version, ev = decode(data, nfds)
+        if not isinstance(ev, SourceHello) and version != self.version and self.state is not State.START:
+            raise ProtocolError(f"handoff: message in version {version}, but version {self.version} was agreed")
+        self._step(ev, self.peer)
+        return ev

@@ -1,0 +1,110 @@
+"""The one place that moves fds over a socket (SCM_RIGHTS), for trio and for blocking sockets.
+
+Rules it keeps:
+- receive with recvmsg(..., MSG_CMSG_CLOEXEC) and an ancillary buffer sized for the fds the
+  protocol allows in one message (at most 253, SCM_MAX_FD);
+- MSG_CTRUNC means the kernel dropped fds we will never see (buffer too small, or we hit
+  RLIMIT_NOFILE): the message fails, and the fds that did arrive are closed;
+- MSG_TRUNC (a message longer than the buffer) fails the same way;
+- every fd that arrives is wrapped in OwnedFds at once, so an error closes it;
+- a message with more fds than SCM_MAX_FD is refused before sendmsg (the kernel says EINVAL).
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import socket
+from typing import Any
+
+from .errors import CapacityError, ProtocolError
+from .fds import OwnedFds
+
+SCM_MAX_FD = 253
+_INT = array.array("i").itemsize
+
+
+class Closed(ProtocolError):
+    """The peer closed the connection (EOF) or it broke."""
+
+    code = "closed"
+
+
+def ancillary(fds: list[int]) -> list[tuple[int, int, bytes]]:
+    if not fds:
+        return []
+    if len(fds) > SCM_MAX_FD:
+        raise ValueError(f"{len(fds)} fds in one message; the kernel allows {SCM_MAX_FD}")
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+
+
+def anc_space(max_fds: int) -> int:
+    return socket.CMSG_SPACE(max(1, max_fds) * _INT)
+
+
+def unpack(data: bytes, ancdata: list[tuple[int, int, bytes]], flags: int, what: str) -> tuple[bytes, OwnedFds]:
+    """Turn one recvmsg result into (data, owned fds), failing on truncation."""
+    fds = OwnedFds()
+    for level, type_, blob in ancdata:
+        if level == socket.SOL_SOCKET and type_ == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(blob[: len(blob) - len(blob) % _INT])
+            fds.fds.extend(arr)
+    if flags & socket.MSG_CTRUNC:
+        fds.close()
+        raise CapacityError(
+            f"{what}: the kernel truncated the fds of a message (MSG_CTRUNC): more fds than allowed in one"
+            " message, or this process is at its fd limit (RLIMIT_NOFILE); the fds it dropped are gone"
+            " from this side only"
+        )
+    if flags & socket.MSG_TRUNC:
+        fds.close()
+        raise ProtocolError(f"{what}: message larger than the protocol allows (MSG_TRUNC)")
+    if not data and not fds:
+        raise Closed(f"{what}: the peer closed the connection")
+    return data, fds
+
+
+def _send_error(e: OSError, what: str) -> Exception:
+    if e.errno == errno.ETOOMANYREFS:
+        return CapacityError(f"{what}: too many fds in flight for this user (ETOOMANYREFS); "
+                             "use a smaller window or raise RLIMIT_NOFILE")
+    if e.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+        return Closed(f"{what}: the peer closed the connection ({e.strerror})")
+    return e
+
+
+async def send(sock: Any, data: bytes, fds: list[int] = (), what: str = "send") -> None:  # type: ignore[assignment]
+    """Send one message with fds on a trio socket (SOCK_SEQPACKET: all or nothing)."""
+    try:
+        n = await sock.sendmsg([data], ancillary(list(fds)))
+    except OSError as e:
+        raise _send_error(e, what) from None
+    if n != len(data):  # cannot happen on SOCK_SEQPACKET; a stream socket would need a loop
+        raise ProtocolError(f"{what}: partial send of {n} of {len(data)} bytes")
+
+
+async def recv(sock: Any, max_bytes: int, max_fds: int, what: str = "recv") -> tuple[bytes, OwnedFds]:
+    """Receive one message on a trio socket: (data, owned fds). Closed on EOF."""
+    try:
+        data, anc, flags, _ = await sock.recvmsg(max_bytes + 1, anc_space(max_fds), socket.MSG_CMSG_CLOEXEC)
+    except (ConnectionResetError, BrokenPipeError) as e:
+        raise Closed(f"{what}: the connection broke ({e.strerror})") from None
+    return unpack(data, anc, flags, what)
+
+
+def send_sync(sock: socket.socket, data: bytes, fds: list[int] = (), what: str = "send") -> None:  # type: ignore[assignment]
+    try:
+        n = sock.sendmsg([data], ancillary(list(fds)))
+    except OSError as e:
+        raise _send_error(e, what) from None
+    if n != len(data):
+        raise ProtocolError(f"{what}: partial send of {n} of {len(data)} bytes")
+
+
+def recv_sync(sock: socket.socket, max_bytes: int, max_fds: int, what: str = "recv") -> tuple[bytes, OwnedFds]:
+    try:
+        data, anc, flags, _ = sock.recvmsg(max_bytes + 1, anc_space(max_fds), socket.MSG_CMSG_CLOEXEC)
+    except (ConnectionResetError, BrokenPipeError) as e:
+        raise Closed(f"{what}: the connection broke ({e.strerror})") from None
+    return unpack(data, anc, flags, what)

@@ -1,0 +1,169 @@
+"""The fd table: (name, id) -> Entry, with QEMU CPR's operation names.
+
+Theory of operation
+-------------------
+QEMU's CPR keeps the fds a new process must inherit in a table keyed by (name, id) and finds
+them with ``cpr_find_fd``. This module is that table, as a hash table: every operation is O(1)
+except ``walk`` and iteration.
+
+Ownership: a table owns the fds of its entries. ``save`` takes ownership of the fd only when it
+succeeds; when it raises, the caller still owns the fd and must close it. ``delete`` and a
+``save(..., replace=True)`` close the fd they drop. ``pop`` hands ownership back to the caller.
+
+This file knows nothing of sockets, trio or the wire format. It imports only ``kinds`` (for the
+Identity record) and ``errors``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from .errors import BadKey, KeyExists, KeyMissing
+from .kinds import Identity
+
+NAME_MAX_BYTES = 255
+ID_MIN = -(2**31)
+ID_MAX = 2**31 - 1
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+@dataclass(slots=True)
+class Entry:
+    name: str
+    id: int
+    fd: int
+    ident: Identity
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.name, self.id)
+
+    def describe(self) -> dict:
+        """The entry as plain data (what `ctl ls --json` and `ctl get --json` print)."""
+        return {"name": self.name, "id": self.id, "fd": self.fd, **self.ident.describe()}
+
+
+def check_key(name: object, id: object) -> None:
+    """Raise BadKey unless (name, id) follows the naming rules."""
+    if not isinstance(name, str):
+        raise BadKey(f"entry name must be a string, got {type(name).__name__}")
+    n = len(name.encode("utf-8", "surrogatepass"))
+    if n == 0 or n > NAME_MAX_BYTES:
+        raise BadKey(
+            f"entry name must be 1 to {NAME_MAX_BYTES} bytes of UTF-8, got {n} bytes; use a shorter name"
+        )
+    bad = _CONTROL.search(name)
+    if bad:
+        raise BadKey(
+            f"entry name {name!r} contains control character {bad.group()!r} at {bad.start()};"
+            " names may not contain NUL or control characters"
+        )
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadKey(f"entry name {name!r} is not valid UTF-8 (lone surrogate); use valid text") from None
+    if not isinstance(id, int) or isinstance(id, bool):
+        raise BadKey(f"entry id must be an integer, got {type(id).__name__}")
+    if not ID_MIN <= id <= ID_MAX:
+        raise BadKey(f"entry id {id} is out of range: ids are signed 32-bit ({ID_MIN}..{ID_MAX})")
+
+
+class FdTable:
+    """A hash table of fds keyed by (name, id). Not thread-safe; one owner task at a time."""
+
+    __slots__ = ("_d",)
+
+    def __init__(self) -> None:
+        self._d: dict[tuple[str, int], Entry] = {}
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __iter__(self) -> Iterator[Entry]:
+        return iter(list(self._d.values()))
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._d
+
+    # -- QEMU names ---------------------------------------------------------------------
+    def save(self, name: str, id: int, fd: int, ident: Identity, *, replace: bool = False) -> Entry:
+        """Store fd under (name, id). KeyExists if the key is taken, unless replace=True, which closes
+        the old fd. Ownership of fd passes to the table only on success."""
+        check_key(name, id)
+        key = (name, id)
+        old = self._d.get(key)
+        if old is not None and not replace:
+            raise KeyExists(
+                f"key ({name!r}, {id}) already holds fd {old.fd} ({old.ident.kind.label});"
+                " delete it first or save with replace"
+            )
+        entry = Entry(name, id, fd, ident)
+        self._d[key] = entry
+        if old is not None and old.fd != fd:
+            os.close(old.fd)
+        return entry
+
+    def insert_unchecked(self, entry: Entry) -> None:
+        """Insert an entry whose key the caller has already checked and knows to be new."""
+        self._d[(entry.name, entry.id)] = entry
+
+    def find(self, name: str, id: int) -> Entry | None:
+        """The entry for (name, id), or None. O(1)."""
+        return self._d.get((name, id))
+
+    def find_fd(self, name: str, id: int) -> int:
+        """Like QEMU's cpr_find_fd: the fd, or -1 when absent."""
+        e = self._d.get((name, id))
+        return -1 if e is None else e.fd
+
+    def resave(self, name: str, id: int, fd: int, ident: Identity) -> Entry:
+        """Like cpr_resave_fd: save if absent; nothing if present with this fd; KeyExists if present
+        with another fd."""
+        e = self._d.get((name, id))
+        if e is None:
+            return self.save(name, id, fd, ident)
+        if e.fd != fd:
+            raise KeyExists(
+                f"resave of ({name!r}, {id}) with fd {fd}, but the table holds fd {e.fd} for it;"
+                " delete it first or save with replace"
+            )
+        return e
+
+    def pop(self, name: str, id: int) -> Entry:
+        """Remove (name, id) and hand its fd to the caller (who must close it)."""
+        try:
+            return self._d.pop((name, id))
+        except KeyError:
+            raise KeyMissing(f"no entry ({name!r}, {id}); list entries with `cprd ctl ls`") from None
+
+    def delete(self, name: str, id: int) -> None:
+        """Remove (name, id) and close its fd. KeyMissing if absent."""
+        os.close(self.pop(name, id).fd)
+
+    def walk(self, fn: Callable[[Entry], object]) -> bool:
+        """Call fn on each entry until it returns a true value (like cpr_walk_fd); return whether it
+        stopped early."""
+        for e in list(self._d.values()):
+            if fn(e):
+                return True
+        return False
+
+    # -- bulk ---------------------------------------------------------------------------
+    def by_kind(self) -> dict[str, int]:
+        return dict(Counter(e.ident.kind.label for e in self._d.values()))
+
+    def fds(self) -> list[int]:
+        return [e.fd for e in self._d.values()]
+
+    def close_all(self) -> None:
+        """Close every fd and empty the table."""
+        entries, self._d = list(self._d.values()), {}
+        for e in entries:
+            try:
+                os.close(e.fd)
+            except OSError:
+                pass
