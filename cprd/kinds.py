@@ -31,8 +31,8 @@ import platform
 import socket
 import stat
 import struct
-from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 from .errors import BadFd, UsageError
 
@@ -74,8 +74,9 @@ _ANON_KINDS = {
 }
 
 
-@dataclass(slots=True, frozen=True)
-class Identity:
+class Identity(NamedTuple):
+    """The fingerprint of an fd (a tuple, so that 19,000 of them are cheap to build)."""
+
     kind: Kind
     mode: int
     dev: int
@@ -87,6 +88,9 @@ class Identity:
             "kind": self.kind.label, "mode": self.mode, "dev": self.dev, "ino": self.ino,
             "flags": self.flags,
         }
+
+
+KIND_BY_CODE: dict[int, Kind] = {int(k): k for k in Kind}
 
 
 def _fstat(fd: int) -> os.stat_result:
@@ -355,3 +359,31 @@ def populate(counts: dict[str, int], directory: str) -> list[tuple[str, int, int
             os.close(fd)
         raise
     return made
+
+
+def check_populated(name: str, id: int, fd: int) -> str | None:
+    """For an fd made by populate(): None if it still holds the state populate gave it (content,
+    offset, counter, header), else what differs. Reads without disturbing offsets or counters."""
+    if name == "file":
+        want = file_content(id)
+        if os.pread(fd, len(want) + 1, 0) != want:
+            return "file content differs"
+        if os.lseek(fd, 0, os.SEEK_CUR) != file_offset(id):
+            return f"file offset {os.lseek(fd, 0, os.SEEK_CUR)} != {file_offset(id)}"
+    elif name == "eventfd":
+        count = int(fdinfo(fd).get("eventfd-count", "-1"), 16)
+        if count != id + 1:
+            return f"eventfd counter {count} != {id + 1}"
+    elif name == "memfd":
+        want = memfd_content(id)
+        if os.pread(fd, len(want), 0) != want:
+            return "memfd bytes differ"
+    elif name.startswith("vfio/") and id == DEVICE_REGION_ID:
+        magic, n, size = REGION_HEADER.unpack(os.pread(fd, REGION_HEADER.size, 0))
+        if magic != DEVICE_REGION_MAGIC or device_name(n) != name or size != DEVICE_REGION_SIZE:
+            return f"device region header differs: {magic!r} {n} {size}"
+    return None
+
+
+def spec_string(counts: dict[str, int]) -> str:
+    return ",".join(f"{k}={v}" for k, v in counts.items() if v)

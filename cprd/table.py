@@ -20,7 +20,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import BadKey, KeyExists, KeyMissing
 from .kinds import Identity
@@ -31,8 +31,9 @@ ID_MAX = 2**31 - 1
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
-@dataclass(slots=True)
-class Entry:
+class Entry(NamedTuple):
+    """One table entry (immutable: a replace stores a new Entry)."""
+
     name: str
     id: int
     fd: int
@@ -107,9 +108,21 @@ class FdTable:
             os.close(old.fd)
         return entry
 
-    def insert_unchecked(self, entry: Entry) -> None:
-        """Insert an entry whose key the caller has already checked and knows to be new."""
-        self._d[(entry.name, entry.id)] = entry
+    def absorb(self, entries: list[Entry]) -> Entry | None:
+        """Insert entries whose keys the caller has already checked (a handoff's hot path). All or
+        nothing: if a key is already present (or repeats), nothing is inserted and the first
+        offending entry is returned; the caller still owns every fd then."""
+        d = self._d
+        done = []
+        for e in entries:
+            k = (e.name, e.id)
+            if k in d:
+                for kk in done:
+                    del d[kk]
+                return e
+            d[k] = e
+            done.append(k)
+        return None
 
     def find(self, name: str, id: int) -> Entry | None:
         """The entry for (name, id), or None. O(1)."""

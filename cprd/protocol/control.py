@@ -65,6 +65,8 @@ def _decode_json(payload: memoryview | bytes, what: str) -> Any:
         raise ProtocolError(f"control {what}: payload is not valid UTF-8") from None
     except json.JSONDecodeError as e:
         raise ProtocolError(f"control {what}: payload is not JSON ({e.msg} at byte {e.pos})") from None
+    except (ValueError, RecursionError) as e:  # an over-long integer literal, or nesting too deep
+        raise ProtocolError(f"control {what}: payload cannot be parsed ({type(e).__name__})") from None
 
 
 def decode_request(data: bytes, nfds: int) -> Request:
@@ -84,7 +86,7 @@ def decode_request(data: bytes, nfds: int) -> Request:
 
 def parse_request(obj: dict[str, Any], nfds: int) -> Request:
     op = obj.get("op")
-    if op not in OPS:
+    if not isinstance(op, str) or op not in OPS:
         raise UsageError(f"unknown operation {op!r}; known: {', '.join(OPS)}")
     required, optional, want_fds = OPS[op]
     args: dict[str, Any] = {}

@@ -25,8 +25,10 @@ only says which message may come next (TRANSITIONS), encodes and decodes, counts
 metadata, and computes the digest.
 
 Each Batch carries the metadata of exactly the fds attached to that message (at most 253, the
-kernel's SCM_MAX_FD), as fixed 30-byte records plus the name. The digest is BLAKE2b-128 over the
-concatenated record bytes of every batch, in order.
+kernel's SCM_MAX_FD): `count` fixed 30-byte records (id, kind, name length, mode, flags, dev,
+ino) followed by the `count` names, concatenated. Fixed records first let the receiver unpack
+them all in one C call (struct.iter_unpack). The digest is BLAKE2b-128 over the record bytes
+(fixed part and names) of every batch, in order.
 
 Version rule: a target accepts any source version it knows (1..VERSION) and answers in the
 source's highest version that it also speaks. Golden byte fixtures of each version live in
@@ -39,9 +41,10 @@ import hashlib
 import struct
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import NamedTuple
 
 from ..errors import ProtocolError
-from ..kinds import Identity, Kind
+from ..kinds import KIND_BY_CODE, Identity, Kind
 from ..table import _CONTROL
 from . import frame
 
@@ -66,7 +69,6 @@ _COMMIT = struct.Struct("<B")  # listener attached (0/1)
 _CONFIRM = struct.Struct("<I")  # pid
 _ABORT = struct.Struct("<H")  # code, then UTF-8 message
 
-_KINDS = {int(k) for k in Kind}
 
 
 # -- events ---------------------------------------------------------------------------------
@@ -90,18 +92,37 @@ class TargetHello:
     capacity: int
 
 
-@dataclass(slots=True, frozen=True)
-class Record:
+class Record(NamedTuple):
     name: str
     id: int
     ident: Identity
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Batch:
+    """One batch of `count` records whose fds ride with the message. `raw` is the record bytes
+    (what the digest covers). A decoded batch also has `fixed` (the RECORD tuples: id, kind,
+    name_len, mode, flags, dev, ino) and `names`, so the receiver's hot loop builds no per-record
+    objects it does not need; ``records()`` builds Record objects on demand."""
+
     seq: int
-    records: list[Record]
-    raw: bytes = field(default=b"", repr=False, compare=False)  # the record bytes, for the digest
+    count: int
+    raw: bytes = field(repr=False)
+    fixed: list[tuple] | None = field(default=None, repr=False)
+    names: list[str] | None = field(default=None, repr=False)
+
+    @classmethod
+    def of(cls, seq: int, records: list[Record]) -> Batch:
+        return cls(seq, len(records), encode_records(records))
+
+    def records(self) -> list[Record]:
+        if self.fixed is None or self.names is None:
+            self.fixed, self.names = decode_records(self.raw, self.count)
+        return [Record(n, f[0], Identity._make((KIND_BY_CODE[f[1]], f[3], f[5], f[6], f[4])))
+                for f, n in zip(self.fixed, self.names)]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Batch) and (self.seq, self.count, self.raw) == (other.seq, other.count, other.raw)
 
 
 @dataclass(slots=True, frozen=True)
@@ -155,13 +176,13 @@ _TYPE = {SourceHello: SOURCE_HELLO, TargetHello: TARGET_HELLO, Batch: BATCH, Ack
 
 
 # -- codec ----------------------------------------------------------------------------------
-def encode_record(name: str, id: int, ident: Identity) -> bytes:
-    nb = name.encode("utf-8")
-    return RECORD.pack(id, ident.kind, len(nb), ident.mode, ident.flags, ident.dev, ident.ino) + nb
-
-
 def encode_records(records: list[Record]) -> bytes:
-    return b"".join(encode_record(r.name, r.id, r.ident) for r in records)
+    """The record bytes of a batch: fixed records, then the names."""
+    names = [r.name.encode("utf-8") for r in records]
+    pack = RECORD.pack
+    fixed = [pack(r.id, r.ident.kind, len(nb), r.ident.mode, r.ident.flags, r.ident.dev, r.ident.ino)
+             for r, nb in zip(records, names)]
+    return b"".join(fixed) + b"".join(names)
 
 
 def encode(ev: Event, version: int = VERSION) -> bytes:
@@ -174,8 +195,7 @@ def encode(ev: Event, version: int = VERSION) -> bytes:
         case TargetHello():
             p = _TARGET_HELLO.pack(ev.version, ev.pid, ev.fd_limit, ev.open_fds, ev.capacity)
         case Batch():
-            raw = ev.raw or encode_records(ev.records)
-            p = _BATCH.pack(ev.seq, len(ev.records)) + raw
+            p = _BATCH.pack(ev.seq, ev.count) + ev.raw
         case Ack():
             p = _ACK.pack(ev.seq, ev.verified)
         case End():
@@ -203,30 +223,45 @@ def _exact(p: memoryview, n: int, what: str) -> None:
         raise ProtocolError(f"handoff {what}: payload of {len(p)} bytes, expected exactly {n}")
 
 
-def decode_records(p: memoryview, count: int) -> list[Record]:
-    out: list[Record] = []
-    off, end, size = 0, len(p), RECORD.size
-    unpack = RECORD.unpack_from
-    for i in range(count):
-        if off + size > end:
-            raise ProtocolError(f"handoff batch: record {i} of {count} is cut short; the batch length lies")
-        id_, kind, nlen, mode, flags, dev, ino = unpack(p, off)
-        off += size
+_NAME_OK: dict[bytes, str] = {}  # names already checked (names repeat a lot: "eventfd", "vfio/0001")
+
+
+def _name(raw: bytes, i: int) -> str:
+    name = _NAME_OK.get(raw)
+    if name is not None:
+        return name
+    try:
+        name = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError(f"handoff batch: record {i} has a name that is not valid UTF-8") from None
+    if _CONTROL.search(name):
+        raise ProtocolError(f"handoff batch: record {i} name {name!r} contains a control character")
+    if len(_NAME_OK) < 65536:
+        _NAME_OK[raw] = name
+    return name
+
+
+def decode_records(p: bytes, count: int) -> tuple[list[tuple], list[str]]:
+    """(fixed record tuples, names) of a batch's record bytes; ProtocolError if anything lies."""
+    fixed_len = RECORD.size * count
+    if len(p) < fixed_len:
+        raise ProtocolError(f"handoff batch: {len(p)} bytes cannot hold {count} records; the count lies")
+    fixed = list(RECORD.iter_unpack(p[:fixed_len]))
+    names: list[str] = []
+    off = fixed_len
+    end = len(p)
+    for i, f in enumerate(fixed):
+        nlen = f[2]
         if nlen == 0 or off + nlen > end:
             raise ProtocolError(f"handoff batch: record {i} has a name length of {nlen} that does not fit")
-        try:
-            name = str(p[off:off + nlen], "utf-8")
-        except UnicodeDecodeError:
-            raise ProtocolError(f"handoff batch: record {i} has a name that is not valid UTF-8") from None
+        kind = f[1]
+        if kind not in KIND_BY_CODE or kind == Kind.EPOLL:
+            raise ProtocolError(f"handoff batch: record {i} (id {f[0]}) has unknown or refused kind {kind}")
+        names.append(_name(p[off:off + nlen], i))
         off += nlen
-        if _CONTROL.search(name):
-            raise ProtocolError(f"handoff batch: record {i} name {name!r} contains a control character")
-        if kind not in _KINDS or kind == Kind.EPOLL:
-            raise ProtocolError(f"handoff batch: record {i} ({name!r}, {id_}) has unknown or refused kind {kind}")
-        out.append(Record(name, id_, Identity(Kind(kind), mode, dev, ino, flags)))
     if off != end:
         raise ProtocolError(f"handoff batch: {end - off} bytes left after {count} records; the count lies")
-    return out
+    return fixed, names
 
 
 def decode(data: bytes, nfds: int = 0) -> tuple[int, Event]:
@@ -261,8 +296,9 @@ def decode(data: bytes, nfds: int = 0) -> tuple[int, Event]:
         seq, count = _BATCH.unpack_from(p)
         if count == 0 or count > SCM_MAX_FD:
             raise ProtocolError(f"handoff batch: {count} records, expected 1..{SCM_MAX_FD}")
-        raw = p[_BATCH.size:]
-        ev = Batch(seq, decode_records(raw, count), bytes(raw))
+        raw = bytes(p[_BATCH.size:])
+        fixed, names = decode_records(raw, count)
+        ev = Batch(seq, count, raw, fixed, names)
         expect_fds = count
     elif type_ == ACK:
         _exact(p, _ACK.size, "ack")
@@ -398,14 +434,14 @@ class Handoff:
             if self.unacked >= self.window:
                 raise ProtocolError(f"handoff: batch {ev.seq} exceeds the window of {self.window} unacked batches")
             bmax = self.hello.batch_max if self.hello else SCM_MAX_FD
-            if len(ev.records) > bmax:
-                raise ProtocolError(f"handoff: batch of {len(ev.records)} fds exceeds the agreed {bmax}")
-            if self.hello and self.records + len(ev.records) > self.hello.entries:
+            if ev.count > bmax:
+                raise ProtocolError(f"handoff: batch of {ev.count} fds exceeds the agreed {bmax}")
+            if self.hello and self.records + ev.count > self.hello.entries:
                 raise ProtocolError(f"handoff: more entries arrived than the {self.hello.entries} announced")
             self.next_seq += 1
-            self.records += len(ev.records)
-            self.fds += len(ev.records)
-            self._digest.update(ev.raw or encode_records(ev.records))
+            self.records += ev.count
+            self.fds += ev.count
+            self._digest.update(ev.raw)
         elif isinstance(ev, Ack):
             if ev.seq != self.acked:
                 raise ProtocolError(f"handoff: ack for batch {ev.seq}, expected {self.acked}")
