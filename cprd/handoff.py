@@ -116,14 +116,59 @@ def _abort_error(ev: hp.Abort, who: str) -> CprdError:
     return cls(f"the {who} aborted the handoff: {ev.message}")
 
 
-def _alive(pidfd: int | None) -> bool:
-    """Whether the process behind pidfd still runs (a pidfd becomes readable when it exits)."""
-    if pidfd is None:
-        return False
-    import select
+async def _owner_after_lost_confirm(pidfd: int | None, target_pid: int, control_path: str,
+                                    timeout: float) -> bool:
+    """After Commit, the connection broke without a Confirm. True if the target owns the table,
+    False if it died (then our copies are the only ones left and we take the table back).
 
-    r, _, _ = select.select([pidfd], [], [], 0)
-    return not r
+    Two proofs race: the target's pidfd turning readable (it died; a SIGKILLed process resets its
+    sockets a moment before its pidfd says it exited, so we wait for it rather than peek), and the
+    target answering a status request on the control socket (it serves only after it has read
+    Commit). If neither comes within timeout, the target lives with the Commit in its queue: it
+    owns the table."""
+    if pidfd is None:
+        return False  # gone before we could even open a pidfd
+    verdict = True
+
+    async def died(cancel: trio.CancelScope) -> None:
+        nonlocal verdict
+        await trio.lowlevel.wait_readable(pidfd)
+        verdict = False
+        cancel.cancel()
+
+    async def serves(cancel: trio.CancelScope) -> None:
+        while True:
+            with trio.move_on_after(1):
+                if await _status_pid(control_path) == target_pid:
+                    cancel.cancel()
+                    return
+            await trio.sleep(0.02)
+
+    with trio.move_on_after(timeout) as scope:
+        async with trio.open_nursery() as n:
+            n.start_soon(died, scope)
+            n.start_soon(serves, scope)
+    return verdict
+
+
+async def _status_pid(control_path: str) -> int | None:
+    """The pid of whoever answers a status request on the control socket (None if nobody does)."""
+    from .protocol import control as cp
+
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    with sock:
+        try:
+            await sock.connect(control_path)
+            await scm.send(sock, cp.encode_request("status"), (), "status")
+            reader = cp.ReplyReader()
+            while True:
+                data, fds = await scm.recv(sock, cp.MAX_FRAME, 1, "status")
+                fds.close()
+                reply = reader.feed(data)
+                if reply is not None:
+                    return int(reply["result"]["pid"]) if reply.get("ok") else None
+        except (CprdError, OSError, KeyError, TypeError, ValueError):
+            return None
 
 
 async def send_table(table: FdTable, to: str, *, listener_fd: int | None, control_path: str,
@@ -155,6 +200,11 @@ async def send_table(table: FdTable, to: str, *, listener_fd: int | None, contro
         try:
             return await _send(sock, table, clock, target_pid, pidfd, listener_fd, control_path,
                                batch, window, timeout, before_commit)
+        except (HandoffError, CapacityError):
+            raise
+        except (CprdError, OSError) as e:
+            raise HandoffError(f"handoff to {to} (target pid {target_pid}) failed: {e}; the source keeps"
+                               " every entry") from None
         finally:
             if pidfd is not None:
                 os.close(pidfd)
@@ -209,18 +259,15 @@ async def _send(sock, table, clock, target_pid, pidfd, listener_fd, control_path
     try:
         ev, _ = await _recv_event(sock, m, timeout, "handoff confirm")
         confirmed = isinstance(ev, hp.Confirm)
+        problem = "" if confirmed else f"it sent {type(ev).__name__} instead of Confirm"
     except (CprdError, OSError) as e:
-        if not _alive(pidfd):
+        problem = str(e)
+    if not confirmed:
+        if not await _owner_after_lost_confirm(pidfd, target_pid, control_path, timeout):
             raise HandoffError(f"the target (pid {target_pid}) died after the commit and before it confirmed"
-                               f" ({e}); the source keeps every entry") from None
-        log.warning("event=confirm_lost target_pid=%d error=%r note=target-lives-and-owns-the-table",
-                    target_pid, str(e))
-    else:
-        if not confirmed:
-            if not _alive(pidfd):
-                raise HandoffError(f"the target (pid {target_pid}) aborted after the commit and died; "
-                                   "the source keeps every entry")
-            log.warning("event=confirm_unexpected target_pid=%d event=%r", target_pid, ev)
+                               f" ({problem}); the source keeps every entry")
+        log.warning("event=confirm_lost target_pid=%d problem=%r note=target-lives-and-owns-the-table",
+                    target_pid, problem)
     clock.mark("commit")
     fault.point("source", "confirm", sock=sock)
     res = Result(n, need, clock.total_ms, target_pid, confirmed, clock.phases)

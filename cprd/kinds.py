@@ -113,7 +113,8 @@ def kind_of(fd: int, st: os.stat_result | None = None) -> Kind:
     st = st or _fstat(fd)
     fmt = stat.S_IFMT(st.st_mode)
     if fmt == stat.S_IFREG:
-        return Kind.MEMFD if _link(fd).startswith("/memfd:") else Kind.FILE
+        # A memfd links to "/memfd:NAME (deleted)"; a file really named so would still have a link count.
+        return Kind.MEMFD if st.st_nlink == 0 and _link(fd).startswith("/memfd:") else Kind.FILE
     if fmt == stat.S_IFSOCK:
         return Kind.SOCKET
     if fmt == stat.S_IFIFO:
@@ -254,12 +255,20 @@ def memfd_content(i: int) -> bytes:
     return struct.pack("<Q", i) + bytes((i + j) % 251 for j in range(248))
 
 
+def _closing_on_error(fd: int, fill) -> int:
+    try:
+        fill(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def make_file(directory: str, i: int) -> int:
     path = os.path.join(directory, f"file-{i:05d}")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    os.write(fd, file_content(i))
-    os.lseek(fd, file_offset(i), os.SEEK_SET)
-    return fd
+    return _closing_on_error(fd, lambda fd: (os.write(fd, file_content(i)),
+                                             os.lseek(fd, file_offset(i), os.SEEK_SET)))
 
 
 def make_eventfd(i: int) -> int:
@@ -268,15 +277,14 @@ def make_eventfd(i: int) -> int:
 
 def make_memfd(i: int) -> int:
     fd = os.memfd_create(f"cprd-mem-{i}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    os.write(fd, memfd_content(i))
-    return fd
+    return _closing_on_error(fd, lambda fd: os.write(fd, memfd_content(i)))
 
 
 def make_region(n: int) -> int:
     fd = os.memfd_create(f"cprd-vfio-region-{n}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    os.ftruncate(fd, DEVICE_REGION_SIZE)
-    os.pwrite(fd, REGION_HEADER.pack(DEVICE_REGION_MAGIC, n, DEVICE_REGION_SIZE), 0)
-    return fd
+    return _closing_on_error(fd, lambda fd: (
+        os.ftruncate(fd, DEVICE_REGION_SIZE),
+        os.pwrite(fd, REGION_HEADER.pack(DEVICE_REGION_MAGIC, n, DEVICE_REGION_SIZE), 0)))
 
 
 def device_name(n: int) -> str:
@@ -288,11 +296,16 @@ def make_device(n: int) -> list[tuple[str, int, int]]:
     SOCK_SEQPACKET command channel (both ends) and DEVICE_IRQS irq eventfds."""
     name = device_name(n)
     out = [(name, DEVICE_REGION_ID, make_region(n))]
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    out.append((name, DEVICE_CMD_ID, a.detach()))
-    out.append((name, DEVICE_CMD_PEER_ID, b.detach()))
-    for k in range(DEVICE_IRQS):
-        out.append((name, DEVICE_IRQ_BASE + k, os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)))
+    try:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        out.append((name, DEVICE_CMD_ID, a.detach()))
+        out.append((name, DEVICE_CMD_PEER_ID, b.detach()))
+        for k in range(DEVICE_IRQS):
+            out.append((name, DEVICE_IRQ_BASE + k, os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)))
+    except BaseException:  # a half-made device (EMFILE, say) must not leak its first fds
+        for _, _, fd in out:
+            os.close(fd)
+        raise
     return out
 
 
@@ -347,8 +360,8 @@ def populate(counts: dict[str, int], directory: str) -> list[tuple[str, int, int
             made.append(("memfd", i, make_memfd(i)))
         for i in range(counts.get("pipes", 0)):
             r, w = os.pipe2(os.O_CLOEXEC)
-            os.write(w, f"pipe {i}\n".encode())
             made += [("pipe", 2 * i, r), ("pipe", 2 * i + 1, w)]
+            os.write(w, f"pipe {i}\n".encode())
         for i in range(counts.get("sockets", 0)):
             a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             made += [("socket", 2 * i, a.detach()), ("socket", 2 * i + 1, b.detach())]

@@ -269,10 +269,13 @@ def decode(data: bytes, nfds: int = 0) -> tuple[int, Event]:
 
     ProtocolError on any fault, including a count of fds that does not match the metadata. The
     caller owns (and on error must close) the fds."""
-    version, type_, _flags, p = frame.unpack(data, MAGIC, MAX_PAYLOAD, "handoff")
+    version, type_, flags, p = frame.unpack(data, MAGIC, MAX_PAYLOAD, "handoff")
     if not MIN_VERSION <= version <= VERSION and type_ != SOURCE_HELLO:
         raise ProtocolError(f"handoff: protocol version {version} is not one this cprd speaks "
                             f"({MIN_VERSION}..{VERSION}); upgrade the older side")
+    if flags and version <= VERSION:  # no handoff message of a version we know defines a flag
+        raise ProtocolError(f"handoff: frame flags {flags:#06x} set, but version {version} defines none; "
+                            "is the peer a cprd of a compatible version?")
     expect_fds = 0
     ev: Event
     if type_ == SOURCE_HELLO:
@@ -452,8 +455,9 @@ class Handoff:
             if ev.entries != self.records or ev.fds != self.fds:
                 raise ProtocolError(f"handoff end: source says {ev.entries} entries/{ev.fds} fds, "
                                     f"{self.records}/{self.fds} arrived")
-            if self.hello and ev.entries != self.hello.entries:
-                raise ProtocolError(f"handoff end: {ev.entries} entries sent, {self.hello.entries} announced")
+            if self.hello and (ev.entries, ev.fds) != (self.hello.entries, self.hello.fds):
+                raise ProtocolError(f"handoff end: {ev.entries} entries/{ev.fds} fds sent, "
+                                    f"{self.hello.entries}/{self.hello.fds} announced")
             if ev.digest != self.digest:
                 raise ProtocolError("handoff end: digest of the entries does not match what arrived")
         elif isinstance(ev, Ready):

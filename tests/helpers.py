@@ -1,0 +1,114 @@
+"""Real cprd daemons as child processes, for the process-level tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+from cprd.client import Client
+from cprd.procs import cprd_cmd, stop, wait_for_socket
+
+
+class Cluster:
+    """Sources and targets started in one private directory; all stopped at teardown."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        os.chmod(directory, 0o700)
+        self.control = str(directory / "control.sock")
+        self.procs: list[subprocess.Popen] = []
+        self._n = 0
+
+    def spawn(self, *args: str, env: dict[str, str] | None = None, preexec_fn=None) -> subprocess.Popen:
+        log = open(self.dir / f"daemon-{len(self.procs)}.log", "wb")
+        p = subprocess.Popen(cprd_cmd(*args, log_level="info"), stdin=subprocess.DEVNULL, stderr=log,
+                             env={**os.environ, **(env or {})}, preexec_fn=preexec_fn)
+        log.close()
+        self.procs.append(p)
+        return p
+
+    def source(self, spec: str = "", env: dict[str, str] | None = None) -> subprocess.Popen:
+        p = self.spawn("source", "--control", self.control, "--populate", spec,
+                       "--state-dir", str(self.dir / "state"), env=env)
+        wait_for_socket(self.control, p)
+        with self.client() as c:
+            c.status()  # populated and serving
+        return p
+
+    def target(self, env: dict[str, str] | None = None, preexec_fn=None) -> tuple[subprocess.Popen, str]:
+        self._n += 1
+        path = str(self.dir / f"handoff-{self._n}.sock")
+        p = self.spawn("target", "--listen", path, env=env, preexec_fn=preexec_fn)
+        wait_for_socket(path, p)
+        return p, path
+
+    def client(self) -> Client:
+        return Client(self.control, timeout=60)
+
+    def ctl(self, *args: str, env: dict[str, str] | None = None, check: bool = False,
+            pass_fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess:
+        e = {**os.environ, "CPRD_CONTROL": self.control, **(env or {})}
+        return subprocess.run([sys.executable, "-m", "cprd", "ctl", *args], env=e, capture_output=True,
+                              text=True, timeout=60, check=check, pass_fds=pass_fds)
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.dir.glob("daemon-*.log")))
+
+    def close(self) -> None:
+        for p in self.procs:
+            stop(p)
+
+
+def num_fds(pid: int) -> int:
+    """The daemon's fd count once it is quiet: the same in two reads 50 ms apart, so that client
+    connections we just closed are closed on its side too."""
+    import time
+
+    n = psutil.Process(pid).num_fds()
+    for _ in range(100):
+        time.sleep(0.05)
+        m = psutil.Process(pid).num_fds()
+        if m == n:
+            return n
+        n = m
+    return n
+
+
+def settled_fds(pid: int, expect: int, timeout: float = 5.0) -> int:
+    """The daemon's fd count once it has caught up with closed client connections: polls until it
+    equals expect (or the timeout passes) and returns the last count."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    n = num_fds(pid)
+    while n != expect and time.monotonic() < deadline:
+        time.sleep(0.01)
+        n = num_fds(pid)
+    return n
+
+
+def snapshot(client: Client) -> dict[tuple[str, int], dict]:
+    """The table as {key: identity}, without the fd numbers (which differ between processes)."""
+    out = {}
+    for e in client.ls():
+        ident = {k: v for k, v in e.items() if k not in ("fd", "name", "id")}
+        out[(e["name"], e["id"])] = ident
+    return out
+
+
+def hold_copies(client: Client) -> dict[tuple[str, int], tuple[int, str]]:
+    """Our own fd for every entry: {key: (fd, kind)}. The caller closes them."""
+    out = {}
+    for e in client.ls():
+        _, fd = client.get(e["name"], e["id"])
+        out[(e["name"], e["id"])] = (fd, e["kind"])
+    return out
+
+
+def close_copies(copies: dict) -> None:
+    for fd, _ in copies.values():
+        os.close(fd)
