@@ -126,12 +126,17 @@ def _fd_budget() -> int:
 
 def _raw_transfer(fds: list[int], per_msg: int) -> float:
     """ms to move fds to a forked child with sendmsg/recvmsg, per_msg fds a message; no verification.
-    The child is forked before the fds exist, so each process holds one copy of them."""
+    The child first closes the copies it inherited (so it has room for the ones it receives) and
+    says when it is ready; the clock starts then."""
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:  # child: receive until all arrived, say done, then close them
         try:
             a.close()
+            keep = b.fileno()
+            os.closerange(3, keep)
+            os.closerange(keep + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+            b.send(b"r")
             n, got = len(fds), []
             anc = socket.CMSG_SPACE(per_msg * 4)
             while len(got) < n:
@@ -149,6 +154,8 @@ def _raw_transfer(fds: list[int], per_msg: int) -> float:
             os._exit(0)
     b.close()
     hdr = struct.Struct("<HHi")
+    if a.recv(1) != b"r":
+        raise RuntimeError("benchmark receiver did not start")
     t0 = time.perf_counter()
     for i in range(0, len(fds), per_msg):
         chunk = fds[i:i + per_msg]

@@ -358,6 +358,7 @@ async def receive_table(sock, *, reserve: int = RESERVE_FDS, timeout: float = TI
             await _try_send(sock, m, hp.Abort(code, str(e)))
         raise
     finally:
+        gc.freeze()  # what arrived lives as long as the table: keep it out of every later collection
         if gc_was:
             gc.enable()
     log.info("event=handoff_received entries=%d source_pid=%d %s", len(table), source_pid,

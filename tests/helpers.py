@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
 
 from cprd.client import Client
+from cprd.errors import ControlError
 from cprd.procs import cprd_cmd, stop, wait_for_socket
 
 
@@ -35,9 +37,17 @@ class Cluster:
         p = self.spawn("source", "--control", self.control, "--populate", spec,
                        "--state-dir", str(self.dir / "state"), env=env)
         wait_for_socket(self.control, p)
-        with self.client() as c:
-            c.status()  # populated and serving
-        return p
+        deadline = time.monotonic() + 30
+        while True:  # the path may still be a stale socket file that the daemon is about to replace
+            try:
+                with self.client() as c:
+                    if c.status()["pid"] == p.pid:  # populated and serving
+                        return p
+            except ControlError:
+                pass
+            if p.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"source did not serve {self.control}:\n{self.logs()}")
+            time.sleep(0.01)
 
     def target(self, env: dict[str, str] | None = None, preexec_fn=None) -> tuple[subprocess.Popen, str]:
         self._n += 1
@@ -52,7 +62,7 @@ class Cluster:
     def ctl(self, *args: str, env: dict[str, str] | None = None, check: bool = False,
             pass_fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess:
         e = {**os.environ, "CPRD_CONTROL": self.control, **(env or {})}
-        return subprocess.run([sys.executable, "-m", "cprd", "ctl", *args], env=e, capture_output=True,
+        return subprocess.run([sys.executable, "-m", "cprd", "ctl", *map(str, args)], env=e, capture_output=True,
                               text=True, timeout=60, check=check, pass_fds=pass_fds)
 
     def logs(self) -> str:
