@@ -24,6 +24,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -58,6 +59,8 @@ class Daemon:
         self.handoffs = handoffs
         self.started = time.time()
         self.exit_code = 0
+        self.salvage: dict | None = None
+        self.source_died = False
         self._nursery: trio.Nursery | None = None
         self._accept_scope: trio.CancelScope | None = None
         self._accept_done: trio.Event | None = None
@@ -207,6 +210,8 @@ class Daemon:
             "entries": len(self.table), "by_kind": self.table.by_kind(), "fd_limit": soft, "open_fds": n_open,
             "fd_capacity": capacity, "control": self.control_path, "handoffs_received": self.handoffs,
             "uptime_s": round(time.time() - self.started, 3),
+            **({"salvage": self.salvage} if self.salvage else {}),
+            **({"source_died": True} if self.source_died else {}),
         }
 
     async def _handoff(self, to: str, batch: int, window: int) -> dict[str, Any]:
@@ -296,48 +301,52 @@ async def serve_source(control: str, *, spec: str = "", state_dir: str | None = 
 
 async def serve_target(listen: str, *, allow_uids: tuple[int, ...] = ()) -> int:
     """`cprd target`: wait for one handoff on `listen`, then serve the received table on the source's
-    control socket (which arrives with the Commit)."""
-    from .handoff import NotAHandoff, confirm, raise_nofile, receive_table
+    control socket (which arrives with the Commit; if the source died before sending it, the target
+    binds the control path itself)."""
+    from .handoff import accept_handoff, confirm, raise_nofile, receive_table
     from .paths import bind_listener
 
     raise_nofile()
     hs = bind_listener(listen, "handoff")
     fid = file_id(listen)
-    ths = trio.socket.from_stdlib_socket(hs)
     allowed = {os.geteuid(), 0, *allow_uids}
     log.info("event=waiting listen=%s pid=%d", listen, os.getpid())
     try:
-        while True:
-            conn, _ = await ths.accept()
-            pid, uid, _ = peer_cred(conn)
-            if uid not in allowed:
-                log.warning("event=refused_peer pid=%d uid=%d", pid, uid)
-                conn.close()
-                continue
-            try:
-                received = await receive_table(conn)
-            except NotAHandoff as e:
-                log.warning("event=not_a_handoff peer_pid=%d error=%r", pid, str(e))
-                conn.close()
-                continue
-            except BaseException:
-                conn.close()
-                raise
-            break
+        inc = await accept_handoff(trio.socket.from_stdlib_socket(hs), allowed)
     finally:
         unlink_if_same(listen, fid)
         hs.close()
+    try:
+        received = await receive_table(inc)
+    except BaseException:
+        inc.close()
+        raise
+    control = received.hello.control_path
     lfds = received.listener.take()
-    if not lfds:
+    try:
+        if lfds:
+            listener = socket.socket(fileno=lfds[0])
+        else:  # the source died before its Commit: its listening socket died with it
+            listener = bind_listener(control, "control")
+    except BaseException:
         received.table.close_all()
-        conn.close()
-        raise ProtocolError("the source sent no control socket with its commit; nothing to serve on")
-    listener = socket.socket(fileno=lfds[0])
-    d = Daemon(role="target", table=received.table, listener=listener, control_path=received.hello.control_path,
+        inc.close()
+        raise
+    d = Daemon(role="target", table=received.table, listener=listener, control_path=control,
                allow_uids=allow_uids, handoffs=1)
+    d.salvage = received.salvage.describe() if received.salvage else None
+    d.source_died = not received.committed
+    if received.salvage:
+        s = received.salvage
+        print(f"cprd: SALVAGE: the source (pid {s.source_pid}) died mid-handoff; serving the {s.received} of "
+              f"{s.announced} entries that arrived; {s.lost} lost with it: "
+              f"{', '.join(f'({n!r}, {i})' for n, i in s.lost_keys[:10])}"
+              f"{' ...' if len(s.lost_keys) > 10 else ''}"
+              f"{f' and {s.unnamed} the source never named' if s.unnamed else ''}", file=sys.stderr)
 
     async def on_serving() -> None:
-        await confirm(conn, received)
-        conn.close()
+        if received.committed:
+            await confirm(inc.sock, received)
+        inc.close()
 
     return await d.run(on_serving)

@@ -5,15 +5,23 @@ Theory of operation
 ``send_table`` runs in the source. Its table is frozen while it runs (the daemon refuses
 mutations). Until it has sent Commit, any failure leaves the source owning everything: it only
 ever sent duplicates (SCM_RIGHTS copies) and closes nothing. After Commit the target owns the
-table. If the connection then breaks before Confirm, the source asks the kernel whether the
-target still lives (a pidfd opened at connect, pid from SO_PEERCRED): a dead target never
-served anything, so the source takes ownership back; a live one has the Commit in its queue
-and owns the table.
+table. If the connection breaks before Confirm, the source learns the target's fate
+(``peer_fate``): dead (its pidfd, opened at connect with the pid from SO_PEERCRED, turns
+readable) means it never served, so the source takes the table back; serving (it answers a
+status request on the control socket) or merely alive means it owns the table.
 
-``receive_table`` runs in the target. Every fd that arrives is owned at once (OwnedFds) and
-verified against the identity the source sent (kinds.verify: file type, inode, open flags);
-entries go into a fresh FdTable. Any failure before Commit closes everything received, so a
-target never holds a partial table while its source lives.
+``accept_handoff`` + ``receive_table`` run in the target. Connections are served concurrently
+until one sends a valid hello (a silent or garbage connection cannot block a real source). Every
+fd that arrives is owned at once (OwnedFds), verified against the identity the source sent, and
+moved into a fresh FdTable. When the connection breaks the target asks the same question about
+its source: if the source lives, the target closes everything it received and fails (a target
+never serves a partial table while its source lives); if the source died, the fds that reached
+the target exist nowhere else, so it keeps them: the whole table after End, a *salvaged* part
+before End, naming the keys lost with the source (from the Manifest).
+
+Flow control: the target acknowledges each batch and the source keeps at most `window` batches
+unacknowledged. A non-root sender also keeps the fds in flight under half its RLIMIT_NOFILE,
+since the kernel refuses more (ETOOMANYREFS).
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ log = logging.getLogger("cprd.handoff")
 
 RESERVE_FDS = 64  # fds a target keeps free for its own sockets and clients
 TIMEOUT = 30.0
+HELLO_TIMEOUT = 10.0
 MAX_MSG = hp.MAX_PAYLOAD + 16
 
 
@@ -116,39 +125,40 @@ def _abort_error(ev: hp.Abort, who: str) -> CprdError:
     return cls(f"the {who} aborted the handoff: {ev.message}")
 
 
-async def _owner_after_lost_confirm(pidfd: int | None, target_pid: int, control_path: str,
-                                    timeout: float) -> bool:
-    """After Commit, the connection broke without a Confirm. True if the target owns the table,
-    False if it died (then our copies are the only ones left and we take the table back).
 
-    Two proofs race: the target's pidfd turning readable (it died; a SIGKILLed process resets its
-    sockets a moment before its pidfd says it exited, so we wait for it rather than peek), and the
-    target answering a status request on the control socket (it serves only after it has read
-    Commit). If neither comes within timeout, the target lives with the Commit in its queue: it
-    owns the table."""
+async def peer_fate(pidfd: int | None, peer_pid: int, control_path: str, timeout: float) -> str:
+    """What became of the peer after the handoff connection broke: "dead", "serving" (it answers
+    a status request on the control socket, so it owns the table) or "alive" (neither within
+    timeout).
+
+    Two proofs race. A SIGKILLed process resets its sockets while it closes its files, a moment
+    *before* its pidfd says it exited, so we wait for the pidfd rather than peek at it."""
     if pidfd is None:
-        return False  # gone before we could even open a pidfd
-    verdict = True
+        return "dead"  # gone before we could even open a pidfd
+    fate = "alive"
 
-    async def died(cancel: trio.CancelScope) -> None:
-        nonlocal verdict
+    async def died(scope: trio.CancelScope) -> None:
+        nonlocal fate
         await trio.lowlevel.wait_readable(pidfd)
-        verdict = False
-        cancel.cancel()
+        fate = "dead"
+        scope.cancel()
 
-    async def serves(cancel: trio.CancelScope) -> None:
+    async def serves(scope: trio.CancelScope) -> None:
+        nonlocal fate
         while True:
             with trio.move_on_after(1):
-                if await _status_pid(control_path) == target_pid:
-                    cancel.cancel()
+                if await _status_pid(control_path) == peer_pid:
+                    fate = "serving"
+                    scope.cancel()
                     return
             await trio.sleep(0.02)
 
     with trio.move_on_after(timeout) as scope:
         async with trio.open_nursery() as n:
             n.start_soon(died, scope)
-            n.start_soon(serves, scope)
-    return verdict
+            if control_path:
+                n.start_soon(serves, scope)
+    return fate
 
 
 async def _status_pid(control_path: str) -> int | None:
@@ -171,6 +181,27 @@ async def _status_pid(control_path: str) -> int | None:
             return None
 
 
+def _open_pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except OSError:
+        return None
+
+
+def flow_limits(batch: int, window: int) -> tuple[int, int]:
+    """(batch, window) that keep the fds in flight within what the kernel lets this process send.
+
+    The kernel refuses a send with ETOOMANYREFS once a user without CAP_SYS_RESOURCE has more fds
+    in flight than its RLIMIT_NOFILE; stay within half of it (the rest is for other senders)."""
+    if os.geteuid() == 0:
+        return batch, window
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    inflight = max(1, soft // 2)
+    batch = max(1, min(batch, inflight))
+    return batch, max(1, min(window, inflight // batch))
+
+
+# -- the source side ----------------------------------------------------------------------------
 async def send_table(table: FdTable, to: str, *, listener_fd: int | None, control_path: str,
                      batch: int = hp.SCM_MAX_FD, window: int = 4, timeout: float = TIMEOUT,
                      before_commit: Callable[[], Awaitable[None]] | None = None) -> Result:
@@ -183,6 +214,7 @@ async def send_table(table: FdTable, to: str, *, listener_fd: int | None, contro
         raise HandoffError(f"batch size {batch} is outside 1..{hp.SCM_MAX_FD} (the kernel's SCM_MAX_FD)")
     if window < 1:
         raise HandoffError(f"window {window} must be at least 1")
+    batch, window = flow_limits(batch, window)
     clock = _Clock()
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     pidfd = None
@@ -193,10 +225,7 @@ async def send_table(table: FdTable, to: str, *, listener_fd: int | None, contro
             raise HandoffError(f"cannot reach a target at {to}: {e.strerror}; start one with "
                                f"`cprd target --listen {to}`") from None
         target_pid, _, _ = peer_cred(sock)
-        try:
-            pidfd = os.pidfd_open(target_pid)
-        except OSError:
-            pidfd = None
+        pidfd = _open_pidfd(target_pid)
         try:
             return await _send(sock, table, clock, target_pid, pidfd, listener_fd, control_path,
                                batch, window, timeout, before_commit)
@@ -228,7 +257,13 @@ async def _send(sock, table, clock, target_pid, pidfd, listener_fd, control_path
                "LimitNOFILE=)")
         await _try_send(sock, m, hp.Abort(hp.AbortCode.CAPACITY, msg))
         raise CapacityError(msg)
+    # The keys first (cheap: ~0.1 us a key), so that a target whose source dies mid-transfer can
+    # name what was lost.
+    for i in range(0, n, hp.MANIFEST_CHUNK):
+        keys = [(e.name, e.id) for e in entries[i:i + hp.MANIFEST_CHUNK]]
+        await scm.send(sock, m.send(hp.Manifest.of(keys)), (), "handoff manifest")
     clock.mark("hello")
+    last = (n - 1) // batch if n else -1
     for seq, i in enumerate(range(0, n, batch)):
         chunk = entries[i:i + batch]
         while not m.can_send_batch():
@@ -236,8 +271,8 @@ async def _send(sock, table, clock, target_pid, pidfd, listener_fd, control_path
             if isinstance(ev, hp.Abort):
                 raise _abort_error(ev, "target")
         batch_ev = hp.Batch.of(seq, [hp.Record(e.name, e.id, e.ident) for e in chunk])
-        await scm.send(sock, m.send(batch_ev), [e.fd for e in chunk], "handoff batch")
-        fault.point("source", "batch", seq, sock=sock)
+        await _send_batch(sock, m, batch_ev, [e.fd for e in chunk], timeout)
+        fault.point("source", "batch", seq, sock=sock, last=last)
     clock.mark("transfer")
     await scm.send(sock, m.send(hp.End(m.records, m.fds, m.digest)), (), "handoff end")
     fault.point("source", "end", sock=sock)
@@ -253,7 +288,7 @@ async def _send(sock, table, clock, target_pid, pidfd, listener_fd, control_path
         await before_commit()
     await scm.send(sock, m.send(hp.Commit(listener_fd is not None)),
                    [listener_fd] if listener_fd is not None else [], "handoff commit")
-    # From here on the target owns the table.
+    # From here on the target owns the table, unless it turns out to be dead.
     fault.point("source", "commit", sock=sock)
     confirmed = False
     try:
@@ -263,17 +298,34 @@ async def _send(sock, table, clock, target_pid, pidfd, listener_fd, control_path
     except (CprdError, OSError) as e:
         problem = str(e)
     if not confirmed:
-        if not await _owner_after_lost_confirm(pidfd, target_pid, control_path, timeout):
+        fate = await peer_fate(pidfd, target_pid, control_path, timeout)
+        if fate == "dead":
             raise HandoffError(f"the target (pid {target_pid}) died after the commit and before it confirmed"
                                f" ({problem}); the source keeps every entry")
-        log.warning("event=confirm_lost target_pid=%d problem=%r note=target-lives-and-owns-the-table",
-                    target_pid, problem)
+        log.warning("event=confirm_lost target_pid=%d target=%s problem=%r note=the-target-owns-the-table",
+                    target_pid, fate, problem)
     clock.mark("commit")
     fault.point("source", "confirm", sock=sock)
     res = Result(n, need, clock.total_ms, target_pid, confirmed, clock.phases)
-    log.info("event=handoff_sent entries=%d fds=%d ms=%.2f target_pid=%d %s", n, need, res.ms, target_pid,
-             " ".join(f"{k}_ms={v:.2f}" for k, v in clock.phases.items()))
+    log.info("event=handoff_sent entries=%d fds=%d ms=%.2f target_pid=%d batch=%d window=%d %s", n, need, res.ms,
+             target_pid, batch, window, " ".join(f"{k}_ms={v:.2f}" for k, v in clock.phases.items()))
     return res
+
+
+async def _send_batch(sock, m: hp.Handoff, ev: hp.Batch, fds: list[int], timeout: float) -> None:
+    """Send one batch; on ETOOMANYREFS (too many fds in flight for this user) wait for the target
+    to take some (an ack) and try again."""
+    data = m.send(ev)
+    while True:
+        try:
+            await scm.send(sock, data, fds, "handoff batch")
+            return
+        except CapacityError:
+            if m.unacked <= 1:  # nothing of ours in flight to wait for: the limit is too low
+                raise
+            ack, _ = await _recv_event(sock, m, timeout, "handoff transfer")
+            if isinstance(ack, hp.Abort):
+                raise _abort_error(ack, "target") from None
 
 
 async def _try_send(sock, m: hp.Handoff, ev: hp.Event) -> None:
@@ -283,13 +335,53 @@ async def _try_send(sock, m: hp.Handoff, ev: hp.Event) -> None:
         pass
 
 
+# -- the target side ----------------------------------------------------------------------------
+@dataclass(slots=True)
+class Incoming:
+    """A connection that has sent a valid SourceHello; nothing received yet but the hello."""
+
+    sock: object
+    machine: hp.Handoff
+    hello: hp.SourceHello
+    source_pid: int
+    pidfd: int | None
+
+    def close(self) -> None:
+        self.sock.close()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+
+@dataclass(slots=True)
+class Salvage:
+    """What a target kept after its source died before End."""
+
+    source_pid: int
+    announced: int
+    received: int
+    lost_keys: list[tuple[str, int]]
+    unnamed: int  # lost entries whose keys the source died before naming
+
+    @property
+    def lost(self) -> int:
+        return self.announced - self.received
+
+    def describe(self) -> dict:
+        return {"source_pid": self.source_pid, "announced": self.announced, "received": self.received,
+                "lost": self.lost, "lost_keys": [list(k) for k in self.lost_keys[:1000]],
+                "lost_keys_truncated": len(self.lost_keys) > 1000, "unnamed": self.unnamed}
+
+
 @dataclass(slots=True)
 class Received:
     table: FdTable
-    listener: OwnedFds
+    listener: OwnedFds  # the control socket that came with Commit (empty if the source died first)
     hello: hp.SourceHello
     machine: hp.Handoff
     source_pid: int
+    committed: bool  # Commit arrived (so the source is waiting for our Confirm)
+    salvage: Salvage | None
     phases: dict[str, float]
 
 
@@ -297,22 +389,57 @@ class NotAHandoff(ProtocolError):
     """The connection never started a valid handoff (garbage before the hello)."""
 
 
-async def receive_table(sock, *, reserve: int = RESERVE_FDS, timeout: float = TIMEOUT) -> Received:
-    """Receive a whole table on a connected socket, up to and including Commit.
+async def accept_handoff(listener, allowed_uids: set[int], hello_timeout: float = HELLO_TIMEOUT) -> Incoming:
+    """Accept connections on the handoff socket, each in its own task, until one sends a valid
+    SourceHello; refuse the rest (Abort PROTOCOL for garbage, BUSY once one is chosen)."""
+    chosen: Incoming | None = None
 
-    On any failure every fd received is closed and the error is raised; on success the caller owns
-    the returned table and listener and must send Confirm (``confirm``) once it serves."""
+    async def one(conn) -> None:
+        nonlocal chosen
+        keep = False
+        try:
+            pid, uid, _ = peer_cred(conn)
+            if uid not in allowed_uids:
+                log.warning("event=refused_peer pid=%d uid=%d", pid, uid)
+                await _try_send(conn, hp.Handoff("target"), hp.Abort(
+                    hp.AbortCode.GENERIC, f"uid {uid} may not hand off to this target; run the source as the "
+                    "same user, or start the target with --allow-uid"))
+                return
+            m = hp.Handoff("target")
+            try:
+                ev, fds = await _recv_event(conn, m, hello_timeout, "handoff hello")
+                fds.close()
+            except CprdError as e:
+                log.warning("event=not_a_handoff peer_pid=%d error=%r", pid, str(e))
+                await _try_send(conn, hp.Handoff("target"), hp.Abort(hp.AbortCode.PROTOCOL, str(e)))
+                return
+            if not isinstance(ev, hp.SourceHello):
+                return
+            if chosen is not None:
+                await _try_send(conn, m, hp.Abort(hp.AbortCode.BUSY, "this target already receives a handoff"))
+                return
+            chosen = Incoming(conn, m, ev, pid, _open_pidfd(pid))
+            keep = True
+            nursery.cancel_scope.cancel()
+        finally:
+            if not keep:
+                conn.close()
+
+    async with trio.open_nursery() as nursery:
+        while True:
+            conn, _ = await listener.accept()
+            nursery.start_soon(one, conn)
+    assert chosen is not None
+    return chosen
+
+
+async def receive_table(inc: Incoming, *, reserve: int = RESERVE_FDS, timeout: float = TIMEOUT) -> Received:
+    """Receive a whole table from a chosen connection, up to and including Commit.
+
+    Raises (having closed every fd received) when the handoff fails while the source lives. When
+    the source dies, returns what arrived: the whole table after End, a salvage before."""
     clock = _Clock()
-    m = hp.Handoff("target")
-    source_pid, _, _ = peer_cred(sock)
-    try:
-        ev, _ = await _recv_event(sock, m, timeout, "handoff hello")
-    except ProtocolError as e:
-        await _try_send(sock, hp.Handoff("target"), hp.Abort(hp.AbortCode.PROTOCOL, str(e)))
-        raise NotAHandoff(str(e)) from None
-    if not isinstance(ev, hp.SourceHello):
-        raise NotAHandoff(f"expected a source hello, got {type(ev).__name__}")
-    hello = ev
+    sock, m, hello = inc.sock, inc.machine, inc.hello
     soft, open_fds, capacity = fd_capacity(reserve)
     if hello.fds + 1 > capacity:
         msg = (f"this target (pid {os.getpid()}) can take {capacity} more fds (RLIMIT_NOFILE soft limit {soft}, "
@@ -320,50 +447,92 @@ async def receive_table(sock, *, reserve: int = RESERVE_FDS, timeout: float = TI
                "target's limit (ulimit -n, LimitNOFILE=) and start it again")
         await _try_send(sock, m, hp.Abort(hp.AbortCode.CAPACITY, msg))
         raise CapacityError(msg)
-    await scm.send(sock, m.send(hp.TargetHello(m.version, os.getpid(), soft, open_fds, capacity)), (),
-                   "handoff hello")
-    fault.point("target", "hello", sock=sock)
-    clock.mark("hello")
     table = FdTable()
     listener = OwnedFds()
+    ended = committed = False
     gc_was = gc.isenabled()
     gc.disable()  # tens of thousands of small objects arrive; collections mid-transfer only cost time
     try:
-        while True:
-            ev, fds = await _recv_event(sock, m, timeout, "handoff transfer")
-            if isinstance(ev, hp.Batch):
-                with fds:
-                    _verify_batch(ev, fds, table)
-                await scm.send(sock, m.send(hp.Ack(ev.seq, len(table))), (), "handoff ack")
-                fault.point("target", "batch", ev.seq, sock=sock)
-            elif isinstance(ev, hp.End):
-                break
-            elif isinstance(ev, hp.Abort):
+        try:
+            await scm.send(sock, m.send(hp.TargetHello(m.version, os.getpid(), soft, open_fds, capacity)), (),
+                           "handoff hello")
+            fault.point("target", "hello", sock=sock)
+            clock.mark("hello")
+            while True:
+                ev, fds = await _recv_event(sock, m, timeout, "handoff transfer")
+                if isinstance(ev, hp.Batch):
+                    with fds:
+                        _verify_batch(ev, fds, table)
+                    await scm.send(sock, m.send(hp.Ack(ev.seq, len(table))), (), "handoff ack")
+                    fault.point("target", "batch", ev.seq, sock=sock,
+                                last=(hello.entries - 1) // max(1, hello.batch_max))
+                elif isinstance(ev, hp.End):
+                    break
+                elif isinstance(ev, hp.Abort):
+                    raise _abort_error(ev, "source")
+            ended = True
+            clock.mark("transfer")
+            fault.point("target", "end", sock=sock)
+            await scm.send(sock, m.send(hp.Ready(len(table), m.digest)), (), "handoff ready")
+            fault.point("target", "ready", sock=sock)
+            ev, fds = await _recv_event(sock, m, timeout, "handoff commit")
+            if isinstance(ev, hp.Abort):
+                fds.close()
                 raise _abort_error(ev, "source")
-        clock.mark("transfer")
-        fault.point("target", "end", sock=sock)
-        await scm.send(sock, m.send(hp.Ready(len(table), m.digest)), (), "handoff ready")
-        fault.point("target", "ready", sock=sock)
-        ev, fds = await _recv_event(sock, m, timeout, "handoff commit")
-        if isinstance(ev, hp.Abort):
-            raise _abort_error(ev, "source")
-        listener = fds
-        clock.mark("commit")
-        fault.point("target", "commit", sock=sock)
+            listener, committed = fds, True
+            clock.mark("commit")
+            fault.point("target", "commit", sock=sock)
+        except (scm.Closed, OSError, HandoffError) as e:
+            if isinstance(e, (VerifyError, CapacityError)) or committed or m.state is hp.State.ABORTED:
+                raise
+            # The connection broke. If the source lives, it owns everything: give up. If it died,
+            # what reached us exists nowhere else: keep it.
+            fate = await peer_fate(inc.pidfd, inc.source_pid, hello.control_path, timeout)
+            if fate != "dead":
+                raise HandoffError(f"the handoff connection broke ({e}) while the source (pid {inc.source_pid})"
+                                   f" is {fate}; it keeps every entry, this target keeps none") from None
+            salvage = None if ended else _salvage(inc, m, table)
+            log.error("event=source_died source_pid=%d stage=%s entries_kept=%d%s", inc.source_pid,
+                      "after-end" if ended else "mid-transfer", len(table),
+                      f" lost={salvage.lost} lost_keys={salvage.lost_keys[:20]!r} unnamed={salvage.unnamed}"
+                      if salvage else "")
+            return Received(table, listener, hello, m, inc.source_pid, False, salvage, clock.phases)
     except BaseException as e:
         table.close_all()
         listener.close()
-        if isinstance(e, (VerifyError, ProtocolError)) and not isinstance(e, scm.Closed):
-            code = hp.AbortCode.VERIFY if isinstance(e, VerifyError) else hp.AbortCode.PROTOCOL
+        if isinstance(e, (VerifyError, ProtocolError, CapacityError)) and not isinstance(e, scm.Closed):
+            code = {VerifyError: hp.AbortCode.VERIFY, CapacityError: hp.AbortCode.CAPACITY}.get(
+                type(e), hp.AbortCode.PROTOCOL)
             await _try_send(sock, m, hp.Abort(code, str(e)))
         raise
     finally:
         gc.freeze()  # what arrived lives as long as the table: keep it out of every later collection
         if gc_was:
             gc.enable()
-    log.info("event=handoff_received entries=%d source_pid=%d %s", len(table), source_pid,
+    log.info("event=handoff_received entries=%d source_pid=%d %s", len(table), inc.source_pid,
              " ".join(f"{k}_ms={v:.2f}" for k, v in clock.phases.items()))
-    return Received(table, listener, hello, m, source_pid, clock.phases)
+    return Received(table, listener, hello, m, inc.source_pid, True, None, clock.phases)
+
+
+def _salvage(inc: Incoming, m: hp.Handoff, table: FdTable) -> Salvage:
+    named: list[tuple[str, int]] = []
+    for man in m.manifests:
+        try:
+            named.extend(man.keys())
+        except ProtocolError:
+            break
+    lost = [k for k in named if k not in table]
+    unnamed = max(0, inc.hello.entries - len(named))
+    return Salvage(inc.source_pid, inc.hello.entries, len(table), lost, unnamed)
+
+
+async def confirm(sock, r: Received) -> None:
+    """Tell the source we own the table and serve its control socket."""
+    try:
+        await scm.send(sock, r.machine.send(hp.Confirm(os.getpid())), (), "handoff confirm")
+    except (CprdError, OSError) as e:
+        log.warning("event=confirm_not_delivered error=%r note=the-target-owns-the-table-anyway", str(e))
+    fault.point("target", "confirm", sock=sock)
 
 
 try:  # optional C loop (built by hatch_build.py when a compiler is there); same checks, no stat_result objects
@@ -418,10 +587,3 @@ def _py_verify(fixed: list[tuple], fds: list[int]) -> int:
     return -1
 
 
-async def confirm(sock, r: Received) -> None:
-    """Tell the source we own the table and serve its control socket."""
-    try:
-        await scm.send(sock, r.machine.send(hp.Confirm(os.getpid())), (), "handoff confirm")
-    except (CprdError, OSError) as e:
-        log.warning("event=confirm_not_delivered error=%r note=the-target-owns-the-table-anyway", str(e))
-    fault.point("target", "confirm", sock=sock)

@@ -59,6 +59,8 @@ EXAMPLES: dict[str, tuple[object, int]] = {
     "commit_plain": (Commit(False), 0),
     "confirm": (Confirm(pid=4343), 0),
     "abort": (Abort(code=2, message="target has room for 2 fds, 3 needed; raise RLIMIT_NOFILE"), 0),
+    "manifest": (h.Manifest(3, bytes.fromhex("0000000008") + b"net/tap0" + bytes.fromhex("1000000009") + b"vfio/0000"
+                            + bytes.fromhex("f9ffffff0b") + "ключ-é".encode()), 0),
 }
 
 
@@ -75,7 +77,7 @@ def golden() -> dict[str, bytes]:
 
 def test_fixture_covers_every_message_type(golden):
     assert set(golden) == set(EXAMPLES)
-    assert {golden[name][5] for name in golden} == set(range(1, 10)), "one golden frame per v1 message type"
+    assert {golden[name][5] for name in golden} == set(range(1, 11)), "one golden frame per v1 message type"
 
 
 @pytest.mark.parametrize("name", list(EXAMPLES))
@@ -106,8 +108,8 @@ def test_golden_digest_is_blake2b_128_of_the_record_bytes(golden):
 def test_v1_constants():
     """Numbers that travel on the wire in version 1."""
     assert (h.MAGIC, h.VERSION, h.MIN_VERSION) == (b"CPRH", 1, 1)
-    assert (h.SOURCE_HELLO, h.TARGET_HELLO, h.BATCH, h.ACK, h.END, h.READY, h.COMMIT, h.CONFIRM, h.ABORT) == \
-        tuple(range(1, 10))
+    assert (h.SOURCE_HELLO, h.TARGET_HELLO, h.BATCH, h.ACK, h.END, h.READY, h.COMMIT, h.CONFIRM, h.ABORT,
+            h.MANIFEST) == tuple(range(1, 11))
     a = h.AbortCode
     assert (a.GENERIC, a.CAPACITY, a.VERSION, a.VERIFY, a.PROTOCOL, a.BUSY, a.CANCELLED) == tuple(range(1, 8))
     assert {k.label: int(k) for k in Kind} == {
@@ -133,6 +135,7 @@ def test_golden_conversation_passes_both_machines(golden):
     source_says("source_hello")
     target_says("target_hello")
     source_says("batch")
+    source_says("manifest")
     target_says("ack")
     source_says("end")
     target_says("ready")

@@ -75,6 +75,7 @@ EXAMPLES: dict[str, tuple[object, int]] = {  # name -> (event, fds that ride wit
     "commit_listener": (Commit(True), 1),
     "commit_plain": (Commit(False), 0),
     "confirm": (Confirm(pid=4343), 0),
+    "manifest": (h.Manifest.of([("vfio/0000", 0), ("ключ", -5), ("eventfd", 2**31 - 1)]), 0),
     "abort": (Abort(AbortCode.CAPACITY, "not enough fds: need 3, have 2; raise RLIMIT_NOFILE"), 0),
     "abort_empty": (Abort(AbortCode.CANCELLED, ""), 0),
 }
@@ -145,7 +146,7 @@ def test_round_trip_every_event_type(name):
 
 def test_every_event_type_has_an_example():
     assert {type(ev) for ev, _ in EXAMPLES.values()} == set(h._TYPE)
-    assert sorted(h._TYPE.values()) == list(range(1, 10))
+    assert sorted(h._TYPE.values()) == list(range(1, 11))
 
 
 def test_batch_records_layout():
@@ -260,7 +261,7 @@ def test_nonzero_frame_flags_are_refused(flags, name):
     assert_protocol_error(data[:6] + flags.to_bytes(2, "little") + data[8:], nfds, match="flags")
 
 
-@given(t=st.integers(0, 255).filter(lambda t: not 1 <= t <= 9), payload=st.binary(max_size=64))
+@given(t=st.integers(0, 255).filter(lambda t: not 1 <= t <= 10), payload=st.binary(max_size=64))
 def test_unknown_message_type(t, payload):
     assert_protocol_error(raw_frame(t, payload), 0, match=f"unknown message type {t}")
 
@@ -591,6 +592,7 @@ def _any(ev_type, m: Handoff):
         Ready: Ready(m.records, m.digest),
         Commit: Commit(False),
         Confirm: Confirm(2),
+        h.Manifest: h.Manifest.of([("m", 1)]),
     }[ev_type]
 
 
@@ -955,3 +957,27 @@ def test_frame_header_size():
             frame.unpack(b"ABCD\x01\x02\x03\x00\x00\x00\x00\x00"[:n], b"ABCD", 10, "t")
     empty = b"ABCD\x01\x02\x03\x00\x00\x00\x00\x00"
     assert list(itertools.islice(frame.unpack(empty, b"ABCD", 10, "t"), 3)) == [1, 2, 3]
+
+
+def test_manifest_keys_round_trip_and_are_checked():
+    keys = [(f"k{i}", i - 50) for i in range(100)] + [("é" * 127, 0)]
+    m = h.Manifest.of(keys)
+    _, got = decode(encode(m))
+    assert got.keys() == keys
+    bad = h.Manifest(1, b"\x00\x00\x00\x00\x02a\x01")  # name with a control character
+    with pytest.raises(ProtocolError):
+        decode(encode(bad))
+    with pytest.raises(ProtocolError):
+        decode(encode(h.Manifest(2, h.Manifest.of([("a", 1)]).raw)))  # count lies
+    with pytest.raises(ProtocolError):
+        decode(encode(h.Manifest(h.MANIFEST_CHUNK + 1, b"")))
+
+
+def test_manifest_cannot_announce_more_keys_than_entries():
+    src, tgt = Handoff("source"), Handoff("target")
+    tgt.receive(src.send(SourceHello(pid=1, entries=2, fds=2)))
+    src.receive(tgt.send(TargetHello(1, 2, 100, 10, 80)))
+    tgt.receive(src.send(h.Manifest.of([("a", 1), ("b", 2)])))
+    src2 = h.Manifest.of([("c", 3)])
+    with pytest.raises(ProtocolError, match="more keys"):
+        tgt.receive(encode(src2))

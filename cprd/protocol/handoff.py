@@ -10,6 +10,7 @@ b"CPRH". The conversation, with who sends what::
     SourceHello(versions, pid, counts) -->
                                        <--  TargetHello(version, pid, fd capacity)  | Abort
     Batch(seq, records) + fds          -->                (up to `window` unacked)
+    Manifest(keys)                     -->                (any number, while batches flow)
                                        <--  Ack(seq, verified so far)
     ...
     End(entries, fds, digest)          -->
@@ -17,12 +18,14 @@ b"CPRH". The conversation, with who sends what::
     Commit(+ listening control socket) -->
                                        <--  Confirm(pid)
 
-Either side may send Abort(code, message) at any point before Confirm. Ownership: until the
-source has sent Commit, the source owns every fd and the target closes what it received on any
-failure. Once the target has read Commit it owns everything; the source closes its copies when
-it reads Confirm (or learns the target has read Commit). The I/O layer enforces that; this file
-only says which message may come next (TRANSITIONS), encodes and decodes, counts fds against
-metadata, and computes the digest.
+Either side may send Abort(code, message) at any point before Confirm. Ownership (enforced by
+the I/O layer, handoff.py): until the source has sent Commit, the source owns every fd, and a
+target that fails closes what it received. Once the target has read Commit it owns everything.
+If the source *dies* (not merely disconnects) the fds that reached the target exist nowhere
+else: before End the target keeps them ("salvage") and names the keys lost with the source,
+from the Manifest; after End it has the whole table and owns it. This file only says which
+message may come next (TRANSITIONS), encodes and decodes, counts fds against metadata, and
+computes the digest.
 
 Each Batch carries the metadata of exactly the fds attached to that message (at most 253, the
 kernel's SCM_MAX_FD): `count` fixed 30-byte records (id, kind, name length, mode, flags, dev,
@@ -56,7 +59,7 @@ MAX_PAYLOAD = 128 * 1024  # a full batch of 253 records with 255-byte names is 7
 DIGEST_SIZE = 16
 
 # message types
-SOURCE_HELLO, TARGET_HELLO, BATCH, ACK, END, READY, COMMIT, CONFIRM, ABORT = range(1, 10)
+SOURCE_HELLO, TARGET_HELLO, BATCH, ACK, END, READY, COMMIT, CONFIRM, ABORT, MANIFEST = range(1, 11)
 
 _SOURCE_HELLO = struct.Struct("<HHIIIHH")  # min_ver, max_ver, pid, entries, fds, batch_max, path_len
 _TARGET_HELLO = struct.Struct("<HIIII")  # version, pid, fd_limit, open_fds, capacity
@@ -68,6 +71,9 @@ _READY = struct.Struct(f"<I{DIGEST_SIZE}s")  # entries, digest
 _COMMIT = struct.Struct("<B")  # listener attached (0/1)
 _CONFIRM = struct.Struct("<I")  # pid
 _ABORT = struct.Struct("<H")  # code, then UTF-8 message
+_MANIFEST = struct.Struct("<I")  # count, then count keys: <iB id, name_len> + name
+_KEY = struct.Struct("<iB")
+MANIFEST_CHUNK = 400  # keys a Manifest message: at most 400 * 260 bytes, under MAX_PAYLOAD
 
 
 
@@ -170,9 +176,46 @@ class Abort:
     message: str
 
 
-Event = SourceHello | TargetHello | Batch | Ack | End | Ready | Commit | Confirm | Abort
+@dataclass(slots=True, eq=False)
+class Manifest:
+    """Keys of entries the source will send (a chunk of the whole list). The target keeps the raw
+    bytes and decodes them only if the source dies mid-transfer, to name the keys lost with it."""
+
+    count: int
+    raw: bytes = field(repr=False)
+
+    @classmethod
+    def of(cls, keys: list[tuple[str, int]]) -> Manifest:
+        pack = _KEY.pack
+        parts = []
+        for name, id_ in keys:
+            nb = name.encode("utf-8")
+            parts.append(pack(id_, len(nb)))
+            parts.append(nb)
+        return cls(len(keys), b"".join(parts))
+
+    def keys(self) -> list[tuple[str, int]]:
+        out, off, p = [], 0, self.raw
+        for i in range(self.count):
+            if off + _KEY.size > len(p):
+                raise ProtocolError(f"handoff manifest: key {i} of {self.count} is cut short")
+            id_, nlen = _KEY.unpack_from(p, off)
+            off += _KEY.size
+            if nlen == 0 or off + nlen > len(p):
+                raise ProtocolError(f"handoff manifest: key {i} has a name length of {nlen} that does not fit")
+            out.append((_name(p[off:off + nlen], i), id_))
+            off += nlen
+        if off != len(p):
+            raise ProtocolError(f"handoff manifest: {len(p) - off} bytes left after {self.count} keys")
+        return out
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Manifest) and (self.count, self.raw) == (other.count, other.raw)
+
+
+Event = SourceHello | TargetHello | Batch | Ack | End | Ready | Commit | Confirm | Abort | Manifest
 _TYPE = {SourceHello: SOURCE_HELLO, TargetHello: TARGET_HELLO, Batch: BATCH, Ack: ACK, End: END,
-         Ready: READY, Commit: COMMIT, Confirm: CONFIRM, Abort: ABORT}
+         Ready: READY, Commit: COMMIT, Confirm: CONFIRM, Abort: ABORT, Manifest: MANIFEST}
 
 
 # -- codec ----------------------------------------------------------------------------------
@@ -208,6 +251,8 @@ def encode(ev: Event, version: int = VERSION) -> bytes:
             p = _CONFIRM.pack(ev.pid)
         case Abort():
             p = _ABORT.pack(ev.code) + ev.message.encode("utf-8", "replace")[:4096]
+        case Manifest():
+            p = _MANIFEST.pack(ev.count) + ev.raw
         case _:
             raise TypeError(f"not a handoff event: {ev!r}")
     return frame.pack(MAGIC, version, _TYPE[type(ev)], p)
@@ -322,6 +367,13 @@ def decode(data: bytes, nfds: int = 0) -> tuple[int, Event]:
     elif type_ == CONFIRM:
         _exact(p, _CONFIRM.size, "confirm")
         ev = Confirm(*_CONFIRM.unpack_from(p))
+    elif type_ == MANIFEST:
+        _need(p, _MANIFEST.size, "manifest")
+        (count,) = _MANIFEST.unpack_from(p)
+        if count == 0 or count > MANIFEST_CHUNK:
+            raise ProtocolError(f"handoff manifest: {count} keys, expected 1..{MANIFEST_CHUNK}")
+        ev = Manifest(count, bytes(p[_MANIFEST.size:]))
+        ev.keys()  # validate now: names, lengths, count (the keys are dropped again)
     elif type_ == ABORT:
         _need(p, _ABORT.size, "abort")
         (code,) = _ABORT.unpack_from(p)
@@ -348,7 +400,7 @@ class State(Enum):
 
 
 SENDER: dict[type, str] = {
-    SourceHello: "source", Batch: "source", End: "source", Commit: "source",
+    SourceHello: "source", Batch: "source", End: "source", Commit: "source", Manifest: "source",
     TargetHello: "target", Ack: "target", Ready: "target", Confirm: "target",
 }
 
@@ -357,6 +409,7 @@ TRANSITIONS: dict[tuple[State, type], State] = {
     (State.START, SourceHello): State.HELLO,
     (State.HELLO, TargetHello): State.TRANSFER,
     (State.TRANSFER, Batch): State.TRANSFER,
+    (State.TRANSFER, Manifest): State.TRANSFER,
     (State.TRANSFER, Ack): State.TRANSFER,
     (State.TRANSFER, End): State.ENDED,
     (State.ENDED, Ack): State.ENDED,
@@ -386,6 +439,7 @@ class Handoff:
         self.records = 0
         self.fds = 0
         self._digest = hashlib.blake2b(digest_size=DIGEST_SIZE)
+        self.manifests: list[Manifest] = []
         self.hello: SourceHello | None = None
         self.peer_hello: TargetHello | None = None
         self.abort: Abort | None = None
@@ -445,6 +499,11 @@ class Handoff:
             self.records += ev.count
             self.fds += ev.count
             self._digest.update(ev.raw)
+        elif isinstance(ev, Manifest):
+            announced = self.hello.entries if self.hello else 0
+            if sum(m.count for m in self.manifests) + ev.count > announced:
+                raise ProtocolError(f"handoff manifest: more keys than the {announced} entries announced")
+            self.manifests.append(ev)
         elif isinstance(ev, Ack):
             if ev.seq != self.acked:
                 raise ProtocolError(f"handoff: ack for batch {ev.seq}, expected {self.acked}")
