@@ -30,6 +30,14 @@ def _uid_list(values: list[str] | None) -> tuple[int, ...]:
     return tuple(out)
 
 
+def _config(a: argparse.Namespace):
+    from .daemon import Config
+
+    if a.idle_timeout <= 0 or a.max_clients < 1:
+        raise UsageError("--idle-timeout must be positive and --max-clients at least 1")
+    return Config(allow_uids=_uid_list(a.allow_uid), idle_timeout=a.idle_timeout, max_clients=a.max_clients)
+
+
 def _print(obj: Any, as_json: bool, human: str) -> None:
     print(json.dumps(obj, indent=None if as_json else 2) if as_json else human)
 
@@ -47,7 +55,7 @@ def cmd_source(a: argparse.Namespace) -> int:
     from .paths import control_path
 
     return trio.run(lambda: serve_source(control_path(a.control), spec=a.populate, state_dir=a.state_dir,
-                                         allow_uids=_uid_list(a.allow_uid)))
+                                         config=_config(a)))
 
 
 def cmd_target(a: argparse.Namespace) -> int:
@@ -55,7 +63,7 @@ def cmd_target(a: argparse.Namespace) -> int:
 
     from .daemon import serve_target
 
-    return trio.run(lambda: serve_target(os.path.abspath(a.listen), allow_uids=_uid_list(a.allow_uid)))
+    return trio.run(lambda: serve_target(os.path.abspath(a.listen), config=_config(a)))
 
 
 # -- ctl -------------------------------------------------------------------------------------
@@ -171,17 +179,25 @@ def build_parser() -> argparse.ArgumentParser:
                         help="control socket (default $CPRD_CONTROL, else $XDG_RUNTIME_DIR/cprd/control.sock, "
                              "/run/cprd/control.sock for root)")
 
+    def daemon_opts(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--allow-uid", action="append", metavar="UID",
+                        help="let this uid (or user name) use the daemon besides its own uid and root (repeatable)")
+        sp.add_argument("--idle-timeout", type=float, default=60.0, metavar="S",
+                        help="close a client connection after S seconds without a request (default 60)")
+        sp.add_argument("--max-clients", type=int, default=256, metavar="N",
+                        help="serve at most N client connections at once (default 256)")
+
     s = sub.add_parser("source", help="own fds in a table and serve them on the control socket")
     control_opt(s)
     s.add_argument("--populate", default="", metavar="SPEC",
                    help="create real fds, e.g. files=500,eventfds=300,memfds=50,pipes=50,sockets=50,devices=10")
     s.add_argument("--state-dir", help="where --populate creates its files (default beside the control socket)")
-    s.add_argument("--allow-uid", action="append", metavar="UID", help="let this uid (or user) use the daemon")
+    daemon_opts(s)
     s.set_defaults(func=cmd_source)
 
     t = sub.add_parser("target", help="wait for one handoff, then own and serve the table")
     t.add_argument("--listen", required=True, metavar="PATH", help="socket to receive the handoff on")
-    t.add_argument("--allow-uid", action="append", metavar="UID", help="let this uid (or user) use the daemon")
+    daemon_opts(t)
     t.set_defaults(func=cmd_target)
 
     c = sub.add_parser("ctl", help="talk to a running daemon")

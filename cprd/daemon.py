@@ -13,20 +13,25 @@ answered, mutations get a Busy error that says to retry. Just before Commit the 
 stops (the listening socket travels to the target, which accepts from then on; a client that
 connects meanwhile waits in the kernel's backlog, it is never refused).
 
-Each connection is bounded: IDLE_TIMEOUT seconds without a request closes it, MAX_CONNECTIONS
-are served at once (more get an error reply and are closed), and frames are size-checked before
-parsing. A peer whose uid is neither ours, root, nor in --allow-uid is refused.
+Each connection is bounded (Config): idle_timeout seconds without a request closes it,
+max_clients are served at once (more get an error reply and are closed), and frames are
+size-checked before parsing. A peer whose uid is neither ours, root, nor in --allow-uid is
+refused. At its fd limit the daemon still answers: a spare fd is given up to accept and refuse a
+connection (EMFILE), and a put that would leave fewer than FD_RESERVE fds free is refused.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -42,19 +47,27 @@ from .table import FdTable
 
 log = logging.getLogger("cprd.daemon")
 
-IDLE_TIMEOUT = 60.0
-MAX_CONNECTIONS = 256
+FD_RESERVE = 16  # fds a daemon keeps free for accepting, answering and handing off
+
+
+@dataclass(slots=True, frozen=True)
+class Config:
+    allow_uids: tuple[int, ...] = ()
+    idle_timeout: float = 60.0
+    max_clients: int = 256
 
 
 class Daemon:
     def __init__(self, *, role: str, table: FdTable, listener: socket.socket, control_path: str,
-                 allow_uids: tuple[int, ...] = (), handoffs: int = 0) -> None:
+                 config: Config = Config(), handoffs: int = 0) -> None:
         self.role = role
         self.table = table
         self.listener = listener
         self.control_path = control_path
         self.control_fid = file_id(control_path)
-        self.allowed_uids = {os.geteuid(), 0, *allow_uids}
+        self.config = config
+        self.allowed_uids = {os.geteuid(), 0, *config.allow_uids}
+        self._spare: int | None = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         self.state = "serving"
         self.handoffs = handoffs
         self.started = time.time()
@@ -101,10 +114,16 @@ class Daemon:
                 self._accept_scope = scope
                 task_status.started()
                 while True:
-                    conn, _ = await self._tlistener.accept()
-                    if self._conns >= MAX_CONNECTIONS:
-                        await self._refuse(conn, Busy(f"the daemon serves {MAX_CONNECTIONS} connections already;"
-                                                      " close idle clients and retry"))
+                    try:
+                        conn, _ = await self._tlistener.accept()
+                    except OSError as e:
+                        if e.errno not in (errno.EMFILE, errno.ENFILE):
+                            raise
+                        await self._refuse_at_limit()
+                        continue
+                    if self._conns >= self.config.max_clients:
+                        await self._refuse(conn, Busy(f"the daemon serves {self.config.max_clients} connections"
+                                                      " already; close idle clients and retry"))
                         continue
                     self._conns += 1
                     assert self._nursery is not None
@@ -119,12 +138,43 @@ class Daemon:
             await self._accept_done.wait()
             self._accept_scope = None
 
+    async def _refuse_at_limit(self) -> None:
+        """Out of fds, so accept() fails and the client would wait forever: give up the spare fd,
+        accept the connection, tell the client why, and take the spare back."""
+        log.warning("event=fd_limit_reached where=accept entries=%d", len(self.table))
+        if self._spare is None:
+            await trio.sleep(0.05)
+            return
+        os.close(self._spare)
+        self._spare = None
+        try:
+            conn, _ = await self._tlistener.accept()
+        except OSError:
+            await trio.sleep(0.05)
+        else:
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+            await self._refuse(conn, CapacityError(
+                f"the daemon is at its fd limit (RLIMIT_NOFILE {soft}) with {len(self.table)} entries and "
+                f"{self._conns} clients; close idle clients, delete entries or raise its limit (LimitNOFILE=, "
+                "ulimit -n)"))
+        finally:
+            try:
+                self._spare = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                self._spare = None
+
     async def _refuse(self, conn: Any, err: CprdError) -> None:
+        """Answer a connection we will not serve with err, then close it. We drain what the client
+        sent first: closing a UNIX socket with unread data resets the peer, which would lose the
+        answer."""
         with conn:
-            with trio.move_on_after(1):
+            with trio.move_on_after(2):
                 try:
                     for f in cp.encode_error(err):
                         await scm.send(conn, f, (), "control reply")
+                    while True:
+                        _, fds = await scm.recv(conn, cp.MAX_FRAME, 1, "control request")
+                        fds.close()
                 except (CprdError, OSError):
                     pass
 
@@ -140,7 +190,7 @@ class Daemon:
                 return
             with conn:
                 while True:
-                    with trio.move_on_after(IDLE_TIMEOUT) as cs:
+                    with trio.move_on_after(self.config.idle_timeout) as cs:
                         try:
                             data, fds = await scm.recv(conn, cp.MAX_FRAME, 1, "control request")
                         except scm.Closed:
@@ -180,6 +230,7 @@ class Daemon:
         if req.op in ("put", "del") and self.state != "serving":
             raise Busy(f"a handoff is in progress, so the table is frozen; retry {req.op} when it is done")
         if req.op == "put":
+            self._check_room()
             ident = classify(fds.fds[0])
             entry = self.table.save(a["name"], a["id"], fds.fds[0], ident, replace=a["replace"])
             fds.take()
@@ -202,6 +253,18 @@ class Daemon:
         if req.op == "handoff":
             return cp.encode_reply(await self._handoff(a["to"], a["batch"], a["window"])), []
         raise UsageError(f"unknown operation {req.op!r}")  # decode_request already refuses these
+
+    def _check_room(self) -> None:
+        """Refuse a put that would leave the daemon fewer than FD_RESERVE free fds (counted exactly
+        only when the table is anywhere near the limit: listing /proc/self/fd costs ~1 ms)."""
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if len(self.table) + self._conns + 64 + FD_RESERVE < soft:
+            return
+        _, n_open, _ = fd_capacity(0)
+        if n_open + FD_RESERVE > soft:
+            raise CapacityError(f"the daemon is at its fd limit ({n_open} open, RLIMIT_NOFILE {soft}, {FD_RESERVE}"
+                                " kept free to answer clients); delete entries or raise its limit (LimitNOFILE=,"
+                                " ulimit -n)")
 
     def status(self) -> dict[str, Any]:
         soft, n_open, capacity = fd_capacity(0)
@@ -267,7 +330,7 @@ __all__ = ["Daemon", "populate_table", "BadFd", "CapacityError", "ProtocolError"
 
 
 async def serve_source(control: str, *, spec: str = "", state_dir: str | None = None,
-                       allow_uids: tuple[int, ...] = ()) -> int:
+                       config: Config = Config()) -> int:
     """`cprd source`: create the control socket, populate the table, serve until handed off or stopped."""
     from .handoff import raise_nofile
     from .kinds import parse_spec, populate, spec_fds
@@ -280,7 +343,7 @@ async def serve_source(control: str, *, spec: str = "", state_dir: str | None = 
     if need > capacity:
         raise CapacityError(f"--populate asks for {need} fds but this process can open {capacity} more "
                             f"(RLIMIT_NOFILE {soft}, {n_open} open); ask for fewer or raise the limit")
-    listener = bind_listener(control, "control")
+    listener = bind_listener(control, "control", shared=bool(config.allow_uids))
     fid = file_id(control)
     table = FdTable()
     try:
@@ -290,7 +353,7 @@ async def serve_source(control: str, *, spec: str = "", state_dir: str | None = 
             populate_table(table, populate(counts, directory))
             log.info("event=populated entries=%d ms=%.1f state_dir=%s", len(table),
                      (time.perf_counter() - t0) * 1e3, directory)
-        d = Daemon(role="source", table=table, listener=listener, control_path=control, allow_uids=allow_uids)
+        d = Daemon(role="source", table=table, listener=listener, control_path=control, config=config)
         return await d.run()
     except BaseException:
         unlink_if_same(control, fid)
@@ -299,7 +362,7 @@ async def serve_source(control: str, *, spec: str = "", state_dir: str | None = 
         raise
 
 
-async def serve_target(listen: str, *, allow_uids: tuple[int, ...] = ()) -> int:
+async def serve_target(listen: str, *, config: Config = Config()) -> int:
     """`cprd target`: wait for one handoff on `listen`, then serve the received table on the source's
     control socket (which arrives with the Commit; if the source died before sending it, the target
     binds the control path itself)."""
@@ -307,9 +370,9 @@ async def serve_target(listen: str, *, allow_uids: tuple[int, ...] = ()) -> int:
     from .paths import bind_listener
 
     raise_nofile()
-    hs = bind_listener(listen, "handoff")
+    hs = bind_listener(listen, "handoff", shared=bool(config.allow_uids))
     fid = file_id(listen)
-    allowed = {os.geteuid(), 0, *allow_uids}
+    allowed = {os.geteuid(), 0, *config.allow_uids}
     log.info("event=waiting listen=%s pid=%d", listen, os.getpid())
     try:
         inc = await accept_handoff(trio.socket.from_stdlib_socket(hs), allowed)
@@ -327,13 +390,13 @@ async def serve_target(listen: str, *, allow_uids: tuple[int, ...] = ()) -> int:
         if lfds:
             listener = socket.socket(fileno=lfds[0])
         else:  # the source died before its Commit: its listening socket died with it
-            listener = bind_listener(control, "control")
+            listener = bind_listener(control, "control", shared=bool(config.allow_uids))
     except BaseException:
         received.table.close_all()
         inc.close()
         raise
     d = Daemon(role="target", table=received.table, listener=listener, control_path=control,
-               allow_uids=allow_uids, handoffs=1)
+               config=config, handoffs=1)
     d.salvage = received.salvage.describe() if received.salvage else None
     d.source_died = not received.committed
     if received.salvage:

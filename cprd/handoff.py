@@ -188,12 +188,26 @@ def _open_pidfd(pid: int) -> int | None:
         return None
 
 
+def _exempt_from_inflight_limit() -> bool:
+    """CAP_SYS_RESOURCE or CAP_SYS_ADMIN lift the kernel's limit on fds in flight."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    caps = int(line.split()[1], 16)
+                    return bool(caps & (1 << 24 | 1 << 21))
+    except OSError:
+        pass
+    return False
+
+
 def flow_limits(batch: int, window: int) -> tuple[int, int]:
     """(batch, window) that keep the fds in flight within what the kernel lets this process send.
 
-    The kernel refuses a send with ETOOMANYREFS once a user without CAP_SYS_RESOURCE has more fds
-    in flight than its RLIMIT_NOFILE; stay within half of it (the rest is for other senders)."""
-    if os.geteuid() == 0:
+    The kernel refuses a send with ETOOMANYREFS once a user without CAP_SYS_RESOURCE or
+    CAP_SYS_ADMIN has more fds in flight than the sender's RLIMIT_NOFILE; stay within half of it
+    (the rest is for the user's other senders)."""
+    if _exempt_from_inflight_limit():
         return batch, window
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     inflight = max(1, soft // 2)
@@ -214,7 +228,6 @@ async def send_table(table: FdTable, to: str, *, listener_fd: int | None, contro
         raise HandoffError(f"batch size {batch} is outside 1..{hp.SCM_MAX_FD} (the kernel's SCM_MAX_FD)")
     if window < 1:
         raise HandoffError(f"window {window} must be at least 1")
-    batch, window = flow_limits(batch, window)
     clock = _Clock()
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     pidfd = None
@@ -257,6 +270,8 @@ async def _send(sock, table, clock, target_pid, pidfd, listener_fd, control_path
                "LimitNOFILE=)")
         await _try_send(sock, m, hp.Abort(hp.AbortCode.CAPACITY, msg))
         raise CapacityError(msg)
+    # Only now (a test may lower our limit at the hello) fix how many fds may be in flight.
+    batch, m.window = flow_limits(batch, window)
     # The keys first (cheap: ~0.1 us a key), so that a target whose source dies mid-transfer can
     # name what was lost.
     for i in range(0, n, hp.MANIFEST_CHUNK):
@@ -308,7 +323,7 @@ async def _send(sock, table, clock, target_pid, pidfd, listener_fd, control_path
     fault.point("source", "confirm", sock=sock)
     res = Result(n, need, clock.total_ms, target_pid, confirmed, clock.phases)
     log.info("event=handoff_sent entries=%d fds=%d ms=%.2f target_pid=%d batch=%d window=%d %s", n, need, res.ms,
-             target_pid, batch, window, " ".join(f"{k}_ms={v:.2f}" for k, v in clock.phases.items()))
+             target_pid, batch, m.window, " ".join(f"{k}_ms={v:.2f}" for k, v in clock.phases.items()))
     return res
 
 
@@ -326,6 +341,18 @@ async def _send_batch(sock, m: hp.Handoff, ev: hp.Batch, fds: list[int], timeout
             ack, _ = await _recv_event(sock, m, timeout, "handoff transfer")
             if isinstance(ack, hp.Abort):
                 raise _abort_error(ack, "target") from None
+
+
+async def _drain(sock, timeout: float = 2.0) -> None:
+    """Read and drop what the peer still sends (closing any fds) until it closes: closing a UNIX
+    socket with unread data resets the peer, which would then never read our Abort."""
+    with trio.move_on_after(timeout):
+        try:
+            while True:
+                _, fds = await scm.recv(sock, MAX_MSG, hp.SCM_MAX_FD, "handoff drain")
+                fds.close()
+        except (CprdError, OSError):
+            pass
 
 
 async def _try_send(sock, m: hp.Handoff, ev: hp.Event) -> None:
@@ -504,6 +531,7 @@ async def receive_table(inc: Incoming, *, reserve: int = RESERVE_FDS, timeout: f
             code = {VerifyError: hp.AbortCode.VERIFY, CapacityError: hp.AbortCode.CAPACITY}.get(
                 type(e), hp.AbortCode.PROTOCOL)
             await _try_send(sock, m, hp.Abort(code, str(e)))
+            await _drain(sock)
         raise
     finally:
         gc.freeze()  # what arrived lives as long as the table: keep it out of every later collection

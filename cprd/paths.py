@@ -91,8 +91,10 @@ def _live_owner(path: str) -> str | None:
         s.close()
 
 
-def bind_listener(path: str, what: str = "control") -> socket.socket:
-    """A listening SOCK_SEQPACKET socket at path, mode 0600, close-on-exec, blocking."""
+def bind_listener(path: str, what: str = "control", shared: bool = False) -> socket.socket:
+    """A listening SOCK_SEQPACKET socket at path, close-on-exec, blocking. Mode 0600, or 0666 when
+    `shared` (--allow-uid: other users must be able to connect; the daemon then checks each peer's
+    uid with SO_PEERCRED)."""
     path = os.path.abspath(path)
     if len(path.encode()) >= 108:
         raise ControlError(f"{what} socket path {path} is {len(path.encode())} bytes; UNIX socket paths must be"
@@ -115,7 +117,7 @@ def bind_listener(path: str, what: str = "control") -> socket.socket:
         if os.path.lexists(tmp):
             os.unlink(tmp)
         sock.bind(tmp)
-        os.chmod(tmp, 0o600)
+        os.chmod(tmp, 0o666 if shared else 0o600)
         sock.listen(128)
         os.rename(tmp, path)
     except OSError as e:
