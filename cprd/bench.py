@@ -5,16 +5,22 @@ find     N finds in an N-entry table: QEMU's old way (a linear scan of a list, l
 handoff  for each N: the SCM_RIGHTS floor (plain sendmsg/recvmsg of N eventfds in batches of 253
          between two processes), a QEMU/Envoy-style transfer (one fd per message, no
          verification), and cprd's full handoff between two real daemons (verification included).
+memory   for each N: what an FdTable of N real entries costs the process that owns it, in Python
+         allocations (tracemalloc) and in resident memory (RSS), per entry.
 
-Every figure is the median of --reps runs. See docs/benchmarks.md for the method.
+Every timing is the median of --reps runs. `--plot FILE.png` (find, handoff) draws the figures with
+matplotlib, an optional extra (`pip install 'cprd[plot]'`), imported only when a plot is asked
+for. See docs/benchmarks.md for the method.
 """
 
 from __future__ import annotations
 
 import argparse
 import array
+import gc
 import json
 import os
+import platform
 import resource
 import socket
 import statistics
@@ -22,13 +28,17 @@ import struct
 import sys
 import tempfile
 import time
+import tracemalloc
 
-from .kinds import Identity, Kind, mixed_spec, parse_spec, populate, spec_fds, spec_string
+from .errors import CprdError, UsageError
+from .kinds import Identity, Kind, classify, mixed_spec, parse_spec, populate, spec_fds, spec_string
 from .table import FdTable
 
 QEMU_FIND_NS = {540: (936_753, 393_358), 2870: (24_102_342, 2_212_113), 7530: (152_715_916, 5_474_310)}
 SCM_MAX_FD = 253
 FD_OVERHEAD = 200  # fds a benchmark process needs beside the ones it measures
+MEMORY_GOAL_BYTES = 1024  # per entry, in the daemon that owns the table
+HANDOFF_GOAL_X_FLOOR = 5
 
 
 def add_parser(b: argparse.ArgumentParser) -> None:
@@ -37,38 +47,61 @@ def add_parser(b: argparse.ArgumentParser) -> None:
     f.add_argument("--sizes", default="540,2870,7530", help="comma-separated table sizes")
     f.add_argument("--reps", type=int, default=5, help="repetitions (median reported)")
     f.add_argument("--json", action="store_true")
+    f.add_argument("--plot", metavar="FILE.png", help="also draw time vs N, log-log (needs cprd[plot])")
     h = sub.add_parser("handoff", help="handoff time vs the SCM_RIGHTS floor and one-fd-per-message")
     h.add_argument("--sizes", default="540,2870,7530,19000", help="comma-separated fd counts")
     h.add_argument("--fds", type=int, help="one size (short for --sizes N)")
     h.add_argument("--kinds", default="mixed", choices=["mixed", "eventfd", "file", "socket"])
     h.add_argument("--reps", type=int, default=3, help="repetitions (median reported)")
     h.add_argument("--json", action="store_true")
+    h.add_argument("--plot", metavar="FILE.png", help="also draw time vs N, log-log (needs cprd[plot])")
+    m = sub.add_parser("memory", help="bytes per entry of an FdTable of N real fds (tracemalloc and RSS)")
+    m.add_argument("--sizes", default="540,2870,7530,19000", help="comma-separated table sizes (fds)")
+    m.add_argument("--json", action="store_true")
 
 
 def _sizes(text: str) -> list[int]:
     try:
         sizes = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        from .errors import UsageError
-
         raise UsageError(f"--sizes {text!r}: expected comma-separated whole numbers") from None
+    if not sizes or any(n < 1 for n in sizes):
+        raise UsageError(f"--sizes {text!r}: expected one or more positive whole numbers, e.g. 540,2870,7530")
     return sizes
 
 
 def main(a: argparse.Namespace) -> int:
+    if getattr(a, "reps", 1) < 1:
+        raise UsageError(f"--reps {a.reps}: expected at least 1")
+    plot = getattr(a, "plot", None)
+    if plot:
+        _check_plot(plot)  # before anything is measured or written
     if a.bench == "find":
         rows = bench_find(_sizes(a.sizes), a.reps)
         if a.json:
             print(json.dumps(rows))
         else:
             print_find(rows)
+        if plot:
+            plot_find(rows, plot)
         return 0
+    if a.bench == "memory":
+        rows = bench_memory(_sizes(a.sizes), progress=not a.json)
+        if a.json:
+            print(json.dumps(rows))
+        else:
+            print_memory(rows)
+        return 0
+    if a.fds is not None and a.fds < 1:
+        raise UsageError(f"--fds {a.fds}: expected a positive number of fds")
     sizes = [a.fds] if a.fds else _sizes(a.sizes)
     rows = bench_handoff(sizes, a.kinds, a.reps, progress=not a.json)
     if a.json:
         print(json.dumps(rows))
     else:
         print_handoff(rows)
+    if plot:
+        plot_handoff(rows, plot)
     return 0
 
 
@@ -236,11 +269,13 @@ def bench_handoff(sizes: list[int], kinds: str, reps: int, progress: bool = Fals
             res = _cprd_handoffs(counts, reps, d)
         fm, om = statistics.median(floor), statistics.median(one)
         hm = statistics.median(r["ms"] for r in res)
+        # In this version the source's table is frozen for mutations for the whole handoff; a daemon
+        # that reports its own freeze window is read as such.
+        frz = statistics.median(r.get("freeze_ms", r["ms"]) for r in res)
         rows.append({
             "fds": total, "kinds": kinds, "reps": reps,
             "floor_ms": round(fm, 3), "one_per_message_ms": round(om, 3), "handoff_ms": round(hm, 3),
-            # In this version the source's table is frozen for mutations for the whole handoff.
-            "freeze_ms": round(hm, 3),
+            "freeze_ms": round(frz, 3),
             "handoff_vs_floor": round(hm / fm, 2), "one_per_message_vs_handoff": round(om / hm, 2),
             "handoff_us_per_fd": round(hm * 1e3 / total, 3),
             "phases_ms": {k: round(statistics.median(r["phases_ms"][k] for r in res), 3)
@@ -261,3 +296,237 @@ def print_handoff(rows: list[dict]) -> None:
               f"{r['handoff_us_per_fd']:>6.2f} {r['freeze_ms']:>9.2f}")
     print("floor: sendmsg/recvmsg of N eventfds, 253 a message; 1/msg: the same fds as cprd's, one a message, "
           "unverified; cprd: full handoff between two daemons, verification included (median of reps)")
+
+
+# -- memory ------------------------------------------------------------------------------------
+def _fill(table: FdTable, names: list[bytes], ids: array.array, fds: array.array) -> FdTable:
+    """Save every fd as the daemon does: classify it, and key it by a name decoded from bytes (as a
+    target decodes each name off the wire), so that each entry owns its name string and its ints."""
+    for i in range(len(fds)):
+        fd = fds[i]
+        table.save(names[i].decode(), ids[i], fd, classify(fd))
+    return table
+
+
+def _memory_one(counts: dict[str, int], directory: str) -> dict:
+    """In a fresh process: populate real fds, then build an FdTable of them twice, once for RSS (no
+    tracing) and once under tracemalloc; close every fd. Bytes per entry."""
+    import psutil
+
+    proc = psutil.Process()
+    made = populate(counts, directory)
+    # The fds belong to this array until the end; the tables below only borrow them.
+    fds = array.array("i", (fd for _, _, fd in made))
+    try:
+        ids = array.array("i", (id_ for _, id_, _ in made))
+        names = [name.encode() for name, _, _ in made]
+        del made
+        n = len(fds)
+
+        gc.collect()
+        rss0 = proc.memory_info().rss
+        table = _fill(FdTable(), names, ids, fds)
+        rss1 = proc.memory_info().rss
+        dict_bytes = sys.getsizeof(table._d)
+        table._d.clear()  # forget the entries without closing: the array owns the fds
+        del table
+        gc.collect()
+
+        tracemalloc.start()
+        try:
+            t0 = tracemalloc.get_traced_memory()[0]
+            table = _fill(FdTable(), names, ids, fds)
+            t1 = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+        table._d.clear()
+    finally:
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    return {"entries": n, "tracemalloc_bytes": t1 - t0, "rss_bytes": rss1 - rss0, "dict_bytes": dict_bytes}
+
+
+def _in_child(fn, *args) -> dict:
+    """Run fn(*args) in a forked child and return its JSON-able result: each size starts from the same
+    clean heap, so memory freed by an earlier size cannot hide the growth of a later one."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            data = json.dumps(fn(*args)).encode()
+            with os.fdopen(w, "wb") as f:
+                f.write(data)
+            code = 0
+        except Exception:  # noqa: BLE001  (report any failure; the finally exits either way)
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0 or not data:
+        raise CprdError(f"memory benchmark process failed (exit code {code}); its traceback is above")
+    return json.loads(data)
+
+
+def bench_memory(sizes: list[int], progress: bool = False) -> list[dict]:
+    budget = _fd_budget()
+    rows = []
+    for n in sizes:
+        counts = mixed_spec(n)
+        total = spec_fds(counts)
+        if total > budget:
+            note = (f"skipped: {total} fds need more than this machine's fd limit allows per process "
+                    f"(RLIMIT_NOFILE hard limit {budget + FD_OVERHEAD}, {FD_OVERHEAD} kept for the process)")
+            rows.append({"fds": total, "skipped": note})
+            if progress:
+                print(f"  N={total}: {note}", file=sys.stderr)
+            continue
+        if progress:
+            print(f"  N={total}: measuring ...", file=sys.stderr)
+        with tempfile.TemporaryDirectory(prefix="cprd-bench-") as d:
+            os.chmod(d, 0o700)
+            res = _in_child(_memory_one, counts, os.path.join(d, "files"))
+        e = res["entries"]
+        tm = res["tracemalloc_bytes"] / e
+        rows.append({
+            "fds": total, "entries": e,
+            "tracemalloc_bytes_per_entry": round(tm, 1),
+            "rss_bytes_per_entry": round(res["rss_bytes"] / e, 1),
+            "dict_bytes_per_entry": round(res["dict_bytes"] / e, 1),
+            "tracemalloc_bytes": res["tracemalloc_bytes"], "rss_bytes": res["rss_bytes"],
+            "goal_bytes_per_entry": MEMORY_GOAL_BYTES, "within_goal": tm <= MEMORY_GOAL_BYTES,
+        })
+    return rows
+
+
+def print_memory(rows: list[dict]) -> None:
+    print(f"{'fds':>6} {'tracemalloc B/entry':>20} {'RSS B/entry':>12} {'of which dict B/entry':>22}   goal")
+    for r in rows:
+        if "skipped" in r:
+            print(f"{r['fds']:>6} {r['skipped']}")
+            continue
+        goal = f"<= {r['goal_bytes_per_entry']} B: {'met' if r['within_goal'] else 'NOT met'}"
+        print(f"{r['fds']:>6} {r['tracemalloc_bytes_per_entry']:>20.1f} {r['rss_bytes_per_entry']:>12.1f} "
+              f"{r['dict_bytes_per_entry']:>22.1f}   {goal}")
+    print("tracemalloc: Python allocations the table keeps (Entry, Identity, key tuple, dict slots, name "
+          "strings, ints); RSS: growth of the process while the table is built (page-grained, noisy at small N)")
+
+
+# -- plots -------------------------------------------------------------------------------------
+PLOT_MISSING = ("--plot needs matplotlib, which is not installed ({why}); install the plot extra with "
+                "pip install 'cprd[plot]' (or pip install 'matplotlib>=3.6'), or leave out --plot")
+
+
+def _check_plot(path: str) -> None:
+    """UsageError unless a plot can be written to path: matplotlib importable, a known image format,
+    an existing writable directory. Called before anything is measured."""
+    try:
+        import matplotlib  # noqa: F401  (lazy: never imported unless a plot is asked for)
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+    except ImportError as e:
+        raise UsageError(PLOT_MISSING.format(why=e)) from None
+    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    known = FigureCanvasAgg.get_supported_filetypes()
+    if ext not in known:
+        raise UsageError(f"--plot {path!r}: the file name must end in an image type matplotlib writes, "
+                         f"e.g. .png (known: {', '.join(sorted(known))})")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise UsageError(f"--plot {path!r}: directory {parent} does not exist or is not writable; "
+                         "create it or choose another path")
+
+
+def _figure(title: str):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 5.5), dpi=120, layout="constrained")
+    FigureCanvasAgg(fig)  # the Agg backend, without pyplot's global state
+    ax = fig.add_subplot()
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.grid(True, which="major", alpha=0.5)
+    ax.grid(True, which="minor", alpha=0.15)
+    fig.suptitle(title, fontsize=12, fontweight="bold")
+    return fig, ax
+
+
+def _machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+
+
+def _sizes_axis(ax, notes: dict[int, str]) -> None:
+    """Tick the x axis at the measured sizes, written out in full, each with a note (a ratio) under it;
+    the legend goes below the axes, where it hides no point."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    ax.xaxis.set_major_locator(FixedLocator(sorted(notes)))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:,.0f}\n{notes.get(round(v), '')}"))
+    ax.margins(x=0.08, y=0.12)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=2, fontsize=8, frameon=False)
+
+
+def _reps(n: int) -> str:
+    return f"median of {n} rep{'s' if n != 1 else ''}"
+
+
+def _save(fig, path: str) -> None:
+    fig.savefig(path)
+    print(f"plot written to {path}", file=sys.stderr)
+
+
+def plot_find(rows: list[dict], path: str) -> None:
+    fig, ax = _figure("cprd bench find: N finds in an N-entry table")
+    n = [r["fds"] for r in rows]
+    reps = rows[0]["reps"] if rows else 0
+    ax.plot(n, [r["list_ns"] / 1e6 for r in rows], "o-", color="tab:red", label="cprd: list scan (Python)")
+    ax.plot(n, [r["hash_ns"] / 1e6 for r in rows], "o-", color="tab:blue", label="cprd: FdTable hash (Python)")
+    q = [r for r in rows if "qemu_ratio" in r]
+    if q:
+        qn = [r["fds"] for r in q]
+        ax.plot(qn, [r["qemu_qlist_ns"] / 1e6 for r in q], "s--", color="tab:red", alpha=0.6, mfc="none",
+                label="QEMU published: QLIST (C)")
+        ax.plot(qn, [r["qemu_ghash_ns"] / 1e6 for r in q], "s--", color="tab:blue", alpha=0.6, mfc="none",
+                label="QEMU published: GHashTable (C)")
+    _sizes_axis(ax, {r["fds"]: f"list/hash {r['ratio']:g}x" for r in rows})
+    ax.set_xlabel("table size N (entries; N finds, one per entry)")
+    ax.set_ylabel("total time of N finds (ms)")
+    ax.set_title(f"{_reps(reps)}; {_machine()}", fontsize=8)
+    _save(fig, path)
+
+
+def plot_handoff(rows: list[dict], path: str) -> None:
+    done = [r for r in rows if "skipped" not in r]
+    if not done:
+        raise CprdError(f"nothing to plot: every size was skipped (fd limit); {path} not written")
+    fig, ax = _figure(f"cprd bench handoff: moving N fds ({done[0]['kinds']}) to another process")
+    n = [r["fds"] for r in done]
+    ax.plot(n, [r["floor_ms"] for r in done], "o-", color="tab:gray",
+            label="floor: sendmsg/recvmsg of N eventfds, 253 a message")
+    ax.plot(n, [r["one_per_message_ms"] for r in done], "o-", color="tab:orange",
+            label="one fd per message (QEMU/Envoy style), unverified")
+    ax.plot(n, [r["handoff_ms"] for r in done], "o-", color="tab:blue",
+            label="cprd handoff: connect to Confirm, verified")
+    if any(r["freeze_ms"] != r["handoff_ms"] for r in done):  # the daemon reported a shorter freeze
+        ax.plot(n, [r["freeze_ms"] for r in done], "^--", color="tab:blue", alpha=0.6, mfc="none",
+                label="cprd freeze: source table closed to mutations")
+    ax.plot(n, [HANDOFF_GOAL_X_FLOOR * r["floor_ms"] for r in done], ":", color="tab:gray",
+            label=f"goal: {HANDOFF_GOAL_X_FLOOR} x floor")
+    _sizes_axis(ax, {r["fds"]: f"cprd {r['handoff_vs_floor']:g}x floor" for r in done})
+    skipped = [r["fds"] for r in rows if "skipped" in r]
+    note = f"; skipped (fd limit): N={', '.join(map(str, skipped))}" if skipped else ""
+    ax.set_xlabel("N (fds handed off)")
+    ax.set_ylabel("time to move N fds (ms)")
+    ax.set_title(f"{_reps(done[0]['reps'])}; {_machine()}{note}", fontsize=8)
+    _save(fig, path)

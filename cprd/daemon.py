@@ -30,6 +30,7 @@ import signal
 import socket
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,17 +38,19 @@ from typing import Any
 import trio
 
 from . import __version__, scm
-from .errors import BadFd, Busy, CapacityError, CprdError, KeyMissing, ProtocolError, UsageError
+from .errors import (BadFd, Busy, CapacityError, CprdError, Denied, HandoffError, KeyMissing, ProtocolError,
+                     UsageError, error_from_code)
 from .fds import OwnedFds
-from .handoff import Result, fd_capacity, send_table
+from .handoff import Result, SourceHooks, fd_capacity, send_table
 from .kinds import classify
 from .paths import file_id, peer_cred, unlink_if_same
 from .protocol import control as cp
-from .table import FdTable
+from .table import FdTable, check_key
 
 log = logging.getLogger("cprd.daemon")
 
 FD_RESERVE = 16  # fds a daemon keeps free for accepting, answering and handing off
+RESULTS_KEPT = 4096  # answers to recent mutations, by request id, kept for exactly-once retries
 
 
 @dataclass(slots=True, frozen=True)
@@ -74,6 +77,9 @@ class Daemon:
         self.exit_code = 0
         self.salvage: dict | None = None
         self.source_died = False
+        self.results: OrderedDict[str, dict[str, Any]] = OrderedDict()  # recent mutation answers by request id
+        self.committing = False  # the listening socket is (about to be) the target's: never unlink its path
+        self._frozen: trio.Event | None = None
         self._nursery: trio.Nursery | None = None
         self._accept_scope: trio.CancelScope | None = None
         self._accept_done: trio.Event | None = None
@@ -102,7 +108,7 @@ class Daemon:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("event=stopping signal=%s entries=%d", signal.Signals(signum).name, len(self.table))
-                if self.state != "handed-off":
+                if self.state != "handed-off" and not self.committing:
                     unlink_if_same(self.control_path, self.control_fid)
                 self.stop(0)
                 return
@@ -184,12 +190,12 @@ class Daemon:
             pid, uid, _ = peer_cred(conn)
             if uid not in self.allowed_uids:
                 log.warning("event=refused_peer pid=%d uid=%d", pid, uid)
-                await self._refuse(conn, CprdError(
+                await self._refuse(conn, Denied(
                     f"uid {uid} may not use this cprd (it serves uids {sorted(self.allowed_uids)}); ask its "
                     "operator to add --allow-uid"))
                 return
             with conn:
-                while True:
+                while self.state != "handed-off":
                     with trio.move_on_after(self.config.idle_timeout) as cs:
                         try:
                             data, fds = await scm.recv(conn, cp.MAX_FRAME, 1, "control request")
@@ -204,12 +210,15 @@ class Daemon:
                         try:
                             req = cp.decode_request(data, len(fds))
                             frames, out_fds = await self._dispatch(req, fds)
+                        except _HandedOff:
+                            # The table moved on while this request waited: hang up without an answer;
+                            # the client retries at the same path and reaches the new owner.
+                            return
                         except CprdError as e:
                             log.info("event=request_failed code=%s error=%r", e.code, str(e))
                             frames, out_fds = cp.encode_error(e), []
-                    if not await self._reply(conn, frames, out_fds):
-                        return
-                    if self._exit_after_reply:
+                    await self._reply(conn, frames, out_fds)
+                    if self._exit_after_reply and req.op == "handoff":
                         self.stop(0)
                         return
         finally:
@@ -227,24 +236,33 @@ class Daemon:
     # -- requests ----------------------------------------------------------------------------
     async def _dispatch(self, req: cp.Request, fds: OwnedFds) -> tuple[list[bytes], list[int]]:
         a = req.args
-        if req.op in ("put", "del") and self.state != "serving":
-            raise Busy(f"a handoff is in progress, so the table is frozen; retry {req.op} when it is done")
-        if req.op == "put":
-            self._check_room()
-            ident = classify(fds.fds[0])
-            entry = self.table.save(a["name"], a["id"], fds.fds[0], ident, replace=a["replace"])
-            fds.take()
-            log.info("event=put name=%r id=%d fd=%d kind=%s", entry.name, entry.id, entry.fd, ident.kind.label)
-            return cp.encode_reply(entry.describe()), []
+        if self.state == "handed-off":
+            raise _HandedOff()
+        if req.op in ("put", "del"):
+            while self._frozen is not None:  # the last moments of a handoff: wait for its outcome
+                await self._frozen.wait()
+                if self.state == "handed-off":
+                    raise _HandedOff()
+            rid = a.get("rid") or ""
+            if rid and rid in self.results:  # a retry of a mutation already applied: same answer
+                self.results.move_to_end(rid)
+                reply = self.results[rid]
+                if reply.get("ok"):
+                    return cp.encode_reply(reply["result"]), []
+                raise error_from_code(reply["error"], reply["message"])
+            try:
+                result = self._mutate(req, fds)
+            except CprdError as e:
+                self._remember(rid, {"ok": False, "error": e.code, "message": str(e)})
+                raise
+            self._remember(rid, {"ok": True, "result": result})
+            return cp.encode_reply(result), []
         if req.op == "get":
+            check_key(a["name"], a["id"])
             entry = self.table.find(a["name"], a["id"])
             if entry is None:
                 raise KeyMissing(f"no entry ({a['name']!r}, {a['id']}); list entries with `cprd ctl ls`")
             return cp.encode_reply(entry.describe()), [entry.fd]
-        if req.op == "del":
-            self.table.delete(a["name"], a["id"])
-            log.info("event=del name=%r id=%d", a["name"], a["id"])
-            return cp.encode_reply({"name": a["name"], "id": a["id"], "deleted": True}), []
         if req.op == "ls":
             entries = sorted(self.table, key=lambda e: (e.name, e.id))
             return cp.encode_reply([e.describe() for e in entries]), []
@@ -253,6 +271,27 @@ class Daemon:
         if req.op == "handoff":
             return cp.encode_reply(await self._handoff(a["to"], a["batch"], a["window"])), []
         raise UsageError(f"unknown operation {req.op!r}")  # decode_request already refuses these
+
+    def _mutate(self, req: cp.Request, fds: OwnedFds) -> dict[str, Any]:
+        """Apply a put or del (no awaits: atomic with respect to every other task)."""
+        a = req.args
+        if req.op == "put":
+            self._check_room()
+            ident = classify(fds.fds[0])
+            entry = self.table.save(a["name"], a["id"], fds.fds[0], ident, replace=a["replace"])
+            fds.take()
+            log.debug("event=put name=%r id=%d fd=%d kind=%s", entry.name, entry.id, entry.fd, ident.kind.label)
+            return entry.describe()
+        check_key(a["name"], a["id"])
+        self.table.delete(a["name"], a["id"])
+        log.debug("event=del name=%r id=%d", a["name"], a["id"])
+        return {"name": a["name"], "id": a["id"], "deleted": True}
+
+    def _remember(self, rid: str, reply: dict[str, Any]) -> None:
+        if rid:
+            self.results[rid] = reply
+            while len(self.results) > RESULTS_KEPT:
+                self.results.popitem(last=False)
 
     def _check_room(self) -> None:
         """Refuse a put that would leave the daemon fewer than FD_RESERVE free fds (counted exactly
@@ -285,17 +324,24 @@ class Daemon:
         self.state = "handing-off"
         stopped = False
 
+        async def freeze() -> None:
+            self._frozen = trio.Event()
+
         async def before_commit() -> None:
             nonlocal stopped
-            stopped = True
+            stopped = self.committing = True
             await self._stop_accepting()
 
+        self.table.start_journal()
         try:
-            res: Result = await send_table(self.table, to, listener_fd=self.listener.fileno(),
-                                           control_path=self.control_path, batch=batch, window=window,
-                                           before_commit=before_commit)
+            res: Result = await send_table(
+                self.table, to, listener_fd=self.listener.fileno(), control_path=self.control_path, batch=batch,
+                window=window, hooks=SourceHooks(freeze, before_commit, lambda: list(self.results.items())))
         except BaseException as e:
             self.state = "serving"
+            self.committing = False
+            self.table.stop_journal()
+            self._thaw()
             if stopped and self._nursery is not None and self._accept_scope is None:
                 await self._nursery.start(self._accept_loop)
             if isinstance(e, CprdError):
@@ -303,11 +349,28 @@ class Daemon:
                 raise
             if isinstance(e, OSError):
                 log.warning("event=handoff_failed to=%s error=%r entries_kept=%d", to, str(e), len(self.table))
-                raise CprdError(f"handoff to {to} failed: {e}; the source keeps every entry") from None
+                raise HandoffError(f"handoff to {to} failed: {e}; the source keeps every entry") from None
             raise
         self.state = "handed-off"
+        self._thaw()  # waiting mutations see "handed-off" and hang up: their clients retry at the target
         self._exit_after_reply = True
+        assert self._nursery is not None
+        self._nursery.start_soon(self._exit_soon)
         return res.describe()
+
+    def _thaw(self) -> None:
+        if self._frozen is not None:
+            frozen, self._frozen = self._frozen, None
+            frozen.set()
+
+    async def _exit_soon(self) -> None:
+        """Exit even if the client that asked for the handoff is gone (its reply then never goes out)."""
+        await trio.sleep(2)
+        self.stop(0)
+
+
+class _HandedOff(Exception):
+    """Raised inside a request that must not be answered: the table has a new owner."""
 
 
 def populate_table(table: FdTable, triples: list[tuple[str, int, int]]) -> None:

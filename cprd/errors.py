@@ -73,6 +73,12 @@ class ControlError(CprdError):
     code = "control"
 
 
+class Denied(CprdError):
+    """The peer's uid may not use this daemon."""
+
+    code = "denied"
+
+
 class UsageError(CprdError):
     """A malformed request or command line."""
 
@@ -81,8 +87,9 @@ class UsageError(CprdError):
 
 _BY_CODE = {cls.code: cls for cls in (
     CprdError, BadKey, KeyExists, KeyMissing, BadFd, ProtocolError, CapacityError, HandoffError,
-    VerifyError, Busy, ControlError, UsageError,
+    VerifyError, Busy, ControlError, UsageError, Denied,
 )}
+_BY_CODE["closed"] = ProtocolError
 
 
 def error_from_code(code: str, message: str) -> CprdError:

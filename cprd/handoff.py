@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import trio
 
 from . import fault, scm
-from .errors import CapacityError, CprdError, HandoffError, ProtocolError, VerifyError
+from .errors import CapacityError, CprdError, HandoffError, ProtocolError, UsageError, VerifyError
 from .fds import OwnedFds
 from .kinds import KIND_BY_CODE, MUTABLE_FLAGS, Identity, verify
 from .paths import peer_cred
@@ -85,10 +85,14 @@ class Result:
     target_pid: int
     confirmed: bool
     phases: dict[str, float] = field(default_factory=dict)
+    freeze_ms: float = 0.0  # mutations waited this long: from the freeze to the target's confirmation
+    rounds: int = 0  # pre-copy rounds after the snapshot
+    delta_ops: int = 0  # mutations sent as deltas (pre-copy rounds and the frozen last one)
 
     def describe(self) -> dict:
         return {"entries": self.entries, "fds": self.fds, "ms": round(self.ms, 3), "target_pid": self.target_pid,
-                "confirmed": self.confirmed, "phases_ms": {k: round(v, 3) for k, v in self.phases.items()}}
+                "confirmed": self.confirmed, "freeze_ms": round(self.freeze_ms, 3), "rounds": self.rounds,
+                "delta_ops": self.delta_ops, "phases_ms": {k: round(v, 3) for k, v in self.phases.items()}}
 
 
 class _Clock:
@@ -129,12 +133,10 @@ def _abort_error(ev: hp.Abort, who: str) -> CprdError:
 async def peer_fate(pidfd: int | None, peer_pid: int, control_path: str, timeout: float) -> str:
     """What became of the peer after the handoff connection broke: "dead", "serving" (it answers
     a status request on the control socket, so it owns the table) or "alive" (neither within
-    timeout).
+    timeout, or no pidfd to tell: only a proven death counts as one).
 
     Two proofs race. A SIGKILLed process resets its sockets while it closes its files, a moment
     *before* its pidfd says it exited, so we wait for the pidfd rather than peek at it."""
-    if pidfd is None:
-        return "dead"  # gone before we could even open a pidfd
     fate = "alive"
 
     async def died(scope: trio.CancelScope) -> None:
@@ -155,7 +157,8 @@ async def peer_fate(pidfd: int | None, peer_pid: int, control_path: str, timeout
 
     with trio.move_on_after(timeout) as scope:
         async with trio.open_nursery() as n:
-            n.start_soon(died, scope)
+            if pidfd is not None:  # without one (pidfd_open failed) only the status probe can answer
+                n.start_soon(died, scope)
             if control_path:
                 n.start_soon(serves, scope)
     return fate
@@ -216,18 +219,36 @@ def flow_limits(batch: int, window: int) -> tuple[int, int]:
 
 
 # -- the source side ----------------------------------------------------------------------------
+@dataclass(slots=True)
+class SourceHooks:
+    """What the daemon lends a live handoff.
+
+    freeze(): from now on mutations wait (until the handoff ends); returns once in-flight ones are
+    done. before_commit(): stop accepting on the listening socket (it is about to travel).
+    results(): answers to recent mutations by request id, for exactly-once retries."""
+
+    freeze: Callable[[], Awaitable[None]] | None = None
+    before_commit: Callable[[], Awaitable[None]] | None = None
+    results: Callable[[], list[tuple[str, object]]] | None = None
+
+
+FREEZE_OPS = 64  # freeze once a pre-copy round has at most this many ops left to send
+MAX_ROUNDS = 6  # pre-copy rounds before freezing anyway (churn faster than the copy)
+
+
 async def send_table(table: FdTable, to: str, *, listener_fd: int | None, control_path: str,
                      batch: int = hp.SCM_MAX_FD, window: int = 4, timeout: float = TIMEOUT,
-                     before_commit: Callable[[], Awaitable[None]] | None = None) -> Result:
+                     hooks: SourceHooks | None = None) -> Result:
     """Hand every entry of table (and the listening control socket) to the target at `to`.
 
-    Raises a CprdError when the handoff did not take; then the caller still owns everything.
-    On success the target owns the table; the caller must not serve it any more and should close
-    its copies (exiting does that)."""
+    The table may change while this runs (pre-copy): it must have a journal started
+    (table.start_journal()) by the caller, who stops it afterwards. Raises a CprdError when the
+    handoff did not take; then the caller still owns everything. On success the target owns the
+    table; the caller must not serve it any more and should close its copies (exiting does that)."""
     if not 1 <= batch <= hp.SCM_MAX_FD:
-        raise HandoffError(f"batch size {batch} is outside 1..{hp.SCM_MAX_FD} (the kernel's SCM_MAX_FD)")
+        raise UsageError(f"batch size {batch} is outside 1..{hp.SCM_MAX_FD} (the kernel's SCM_MAX_FD)")
     if window < 1:
-        raise HandoffError(f"window {window} must be at least 1")
+        raise UsageError(f"window {window} must be at least 1")
     clock = _Clock()
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     pidfd = None
@@ -240,8 +261,8 @@ async def send_table(table: FdTable, to: str, *, listener_fd: int | None, contro
         target_pid, _, _ = peer_cred(sock)
         pidfd = _open_pidfd(target_pid)
         try:
-            return await _send(sock, table, clock, target_pid, pidfd, listener_fd, control_path,
-                               batch, window, timeout, before_commit)
+            return await _Sender(sock, table, clock, target_pid, pidfd, listener_fd, control_path, batch, window,
+                                 timeout, hooks or SourceHooks()).run()
         except (HandoffError, CapacityError):
             raise
         except (CprdError, OSError) as e:
@@ -252,95 +273,149 @@ async def send_table(table: FdTable, to: str, *, listener_fd: int | None, contro
                 os.close(pidfd)
 
 
-async def _send(sock, table, clock, target_pid, pidfd, listener_fd, control_path, batch, window, timeout,
-                before_commit) -> Result:
-    m = hp.Handoff("source", window)
-    entries = list(table)
-    n = len(entries)
-    await scm.send(sock, m.send(hp.SourceHello(os.getpid(), n, n, batch, control_path)), (), "handoff hello")
-    fault.point("source", "hello", sock=sock)
-    ev, _ = await _recv_event(sock, m, timeout, "handoff hello")
-    if isinstance(ev, hp.Abort):
-        raise _abort_error(ev, "target")
-    assert isinstance(ev, hp.TargetHello)
-    need = n + (1 if listener_fd is not None else 0)
-    if ev.capacity < need:
-        msg = (f"target pid {ev.pid} has room for {ev.capacity} more fds (RLIMIT_NOFILE {ev.fd_limit}, "
-               f"{ev.open_fds} open) but the table needs {need}; raise the target's limit (ulimit -n or "
-               "LimitNOFILE=)")
-        await _try_send(sock, m, hp.Abort(hp.AbortCode.CAPACITY, msg))
-        raise CapacityError(msg)
-    # Only now (a test may lower our limit at the hello) fix how many fds may be in flight.
-    batch, m.window = flow_limits(batch, window)
-    # The keys first (cheap: ~0.1 us a key), so that a target whose source dies mid-transfer can
-    # name what was lost.
-    for i in range(0, n, hp.MANIFEST_CHUNK):
-        keys = [(e.name, e.id) for e in entries[i:i + hp.MANIFEST_CHUNK]]
-        await scm.send(sock, m.send(hp.Manifest.of(keys)), (), "handoff manifest")
-    clock.mark("hello")
-    last = (n - 1) // batch if n else -1
-    for seq, i in enumerate(range(0, n, batch)):
-        chunk = entries[i:i + batch]
-        while not m.can_send_batch():
-            ev, _ = await _recv_event(sock, m, timeout, "handoff transfer")
-            if isinstance(ev, hp.Abort):
-                raise _abort_error(ev, "target")
-        batch_ev = hp.Batch.of(seq, [hp.Record(e.name, e.id, e.ident) for e in chunk])
-        await _send_batch(sock, m, batch_ev, [e.fd for e in chunk], timeout)
-        fault.point("source", "batch", seq, sock=sock, last=last)
-    clock.mark("transfer")
-    await scm.send(sock, m.send(hp.End(m.records, m.fds, m.digest)), (), "handoff end")
-    fault.point("source", "end", sock=sock)
-    while True:
-        ev, _ = await _recv_event(sock, m, timeout, "handoff verify")
+class _Sender:
+    """One source-side handoff: snapshot, pre-copy rounds, freeze, last delta, commit."""
+
+    def __init__(self, sock, table: FdTable, clock: _Clock, target_pid: int, pidfd: int | None,
+                 listener_fd: int | None, control_path: str, batch: int, window: int, timeout: float,
+                 hooks: SourceHooks) -> None:
+        self.sock, self.table, self.clock = sock, table, clock
+        self.target_pid, self.pidfd, self.listener_fd = target_pid, pidfd, listener_fd
+        self.control_path, self.batch, self.timeout, self.hooks = control_path, batch, timeout, hooks
+        self.m = hp.Handoff("source", window)
+        self.window = window
+        self.seq = 0
+        self.rounds = 0
+        self.delta_ops = 0
+
+    async def _send(self, ev: hp.Event, fds: list[int] = (), what: str = "handoff") -> None:  # type: ignore[assignment]
+        with trio.move_on_after(self.timeout) as cs:
+            await scm.send(self.sock, self.m.send(ev), fds, what)
+        if cs.cancelled_caught:
+            raise HandoffError(f"{what}: the target has not read for {self.timeout:.0f} s; is it hung?")
+
+    async def _recv(self, what: str) -> hp.Event:
+        ev, _ = await _recv_event(self.sock, self.m, self.timeout, what)
         if isinstance(ev, hp.Abort):
             raise _abort_error(ev, "target")
-        if isinstance(ev, hp.Ready):
-            break
-    clock.mark("verify")
-    fault.point("source", "ready", sock=sock)
-    if before_commit is not None:
-        await before_commit()
-    await scm.send(sock, m.send(hp.Commit(listener_fd is not None)),
-                   [listener_fd] if listener_fd is not None else [], "handoff commit")
-    # From here on the target owns the table, unless it turns out to be dead.
-    fault.point("source", "commit", sock=sock)
-    confirmed = False
-    try:
-        ev, _ = await _recv_event(sock, m, timeout, "handoff confirm")
-        confirmed = isinstance(ev, hp.Confirm)
-        problem = "" if confirmed else f"it sent {type(ev).__name__} instead of Confirm"
-    except (CprdError, OSError) as e:
-        problem = str(e)
-    if not confirmed:
-        fate = await peer_fate(pidfd, target_pid, control_path, timeout)
-        if fate == "dead":
-            raise HandoffError(f"the target (pid {target_pid}) died after the commit and before it confirmed"
-                               f" ({problem}); the source keeps every entry")
-        log.warning("event=confirm_lost target_pid=%d target=%s problem=%r note=the-target-owns-the-table",
-                    target_pid, fate, problem)
-    clock.mark("commit")
-    fault.point("source", "confirm", sock=sock)
-    res = Result(n, need, clock.total_ms, target_pid, confirmed, clock.phases)
-    log.info("event=handoff_sent entries=%d fds=%d ms=%.2f target_pid=%d batch=%d window=%d %s", n, need, res.ms,
-             target_pid, batch, m.window, " ".join(f"{k}_ms={v:.2f}" for k, v in clock.phases.items()))
-    return res
+        return ev
 
+    async def _batch(self, entries: list[Entry], replace: bool) -> None:
+        while not self.m.can_send_batch():
+            await self._recv("handoff transfer")
+        ev = hp.Batch.of(self.seq, [hp.Record(e.name, e.id, e.ident) for e in entries], replace)
+        data, fds = self.m.send(ev), [e.fd for e in entries]
+        while True:  # on ETOOMANYREFS wait for the target to take some fds (an ack), then retry
+            try:
+                with trio.move_on_after(self.timeout) as cs:
+                    await scm.send(self.sock, data, fds, "handoff batch")
+                if cs.cancelled_caught:
+                    raise HandoffError(f"handoff batch: the target has not read for {self.timeout:.0f} s")
+                break
+            except CapacityError:
+                if self.m.unacked <= 1:
+                    raise
+                await self._recv("handoff transfer")
+        self.seq += 1
 
-async def _send_batch(sock, m: hp.Handoff, ev: hp.Batch, fds: list[int], timeout: float) -> None:
-    """Send one batch; on ETOOMANYREFS (too many fds in flight for this user) wait for the target
-    to take some (an ack) and try again."""
-    data = m.send(ev)
-    while True:
+    async def _ops(self, ops: list[tuple[str, object]]) -> None:
+        """Send journal ops in order: runs of saves as REPLACE batches, runs of deletes as Delete."""
+        self.delta_ops += len(ops)
+        i = 0
+        while i < len(ops):
+            kind = ops[i][0]
+            j = i
+            limit = self.batch if kind == "save" else hp.MANIFEST_CHUNK
+            while j < len(ops) and ops[j][0] == kind and j - i < limit:
+                j += 1
+            run = [op[1] for op in ops[i:j]]
+            if kind == "save":
+                await self._batch(run, replace=True)  # type: ignore[arg-type]
+            else:
+                await self._send(hp.Delete.of(run), (), "handoff delete")  # type: ignore[arg-type]
+            i = j
+
+    async def run(self) -> Result:
+        m, table, clock = self.m, self.table, self.clock
+        entries = list(table)
+        n = len(entries)
+        await self._send(hp.SourceHello(os.getpid(), n, n, self.batch, self.control_path), (), "handoff hello")
+        fault.point("source", "hello", sock=self.sock)
+        ev = await self._recv("handoff hello")
+        assert isinstance(ev, hp.TargetHello)
+        need = n + (1 if self.listener_fd is not None else 0)
+        if ev.capacity < need:
+            msg = (f"target pid {ev.pid} has room for {ev.capacity} more fds (RLIMIT_NOFILE {ev.fd_limit}, "
+                   f"{ev.open_fds} open) but the table needs {need}; raise the target's limit (ulimit -n or "
+                   "LimitNOFILE=)")
+            await _try_send(self.sock, m, hp.Abort(hp.AbortCode.CAPACITY, msg))
+            raise CapacityError(msg)
+        # Only now (a test may lower our limit at the hello) fix how many fds may be in flight.
+        self.batch, m.window = flow_limits(self.batch, self.window)
+        # The keys first (cheap: ~0.1 us a key), so that a target whose source dies mid-transfer can
+        # name what was lost.
+        for i in range(0, n, hp.MANIFEST_CHUNK):
+            keys = [(e.name, e.id) for e in entries[i:i + hp.MANIFEST_CHUNK]]
+            await self._send(hp.Manifest.of(keys), (), "handoff manifest")
+        clock.mark("hello")
+        last = (n - 1) // self.batch if n else -1
+        for i in range(0, n, self.batch):
+            await self._batch(entries[i:i + self.batch], replace=False)
+            fault.point("source", "batch", self.seq - 1, sock=self.sock, last=last)
+        clock.mark("snapshot")
+        # Pre-copy: while the table changed during the last round, send what changed, as long as
+        # that shrinks; then freeze and send the rest.
+        ops = table.take_journal() if table.journal is not None else []
+        while len(ops) > FREEZE_OPS and self.rounds < MAX_ROUNDS:
+            await self._ops(ops)
+            self.rounds += 1
+            ops = table.take_journal()
+        clock.mark("pre_copy")
+        t_freeze = time.perf_counter()
+        if self.hooks.freeze is not None:
+            await self.hooks.freeze()
+        if table.journal is not None:
+            ops += table.take_journal()
+        await self._ops(ops)
+        if self.hooks.results is not None:
+            results = self.hooks.results()
+            for i in range(0, len(results), 256):
+                await self._send(hp.Results(tuple(results[i:i + 256])), (), "handoff results")
+        await self._send(hp.End(len(table), m.fds, m.digest), (), "handoff end")
+        fault.point("source", "end", sock=self.sock)
+        while not isinstance(await self._recv("handoff verify"), hp.Ready):
+            pass
+        clock.mark("final_delta")
+        fault.point("source", "ready", sock=self.sock)
+        if self.hooks.before_commit is not None:
+            await self.hooks.before_commit()
+        await self._send(hp.Commit(self.listener_fd is not None),
+                         [self.listener_fd] if self.listener_fd is not None else [], "handoff commit")
+        # From here on the target owns the table, unless it turns out to be dead.
+        fault.point("source", "commit", sock=self.sock)
+        confirmed = False
         try:
-            await scm.send(sock, data, fds, "handoff batch")
-            return
-        except CapacityError:
-            if m.unacked <= 1:  # nothing of ours in flight to wait for: the limit is too low
-                raise
-            ack, _ = await _recv_event(sock, m, timeout, "handoff transfer")
-            if isinstance(ack, hp.Abort):
-                raise _abort_error(ack, "target") from None
+            ev, _ = await _recv_event(self.sock, m, self.timeout, "handoff confirm")
+            confirmed = isinstance(ev, hp.Confirm)
+            problem = "" if confirmed else f"it sent {type(ev).__name__} instead of Confirm"
+        except (CprdError, OSError) as e:
+            problem = str(e)
+        if not confirmed:
+            fate = await peer_fate(self.pidfd, self.target_pid, self.control_path, self.timeout)
+            if fate == "dead":
+                raise HandoffError(f"the target (pid {self.target_pid}) died after the commit and before it "
+                                   f"confirmed ({problem}); the source keeps every entry")
+            log.warning("event=confirm_lost target_pid=%d target=%s problem=%r note=the-target-owns-the-table",
+                        self.target_pid, fate, problem)
+        freeze_ms = (time.perf_counter() - t_freeze) * 1e3
+        clock.mark("commit")
+        fault.point("source", "confirm", sock=self.sock)
+        res = Result(len(table), m.fds + (1 if self.listener_fd is not None else 0), clock.total_ms,
+                     self.target_pid, confirmed, clock.phases, freeze_ms, self.rounds, self.delta_ops)
+        log.info("event=handoff_sent entries=%d fds=%d ms=%.2f freeze_ms=%.2f rounds=%d delta_ops=%d target_pid=%d "
+                 "batch=%d window=%d %s", res.entries, res.fds, res.ms, freeze_ms, self.rounds, self.delta_ops,
+                 self.target_pid, self.batch, m.window, " ".join(f"{k}_ms={v:.2f}" for k, v in clock.phases.items()))
+        return res
 
 
 async def _drain(sock, timeout: float = 2.0) -> None:
@@ -410,6 +485,7 @@ class Received:
     committed: bool  # Commit arrived (so the source is waiting for our Confirm)
     salvage: Salvage | None
     phases: dict[str, float]
+    results: list[tuple[str, object]] = field(default_factory=list)  # recent mutation answers by request id
 
 
 class NotAHandoff(ProtocolError):
@@ -467,6 +543,11 @@ async def receive_table(inc: Incoming, *, reserve: int = RESERVE_FDS, timeout: f
     the source dies, returns what arrived: the whole table after End, a salvage before."""
     clock = _Clock()
     sock, m, hello = inc.sock, inc.machine, inc.hello
+    path = hello.control_path
+    if not path.startswith("/") or len(path.encode()) >= 108:
+        msg = f"the source's control path {path!r} is not an absolute UNIX socket path under 108 bytes"
+        await _try_send(sock, m, hp.Abort(hp.AbortCode.PROTOCOL, msg))
+        raise ProtocolError(msg)
     soft, open_fds, capacity = fd_capacity(reserve)
     if hello.fds + 1 > capacity:
         msg = (f"this target (pid {os.getpid()}) can take {capacity} more fds (RLIMIT_NOFILE soft limit {soft}, "
@@ -476,7 +557,19 @@ async def receive_table(inc: Incoming, *, reserve: int = RESERVE_FDS, timeout: f
         raise CapacityError(msg)
     table = FdTable()
     listener = OwnedFds()
+    results: list[tuple[str, object]] = []
     ended = committed = False
+
+    async def tsend(ev: hp.Event) -> None:
+        """Send to the source; if it is gone, keep reading what it queued before it went (a dead
+        source's batches still sit in our receive queue) and let the end of the stream decide."""
+        data = m.send(ev)
+        try:
+            with trio.move_on_after(timeout):
+                await scm.send(sock, data, (), "handoff")
+        except (CprdError, OSError) as e:
+            log.info("event=send_to_source_failed error=%r note=reading-what-is-queued", str(e))
+
     gc_was = gc.isenabled()
     gc.disable()  # tens of thousands of small objects arrive; collections mid-transfer only cost time
     try:
@@ -489,18 +582,31 @@ async def receive_table(inc: Incoming, *, reserve: int = RESERVE_FDS, timeout: f
                 ev, fds = await _recv_event(sock, m, timeout, "handoff transfer")
                 if isinstance(ev, hp.Batch):
                     with fds:
-                        _verify_batch(ev, fds, table)
-                    await scm.send(sock, m.send(hp.Ack(ev.seq, len(table))), (), "handoff ack")
+                        if ev.replace:
+                            _apply_delta(ev, fds, table)
+                        else:
+                            _verify_batch(ev, fds, table)
+                    await tsend(hp.Ack(ev.seq, len(table)))
                     fault.point("target", "batch", ev.seq, sock=sock,
                                 last=(hello.entries - 1) // max(1, hello.batch_max))
+                elif isinstance(ev, hp.Delete):
+                    for key in ev.keys():
+                        if key not in table:
+                            raise ProtocolError(f"handoff delete: the source deletes {key!r}, which it never sent")
+                        table.delete(*key)
+                elif isinstance(ev, hp.Results):
+                    results.extend(ev.results)
                 elif isinstance(ev, hp.End):
+                    if ev.entries != len(table):
+                        raise ProtocolError(f"handoff end: the source holds {ev.entries} entries, this target "
+                                            f"{len(table)} after applying every delta")
                     break
                 elif isinstance(ev, hp.Abort):
                     raise _abort_error(ev, "source")
             ended = True
             clock.mark("transfer")
             fault.point("target", "end", sock=sock)
-            await scm.send(sock, m.send(hp.Ready(len(table), m.digest)), (), "handoff ready")
+            await tsend(hp.Ready(len(table), m.digest))
             fault.point("target", "ready", sock=sock)
             ev, fds = await _recv_event(sock, m, timeout, "handoff commit")
             if isinstance(ev, hp.Abort):
@@ -523,7 +629,7 @@ async def receive_table(inc: Incoming, *, reserve: int = RESERVE_FDS, timeout: f
                       "after-end" if ended else "mid-transfer", len(table),
                       f" lost={salvage.lost} lost_keys={salvage.lost_keys[:20]!r} unnamed={salvage.unnamed}"
                       if salvage else "")
-            return Received(table, listener, hello, m, inc.source_pid, False, salvage, clock.phases)
+            return Received(table, listener, hello, m, inc.source_pid, False, salvage, clock.phases, results)
     except BaseException as e:
         table.close_all()
         listener.close()
@@ -539,7 +645,7 @@ async def receive_table(inc: Incoming, *, reserve: int = RESERVE_FDS, timeout: f
             gc.enable()
     log.info("event=handoff_received entries=%d source_pid=%d %s", len(table), inc.source_pid,
              " ".join(f"{k}_ms={v:.2f}" for k, v in clock.phases.items()))
-    return Received(table, listener, hello, m, inc.source_pid, True, None, clock.phases)
+    return Received(table, listener, hello, m, inc.source_pid, True, None, clock.phases, results)
 
 
 def _salvage(inc: Incoming, m: hp.Handoff, table: FdTable) -> Salvage:
@@ -599,6 +705,18 @@ def _verify_batch(ev: hp.Batch, fds: OwnedFds, table: FdTable) -> None:
     if dup is not None:
         raise ProtocolError(f"handoff batch {ev.seq}: duplicate key ({dup.name!r}, {dup.id})")
     fds.take()
+
+
+def _apply_delta(ev: hp.Batch, fds: OwnedFds, table: FdTable) -> None:
+    """A pre-copy delta: verify like a snapshot batch, then each record replaces its key (in order)."""
+    bad = _c_verify(ev.raw, ev.count, fds.fds, _MASK32) if _c_verify else _py_verify(ev.fixed, fds.fds)
+    recs = ev.records()
+    if bad >= 0:
+        r = recs[bad]
+        raise VerifyError(f"entry ({r.name!r}, {r.id}) ({r.ident.kind.label}) does not match what the source "
+                          f"sent: {verify(fds.fds[bad], r.ident)}")
+    for r, fd in zip(recs, fds.take()):
+        table.save(r.name, r.id, fd, r.ident, replace=True)
 
 
 def _py_verify(fixed: list[tuple], fds: list[int]) -> int:

@@ -10,6 +10,11 @@ Ownership: a table owns the fds of its entries. ``save`` takes ownership of the 
 succeeds; when it raises, the caller still owns the fd and must close it. ``delete`` and a
 ``save(..., replace=True)`` close the fd they drop. ``pop`` hands ownership back to the caller.
 
+Journal: while a live handoff copies the table, ``start_journal`` makes every mutation append an
+op to ``journal`` (("save", entry) or ("del", key)) and keeps the fds it drops open in
+``graveyard`` instead of closing them, because a snapshot being sent may still name them.
+``stop_journal`` closes the graveyard.
+
 This file knows nothing of sockets, trio or the wire format. It imports only ``kinds`` (for the
 Identity record) and ``errors``.
 """
@@ -76,10 +81,38 @@ def check_key(name: object, id: object) -> None:
 class FdTable:
     """A hash table of fds keyed by (name, id). Not thread-safe; one owner task at a time."""
 
-    __slots__ = ("_d",)
+    __slots__ = ("_d", "journal", "graveyard")
 
     def __init__(self) -> None:
         self._d: dict[tuple[str, int], Entry] = {}
+        self.journal: list[tuple[str, object]] | None = None
+        self.graveyard: list[int] | None = None
+
+    # -- journal (live handoff) -----------------------------------------------------------
+    def start_journal(self) -> None:
+        self.journal, self.graveyard = [], []
+
+    def take_journal(self) -> list[tuple[str, object]]:
+        """The ops since the last take (and start a new list)."""
+        assert self.journal is not None
+        ops, self.journal = self.journal, []
+        return ops
+
+    def stop_journal(self) -> None:
+        """Stop journaling and close the fds mutations dropped meanwhile."""
+        graveyard = self.graveyard or []
+        self.journal = self.graveyard = None
+        for fd in graveyard:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _drop(self, fd: int) -> None:
+        if self.graveyard is not None:
+            self.graveyard.append(fd)
+        else:
+            os.close(fd)
 
     def __len__(self) -> int:
         return len(self._d)
@@ -104,8 +137,10 @@ class FdTable:
             )
         entry = Entry(name, id, fd, ident)
         self._d[key] = entry
+        if self.journal is not None:
+            self.journal.append(("save", entry))
         if old is not None and old.fd != fd:
-            os.close(old.fd)
+            self._drop(old.fd)
         return entry
 
     def absorb(self, entries: list[Entry]) -> Entry | None:
@@ -147,15 +182,19 @@ class FdTable:
         return e
 
     def pop(self, name: str, id: int) -> Entry:
-        """Remove (name, id) and hand its fd to the caller (who must close it)."""
+        """Remove (name, id) and hand its fd to the caller (who must close it; while a journal runs,
+        the caller must not close it before stop_journal: use delete)."""
         try:
-            return self._d.pop((name, id))
+            e = self._d.pop((name, id))
         except KeyError:
             raise KeyMissing(f"no entry ({name!r}, {id}); list entries with `cprd ctl ls`") from None
+        if self.journal is not None:
+            self.journal.append(("del", (name, id)))
+        return e
 
     def delete(self, name: str, id: int) -> None:
-        """Remove (name, id) and close its fd. KeyMissing if absent."""
-        os.close(self.pop(name, id).fd)
+        """Remove (name, id) and close its fd (later, if a journal runs). KeyMissing if absent."""
+        self._drop(self.pop(name, id).fd)
 
     def walk(self, fn: Callable[[Entry], object]) -> bool:
         """Call fn on each entry until it returns a true value (like cpr_walk_fd); return whether it
@@ -173,7 +212,8 @@ class FdTable:
         return [e.fd for e in self._d.values()]
 
     def close_all(self) -> None:
-        """Close every fd and empty the table."""
+        """Close every fd (and the graveyard) and empty the table."""
+        self.stop_journal()
         entries, self._d = list(self._d.values()), {}
         for e in entries:
             try:

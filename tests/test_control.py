@@ -86,7 +86,7 @@ def test_user_errors_are_clear_and_change_nothing(cluster, tmp_path):
         (("put", "x", 1, "--fd", "999"), 2, "not an open fd"),
         (("put", "x", 1, "--path", str(tmp_path / "missing"), "--flags", "r"), 2, "cannot open"),
         (("handoff", "--to", str(tmp_path / "nobody.sock")), 1, "cannot reach a target"),
-        (("handoff", "--to", str(tmp_path / "t.sock"), "--batch", "254"), 1, "1..253"),
+        (("handoff", "--to", str(tmp_path / "t.sock"), "--batch", "254"), 2, "1..253"),
     ]
     for args, code, text in cases:
         r = cluster.ctl(*map(str, args))

@@ -174,7 +174,7 @@ def _run_receiver(script) -> tuple[object, int]:
     async def main() -> None:
         nonlocal outcome
         tb = trio.socket.from_stdlib_socket(b)
-        hello = hp.SourceHello(os.getpid(), n, n, 253, "")
+        hello = hp.SourceHello(os.getpid(), n, n, 253, "/nonexistent/cprd-fuzz.sock")
         inc = ho.Incoming(tb, hp.Handoff("target"), hello, os.getpid(), None)
         inc.machine.receive(hp.encode(hello))  # what accept_handoff has done when receive_table starts
         recs = [hp.Record(nm, i, idn) for nm, i, idn in zip(names_, ids_, idents)]
@@ -209,6 +209,7 @@ def _run_receiver(script) -> tuple[object, int]:
         elif fault == "end_count":
             end = hp.End(n + 1, n + 1, end.digest)
         scm.send_sync(a, hp.encode(end), [])
+        scm.send_sync(a, hp.encode(hp.Commit(False)), [])
         a.shutdown(socket.SHUT_WR)  # all said: the target's reads end here instead of timing out
         try:
             r = await ho.receive_table(inc, timeout=0.3)
@@ -238,9 +239,7 @@ def test_target_receiving_side_fuzz(script):
     assert leaked == 0, f"{leaked} fds left open after {fault}: {outcome!r}"
     dup = len(set(zip(names_, ids_))) != n
     if fault == "none" and not dup:
-        # everything verified; no Commit ever comes and this "source" has no pidfd: it counts as gone,
-        # so the target keeps the whole table
-        assert isinstance(outcome, tuple) and outcome[1] == n and outcome[0].salvage is None, outcome
+        assert isinstance(outcome, tuple) and outcome[1] == n and outcome[0].committed, outcome
     else:
         assert isinstance(outcome, CprdError), (fault, outcome)
         assert len(str(outcome)) > 10

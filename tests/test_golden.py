@@ -59,6 +59,10 @@ EXAMPLES: dict[str, tuple[object, int]] = {
     "commit_plain": (Commit(False), 0),
     "confirm": (Confirm(pid=4343), 0),
     "abort": (Abort(code=2, message="target has room for 2 fds, 3 needed; raise RLIMIT_NOFILE"), 0),
+    "batch_replace": (Batch(5, 1, bytes.fromhex("10000000040980010000020000000f000000000000000e04000000000000")
+                            + b"vfio/0000", replace=True), 1),
+    "delete": (h.Delete(1, bytes.fromhex("f9ffffff0b") + "ключ-é".encode()), 0),
+    "results": (h.Results((("client-1", {"ok": True, "result": {"deleted": True}}),)), 0),
     "manifest": (h.Manifest(3, bytes.fromhex("0000000008") + b"net/tap0" + bytes.fromhex("1000000009") + b"vfio/0000"
                             + bytes.fromhex("f9ffffff0b") + "ключ-é".encode()), 0),
 }
@@ -77,7 +81,7 @@ def golden() -> dict[str, bytes]:
 
 def test_fixture_covers_every_message_type(golden):
     assert set(golden) == set(EXAMPLES)
-    assert {golden[name][5] for name in golden} == set(range(1, 11)), "one golden frame per v1 message type"
+    assert {golden[name][5] for name in golden} == set(range(1, 13)), "one golden frame per v1 message type"
 
 
 @pytest.mark.parametrize("name", list(EXAMPLES))
@@ -92,9 +96,11 @@ def test_decode_golden(golden, name):
     version, got = decode(golden[name], nfds)
     assert version == 1
     assert type(got) is type(ev)
-    if isinstance(ev, Batch):
+    if isinstance(ev, Batch) and not ev.replace:
         assert (got.seq, got.count) == (0, 3)
         assert got.records() == RECORDS  # field by field, not only the raw bytes
+    elif isinstance(ev, Batch):
+        assert got.replace and got.records() == RECORDS[1:2]
     else:
         assert got == ev
 
@@ -109,7 +115,8 @@ def test_v1_constants():
     """Numbers that travel on the wire in version 1."""
     assert (h.MAGIC, h.VERSION, h.MIN_VERSION) == (b"CPRH", 1, 1)
     assert (h.SOURCE_HELLO, h.TARGET_HELLO, h.BATCH, h.ACK, h.END, h.READY, h.COMMIT, h.CONFIRM, h.ABORT,
-            h.MANIFEST) == tuple(range(1, 11))
+            h.MANIFEST, h.DELETE, h.RESULTS) == tuple(range(1, 13))
+    assert h.REPLACE == 1
     a = h.AbortCode
     assert (a.GENERIC, a.CAPACITY, a.VERSION, a.VERIFY, a.PROTOCOL, a.BUSY, a.CANCELLED) == tuple(range(1, 8))
     assert {k.label: int(k) for k in Kind} == {

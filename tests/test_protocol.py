@@ -76,6 +76,9 @@ EXAMPLES: dict[str, tuple[object, int]] = {  # name -> (event, fds that ride wit
     "commit_plain": (Commit(False), 0),
     "confirm": (Confirm(pid=4343), 0),
     "manifest": (h.Manifest.of([("vfio/0000", 0), ("ключ", -5), ("eventfd", 2**31 - 1)]), 0),
+    "delete": (h.Delete.of([("vfio/0000", 0), ("ключ", -5)]), 0),
+    "results": (h.Results((("c1-7", {"ok": True, "result": {"deleted": True}}),)), 0),
+    "batch_replace": (Batch.of(2, make_records(2, 70), replace=True), 2),
     "abort": (Abort(AbortCode.CAPACITY, "not enough fds: need 3, have 2; raise RLIMIT_NOFILE"), 0),
     "abort_empty": (Abort(AbortCode.CANCELLED, ""), 0),
 }
@@ -146,7 +149,7 @@ def test_round_trip_every_event_type(name):
 
 def test_every_event_type_has_an_example():
     assert {type(ev) for ev, _ in EXAMPLES.values()} == set(h._TYPE)
-    assert sorted(h._TYPE.values()) == list(range(1, 11))
+    assert sorted(h._TYPE.values()) == list(range(1, 13))
 
 
 def test_batch_records_layout():
@@ -255,13 +258,43 @@ def test_source_hello_in_a_future_frame_version_is_decoded_for_negotiation():
 
 @given(flags=st.integers(1, U16), name=st.sampled_from(sorted(EXAMPLES)))
 def test_nonzero_frame_flags_are_refused(flags, name):
-    """v1 defines no handoff flags; a frame that sets one means something this cprd cannot know."""
+    """v1 defines one flag (REPLACE, on Batch only); any other means something this cprd cannot know."""
     ev, nfds = EXAMPLES[name]
+    assume(not (isinstance(ev, Batch) and flags == h.REPLACE))
     data = encode(ev)
     assert_protocol_error(data[:6] + flags.to_bytes(2, "little") + data[8:], nfds, match="flags")
 
 
-@given(t=st.integers(0, 255).filter(lambda t: not 1 <= t <= 10), payload=st.binary(max_size=64))
+def test_replace_batches_delete_and_results_round_trip():
+    b = Batch.of(3, make_records(2), replace=True)
+    data = encode(b)
+    assert int.from_bytes(data[6:8], "little") == h.REPLACE
+    _, got = decode(data, 2)
+    assert got.replace and got == b and got.records() == b.records()
+    d = h.Delete.of([("a", 1), ("é", -2)])
+    _, got = decode(encode(d))
+    assert got.keys() == [("a", 1), ("é", -2)]
+    r = h.Results((("rid-1", {"ok": True, "result": {"name": "a"}}), ("rid-2", {"ok": False})))
+    _, got = decode(encode(r))
+    assert got == r
+    for bad in (b"{}", b"[1]", b'[["a"]]', b"\xff"):
+        with pytest.raises(ProtocolError):
+            decode(frame.pack(h.MAGIC, 1, h.RESULTS, bad))
+
+
+def test_pre_copy_deltas_change_the_end_accounting():
+    p = Pair()
+    p.hello(2, 2)
+    p.s2t(Batch.of(0, make_records(2)))
+    p.s2t(Batch.of(1, make_records(1, 10), replace=True))  # one more entry
+    p.s2t(h.Delete.of([("n0", 0)]))
+    with pytest.raises(ProtocolError, match="snapshot batch"):
+        p.tgt.receive(encode(Batch.of(2, make_records(1, 20))), 1)
+    p.s2t(End(2, 3, p.src.digest))  # 2 entries in the end, 3 fds sent
+    assert p.tgt.state is State.ENDED
+
+
+@given(t=st.integers(0, 255).filter(lambda t: not 1 <= t <= 12), payload=st.binary(max_size=64))
 def test_unknown_message_type(t, payload):
     assert_protocol_error(raw_frame(t, payload), 0, match=f"unknown message type {t}")
 
@@ -540,8 +573,8 @@ def _transferred(n: int = 4) -> Pair:
 @pytest.mark.parametrize("end,match", [
     (lambda p: End(4, 4, bytes(16)), "digest"),
     (lambda p: End(4, 4, p.src.digest[::-1]), "digest"),
-    (lambda p: End(3, 4, p.src.digest), "3 entries/4 fds"),
-    (lambda p: End(4, 5, p.src.digest), "4 entries/5 fds"),
+    (lambda p: End(3, 4, p.src.digest), "3 entries, 4 arrived"),
+    (lambda p: End(4, 5, p.src.digest), "sent 5 fds, 4 arrived"),
 ])
 def test_end_is_checked_by_the_target(end, match):
     p = _transferred()
@@ -593,6 +626,8 @@ def _any(ev_type, m: Handoff):
         Commit: Commit(False),
         Confirm: Confirm(2),
         h.Manifest: h.Manifest.of([("m", 1)]),
+        h.Delete: h.Delete.of([("m", 1)]),
+        h.Results: h.Results((("r", None),)),
     }[ev_type]
 
 

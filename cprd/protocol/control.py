@@ -36,9 +36,9 @@ MORE = 1
 
 # op -> (required args with types, optional args with types and defaults, fds on the request)
 OPS: dict[str, tuple[dict[str, type], dict[str, tuple[type, Any]], int]] = {
-    "put": ({"name": str, "id": int}, {"replace": (bool, False)}, 1),
+    "put": ({"name": str, "id": int}, {"replace": (bool, False), "rid": (str, "")}, 1),
     "get": ({"name": str, "id": int}, {}, 0),
-    "del": ({"name": str, "id": int}, {}, 0),
+    "del": ({"name": str, "id": int}, {"rid": (str, "")}, 0),
     "ls": ({}, {}, 0),
     "status": ({}, {}, 0),
     "handoff": ({"to": str}, {"batch": (int, 253), "window": (int, 4)}, 0),
@@ -96,6 +96,8 @@ def parse_request(obj: dict[str, Any], nfds: int) -> Request:
         args[key] = _typed(op, key, obj[key], typ)
     for key, (typ, default) in optional.items():
         args[key] = _typed(op, key, obj[key], typ) if key in obj else default
+    if len(args.get("rid", "")) > 128:
+        raise UsageError(f"{op}: request id of {len(args['rid'])} characters, at most 128")
     extra = set(obj) - set(required) - set(optional) - {"op"}
     if extra:
         raise UsageError(f"{op}: unknown argument(s) {', '.join(sorted(extra))}")

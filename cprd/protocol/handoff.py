@@ -41,6 +41,7 @@ tests/golden/.
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
 from dataclasses import dataclass, field
 from enum import Enum
@@ -59,7 +60,8 @@ MAX_PAYLOAD = 128 * 1024  # a full batch of 253 records with 255-byte names is 7
 DIGEST_SIZE = 16
 
 # message types
-SOURCE_HELLO, TARGET_HELLO, BATCH, ACK, END, READY, COMMIT, CONFIRM, ABORT, MANIFEST = range(1, 11)
+SOURCE_HELLO, TARGET_HELLO, BATCH, ACK, END, READY, COMMIT, CONFIRM, ABORT, MANIFEST, DELETE, RESULTS = range(1, 13)
+REPLACE = 0x0001  # Batch flag: a pre-copy delta; each record replaces what its key holds
 
 _SOURCE_HELLO = struct.Struct("<HHIIIHH")  # min_ver, max_ver, pid, entries, fds, batch_max, path_len
 _TARGET_HELLO = struct.Struct("<HIIII")  # version, pid, fd_limit, open_fds, capacity
@@ -116,10 +118,11 @@ class Batch:
     raw: bytes = field(repr=False)
     fixed: list[tuple] | None = field(default=None, repr=False)
     names: list[str] | None = field(default=None, repr=False)
+    replace: bool = False  # a delta of the pre-copy: records replace what their keys hold
 
     @classmethod
-    def of(cls, seq: int, records: list[Record]) -> Batch:
-        return cls(seq, len(records), encode_records(records))
+    def of(cls, seq: int, records: list[Record], replace: bool = False) -> Batch:
+        return cls(seq, len(records), encode_records(records), replace=replace)
 
     def records(self) -> list[Record]:
         if self.fixed is None or self.names is None:
@@ -128,7 +131,8 @@ class Batch:
                 for f, n in zip(self.fixed, self.names)]
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Batch) and (self.seq, self.count, self.raw) == (other.seq, other.count, other.raw)
+        return isinstance(other, Batch) and (self.seq, self.count, self.raw, self.replace) == \
+            (other.seq, other.count, other.raw, other.replace)
 
 
 @dataclass(slots=True, frozen=True)
@@ -176,6 +180,32 @@ class Abort:
     message: str
 
 
+def _encode_keys(keys: list[tuple[str, int]]) -> bytes:
+    pack = _KEY.pack
+    parts = []
+    for name, id_ in keys:
+        nb = name.encode("utf-8")
+        parts.append(pack(id_, len(nb)))
+        parts.append(nb)
+    return b"".join(parts)
+
+
+def _decode_keys(p: bytes, count: int, what: str) -> list[tuple[str, int]]:
+    out, off = [], 0
+    for i in range(count):
+        if off + _KEY.size > len(p):
+            raise ProtocolError(f"handoff {what}: key {i} of {count} is cut short")
+        id_, nlen = _KEY.unpack_from(p, off)
+        off += _KEY.size
+        if nlen == 0 or off + nlen > len(p):
+            raise ProtocolError(f"handoff {what}: key {i} has a name length of {nlen} that does not fit")
+        out.append((_name(p[off:off + nlen], i), id_))
+        off += nlen
+    if off != len(p):
+        raise ProtocolError(f"handoff {what}: {len(p) - off} bytes left after {count} keys")
+    return out
+
+
 @dataclass(slots=True, eq=False)
 class Manifest:
     """Keys of entries the source will send (a chunk of the whole list). The target keeps the raw
@@ -186,36 +216,45 @@ class Manifest:
 
     @classmethod
     def of(cls, keys: list[tuple[str, int]]) -> Manifest:
-        pack = _KEY.pack
-        parts = []
-        for name, id_ in keys:
-            nb = name.encode("utf-8")
-            parts.append(pack(id_, len(nb)))
-            parts.append(nb)
-        return cls(len(keys), b"".join(parts))
+        return cls(len(keys), _encode_keys(keys))
 
     def keys(self) -> list[tuple[str, int]]:
-        out, off, p = [], 0, self.raw
-        for i in range(self.count):
-            if off + _KEY.size > len(p):
-                raise ProtocolError(f"handoff manifest: key {i} of {self.count} is cut short")
-            id_, nlen = _KEY.unpack_from(p, off)
-            off += _KEY.size
-            if nlen == 0 or off + nlen > len(p):
-                raise ProtocolError(f"handoff manifest: key {i} has a name length of {nlen} that does not fit")
-            out.append((_name(p[off:off + nlen], i), id_))
-            off += nlen
-        if off != len(p):
-            raise ProtocolError(f"handoff manifest: {len(p) - off} bytes left after {self.count} keys")
-        return out
+        return _decode_keys(self.raw, self.count, "manifest")
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Manifest) and (self.count, self.raw) == (other.count, other.raw)
 
 
-Event = SourceHello | TargetHello | Batch | Ack | End | Ready | Commit | Confirm | Abort | Manifest
+@dataclass(slots=True, eq=False)
+class Delete:
+    """A pre-copy delta: these keys were deleted since they were sent. Covered by the digest."""
+
+    count: int
+    raw: bytes = field(repr=False)
+
+    @classmethod
+    def of(cls, keys: list[tuple[str, int]]) -> Delete:
+        return cls(len(keys), _encode_keys(keys))
+
+    def keys(self) -> list[tuple[str, int]]:
+        return _decode_keys(self.raw, self.count, "delete")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Delete) and (self.count, self.raw) == (other.count, other.raw)
+
+
+@dataclass(slots=True, frozen=True)
+class Results:
+    """Answers the source gave to recent mutations, by request id, so that a client that retries a
+    mutation at the target gets the same answer instead of applying it twice. JSON payload."""
+
+    results: tuple[tuple[str, object], ...]
+
+
+Event = SourceHello | TargetHello | Batch | Ack | End | Ready | Commit | Confirm | Abort | Manifest | Delete | Results
 _TYPE = {SourceHello: SOURCE_HELLO, TargetHello: TARGET_HELLO, Batch: BATCH, Ack: ACK, End: END,
-         Ready: READY, Commit: COMMIT, Confirm: CONFIRM, Abort: ABORT, Manifest: MANIFEST}
+         Ready: READY, Commit: COMMIT, Confirm: CONFIRM, Abort: ABORT, Manifest: MANIFEST, Delete: DELETE,
+         Results: RESULTS}
 
 
 # -- codec ----------------------------------------------------------------------------------
@@ -253,9 +292,16 @@ def encode(ev: Event, version: int = VERSION) -> bytes:
             p = _ABORT.pack(ev.code) + ev.message.encode("utf-8", "replace")[:4096]
         case Manifest():
             p = _MANIFEST.pack(ev.count) + ev.raw
+        case Delete():
+            p = _MANIFEST.pack(ev.count) + ev.raw
+        case Results():
+            p = json.dumps([list(r) for r in ev.results], separators=(",", ":")).encode()
+            if len(p) > MAX_PAYLOAD:
+                raise ProtocolError(f"handoff results: {len(p)} bytes, over the limit of {MAX_PAYLOAD}")
         case _:
             raise TypeError(f"not a handoff event: {ev!r}")
-    return frame.pack(MAGIC, version, _TYPE[type(ev)], p)
+    flags = REPLACE if isinstance(ev, Batch) and ev.replace else 0
+    return frame.pack(MAGIC, version, _TYPE[type(ev)], p, flags)
 
 
 def _need(p: memoryview, n: int, what: str) -> None:
@@ -318,9 +364,9 @@ def decode(data: bytes, nfds: int = 0) -> tuple[int, Event]:
     if not MIN_VERSION <= version <= VERSION and type_ != SOURCE_HELLO:
         raise ProtocolError(f"handoff: protocol version {version} is not one this cprd speaks "
                             f"({MIN_VERSION}..{VERSION}); upgrade the older side")
-    if flags and version <= VERSION:  # no handoff message of a version we know defines a flag
-        raise ProtocolError(f"handoff: frame flags {flags:#06x} set, but version {version} defines none; "
-                            "is the peer a cprd of a compatible version?")
+    if flags and version <= VERSION and not (type_ == BATCH and flags == REPLACE):
+        raise ProtocolError(f"handoff: frame flags {flags:#06x} set on message type {type_}, which version "
+                            f"{version} does not define; is the peer a cprd of a compatible version?")
     expect_fds = 0
     ev: Event
     if type_ == SOURCE_HELLO:
@@ -346,7 +392,7 @@ def decode(data: bytes, nfds: int = 0) -> tuple[int, Event]:
             raise ProtocolError(f"handoff batch: {count} records, expected 1..{SCM_MAX_FD}")
         raw = bytes(p[_BATCH.size:])
         fixed, names = decode_records(raw, count)
-        ev = Batch(seq, count, raw, fixed, names)
+        ev = Batch(seq, count, raw, fixed, names, bool(flags & REPLACE))
         expect_fds = count
     elif type_ == ACK:
         _exact(p, _ACK.size, "ack")
@@ -374,6 +420,22 @@ def decode(data: bytes, nfds: int = 0) -> tuple[int, Event]:
             raise ProtocolError(f"handoff manifest: {count} keys, expected 1..{MANIFEST_CHUNK}")
         ev = Manifest(count, bytes(p[_MANIFEST.size:]))
         ev.keys()  # validate now: names, lengths, count (the keys are dropped again)
+    elif type_ == DELETE:
+        _need(p, _MANIFEST.size, "delete")
+        (count,) = _MANIFEST.unpack_from(p)
+        if count == 0 or count > MANIFEST_CHUNK:
+            raise ProtocolError(f"handoff delete: {count} keys, expected 1..{MANIFEST_CHUNK}")
+        ev = Delete(count, bytes(p[_MANIFEST.size:]))
+        ev.keys()  # deltas are small: check them now
+    elif type_ == RESULTS:
+        try:
+            obj = json.loads(bytes(p).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise ProtocolError("handoff results: payload is not UTF-8 JSON") from None
+        if not isinstance(obj, list) or not all(isinstance(r, list) and len(r) == 2 and isinstance(r[0], str)
+                                                for r in obj):
+            raise ProtocolError("handoff results: expected a list of [request id, answer] pairs")
+        ev = Results(tuple((r[0], r[1]) for r in obj))
     elif type_ == ABORT:
         _need(p, _ABORT.size, "abort")
         (code,) = _ABORT.unpack_from(p)
@@ -401,6 +463,7 @@ class State(Enum):
 
 SENDER: dict[type, str] = {
     SourceHello: "source", Batch: "source", End: "source", Commit: "source", Manifest: "source",
+    Delete: "source", Results: "source",
     TargetHello: "target", Ack: "target", Ready: "target", Confirm: "target",
 }
 
@@ -410,6 +473,8 @@ TRANSITIONS: dict[tuple[State, type], State] = {
     (State.HELLO, TargetHello): State.TRANSFER,
     (State.TRANSFER, Batch): State.TRANSFER,
     (State.TRANSFER, Manifest): State.TRANSFER,
+    (State.TRANSFER, Delete): State.TRANSFER,
+    (State.TRANSFER, Results): State.TRANSFER,
     (State.TRANSFER, Ack): State.TRANSFER,
     (State.TRANSFER, End): State.ENDED,
     (State.ENDED, Ack): State.ENDED,
@@ -440,6 +505,8 @@ class Handoff:
         self.fds = 0
         self._digest = hashlib.blake2b(digest_size=DIGEST_SIZE)
         self.manifests: list[Manifest] = []
+        self.deltas = 0  # pre-copy delta messages (replace batches and deletes)
+        self.end: End | None = None
         self.hello: SourceHello | None = None
         self.peer_hello: TargetHello | None = None
         self.abort: Abort | None = None
@@ -477,6 +544,9 @@ class Handoff:
                 raise ProtocolError(
                     f"handoff: source speaks versions {ev.min_version}..{ev.max_version}, this cprd "
                     f"{MIN_VERSION}..{VERSION}; upgrade the older side")
+            if ev.fds != ev.entries:  # version 1: one fd an entry
+                raise ProtocolError(f"handoff hello: {ev.entries} entries but {ev.fds} fds; version 1 has one fd "
+                                    "an entry")
             self.version = min(ev.max_version, VERSION)
             self.hello = ev
         elif isinstance(ev, TargetHello):
@@ -493,12 +563,19 @@ class Handoff:
             bmax = self.hello.batch_max if self.hello else SCM_MAX_FD
             if ev.count > bmax:
                 raise ProtocolError(f"handoff: batch of {ev.count} fds exceeds the agreed {bmax}")
-            if self.hello and self.records + ev.count > self.hello.entries:
+            if ev.replace:
+                self.deltas += 1
+            elif self.deltas:
+                raise ProtocolError(f"handoff: snapshot batch {ev.seq} after a pre-copy delta")
+            elif self.hello and self.records + ev.count > self.hello.entries:
                 raise ProtocolError(f"handoff: more entries arrived than the {self.hello.entries} announced")
             self.next_seq += 1
             self.records += ev.count
             self.fds += ev.count
             self._digest.update(ev.raw)
+        elif isinstance(ev, Delete):
+            self.deltas += 1
+            self._digest.update(b"D" + ev.raw)
         elif isinstance(ev, Manifest):
             announced = self.hello.entries if self.hello else 0
             if sum(m.count for m in self.manifests) + ev.count > announced:
@@ -511,18 +588,22 @@ class Handoff:
                 raise ProtocolError(f"handoff: ack for batch {ev.seq}, which was never sent")
             self.acked += 1
         elif isinstance(ev, End):
-            if ev.entries != self.records or ev.fds != self.fds:
-                raise ProtocolError(f"handoff end: source says {ev.entries} entries/{ev.fds} fds, "
-                                    f"{self.records}/{self.fds} arrived")
-            if self.hello and (ev.entries, ev.fds) != (self.hello.entries, self.hello.fds):
+            # entries = the source's table at the end (deltas may add and delete): the I/O layer,
+            # which holds the table, checks it; the stream itself is checked here.
+            if ev.fds != self.fds:
+                raise ProtocolError(f"handoff end: source says it sent {ev.fds} fds, {self.fds} arrived")
+            if not self.deltas and ev.entries != self.records:
+                raise ProtocolError(f"handoff end: source says {ev.entries} entries, {self.records} arrived")
+            if self.hello and not self.deltas and (ev.entries, ev.fds) != (self.hello.entries, self.hello.fds):
                 raise ProtocolError(f"handoff end: {ev.entries} entries/{ev.fds} fds sent, "
                                     f"{self.hello.entries}/{self.hello.fds} announced")
             if ev.digest != self.digest:
                 raise ProtocolError("handoff end: digest of the entries does not match what arrived")
+            self.end = ev
         elif isinstance(ev, Ready):
-            if ev.entries != self.records or ev.digest != self.digest:
+            if ev.digest != self.digest or (self.end is not None and ev.entries != self.end.entries):
                 raise ProtocolError(f"handoff ready: target holds {ev.entries} entries with another digest "
-                                    f"than the {self.records} sent")
+                                    f"than the {self.end.entries if self.end else self.records} sent")
 
     def send(self, ev: Event) -> bytes:
         self._step(ev, self.role)

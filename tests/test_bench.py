@@ -1,0 +1,133 @@
+"""`cprd bench`: the commands run, their JSON has the fields scripts read, --plot draws or refuses
+clearly. Behaviour and counts only: no timing is compared with a threshold (the machine is shared)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run(*args: str, code: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run `cprd ARGS` (or `python -c CODE ARGS`) in a fresh process; capture text output."""
+    cmd = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "cprd", *args]
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
+
+
+def json_of(p: subprocess.CompletedProcess) -> list[dict]:
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+def matplotlib_importable() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# Runs cprd's CLI with matplotlib made unimportable, as if the plot extra were not installed.
+WITHOUT_MATPLOTLIB = (
+    "import sys; sys.modules['matplotlib'] = None; "
+    "from cprd.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+def test_find_json_has_the_fields():
+    rows = json_of(run("bench", "find", "--sizes", "50,100", "--reps", "1", "--json"))
+    assert [r["fds"] for r in rows] == [50, 100]
+    for r in rows:
+        assert r["reps"] == 1
+        assert isinstance(r["list_ns"], int) and r["list_ns"] > 0
+        assert isinstance(r["hash_ns"], int) and r["hash_ns"] > 0
+        assert r["ratio"] == pytest.approx(r["list_ns"] / r["hash_ns"], rel=0.01, abs=0.06)
+        assert "qemu_ratio" not in r  # QEMU published no figures for these sizes
+
+
+def test_find_carries_qemu_published_figures_at_their_sizes():
+    (r,) = json_of(run("bench", "find", "--sizes", "540", "--reps", "1", "--json"))
+    assert (r["qemu_qlist_ns"], r["qemu_ghash_ns"]) == (936_753, 393_358)
+
+
+def test_memory_json_has_the_fields_and_a_sane_value():
+    (r,) = json_of(run("bench", "memory", "--sizes", "100", "--json"))
+    assert r["fds"] == r["entries"] == 100
+    # An entry holds at least an Entry tuple, an Identity tuple and a dict slot (~200 bytes), and
+    # nowhere near 16 KiB.
+    assert 150 < r["tracemalloc_bytes_per_entry"] < 16384
+    assert isinstance(r["rss_bytes_per_entry"], (int, float))
+    assert r["goal_bytes_per_entry"] == 1024
+    assert r["within_goal"] == (r["tracemalloc_bytes_per_entry"] <= 1024)
+
+
+def test_memory_closes_every_fd_it_opened():
+    code = (
+        "import os, sys; from cprd.bench import bench_memory; "
+        "before = len(os.listdir('/proc/self/fd')); bench_memory([60]); "
+        "sys.exit(len(os.listdir('/proc/self/fd')) - before)"
+    )
+    p = run(code=code)
+    assert p.returncode == 0, f"{p.returncode} fds left open; {p.stderr}"
+
+
+def test_memory_skips_a_size_beyond_the_fd_limit():
+    p = run("bench", "memory", "--sizes", "100,10000000", "--json")
+    rows = json_of(p)
+    assert rows[0]["entries"] == 100
+    assert rows[1]["fds"] >= 10_000_000 and "fd limit" in rows[1]["skipped"]
+
+
+def test_handoff_json_has_the_fields():
+    (r,) = json_of(run("bench", "handoff", "--fds", "300", "--reps", "1", "--json"))
+    assert r["fds"] == 300 and r["reps"] == 1 and r["kinds"] == "mixed"
+    for k in ("floor_ms", "one_per_message_ms", "handoff_ms", "freeze_ms"):
+        assert isinstance(r[k], (int, float)) and r[k] > 0, k
+    assert r["phases_ms"]
+
+
+def test_bad_sizes_are_usage_errors():
+    for args in (["find", "--sizes", "a,b"], ["memory", "--sizes", "0"], ["find", "--reps", "0"]):
+        p = run("bench", *args, "--json")
+        assert p.returncode == 2, args
+        assert "cprd: error:" in p.stderr and p.stdout == ""
+
+
+@pytest.mark.skipif(not matplotlib_importable(), reason="matplotlib not installed (pip install 'cprd[plot]')")
+@pytest.mark.parametrize("bench", [
+    ["find", "--sizes", "50,100", "--reps", "1"],
+    ["handoff", "--fds", "300", "--reps", "1"],
+])
+def test_plot_writes_a_png(tmp_path, bench):
+    out = tmp_path / "figure.png"
+    rows = json_of(run("bench", *bench, "--json", "--plot", str(out)))
+    assert rows  # the JSON on stdout is unchanged by --plot
+    data = out.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+
+
+@pytest.mark.parametrize("bench", [["find", "--sizes", "50"], ["handoff", "--fds", "300"]])
+def test_plot_without_matplotlib_exits_2_saying_what_to_install(tmp_path, bench):
+    out = tmp_path / "figure.png"
+    p = run("bench", *bench, "--reps", "1", "--json", "--plot", str(out), code=WITHOUT_MATPLOTLIB)
+    assert p.returncode == 2
+    assert "matplotlib" in p.stderr and "pip install 'cprd[plot]'" in p.stderr
+    assert p.stdout == ""  # nothing was measured
+    assert not out.exists()
+    assert os.listdir(tmp_path) == []
+
+
+def test_plot_to_a_missing_directory_is_refused_before_measuring(tmp_path):
+    p = run("bench", "find", "--sizes", "50", "--reps", "1", "--plot", str(tmp_path / "no" / "f.png"))
+    assert p.returncode == 2 and "does not exist" in p.stderr and p.stdout == ""
+
+
+def test_importing_cprd_does_not_import_matplotlib():
+    p = run(code="import sys, cprd, cprd.cli, cprd.bench; cprd.cli.build_parser(); "
+                 "sys.exit('matplotlib' in sys.modules)")
+    assert p.returncode == 0
