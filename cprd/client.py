@@ -5,13 +5,30 @@
         info, fd2 = c.get("guest-ram", 0)
         c.status()["entries"]
 
+    async with AsyncClient() as c:      # the same, for trio
+        await c.put("guest-ram", 0, fd)
+
 Every method raises the CprdError subclass the daemon reported, with its message.
+
+Retries: once a client has reached a daemon, a request that gets no answer (the connection
+closed or broke, or the socket refused while a new owner takes over) is sent again on a new
+connection to the same path, for up to `retry_for` seconds. That is what makes a handoff
+invisible to clients: the old owner hangs up on requests it will not apply, the new one answers.
+Mutations (put, del) carry a request id (`rid`); a daemon remembers its answers to recent ones
+(and hands them on with the table), so a retried mutation is applied exactly once. A handoff
+request is never retried.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
 import socket
+import time
+import uuid
 from typing import Any
+
+import trio
 
 from . import scm
 from .errors import ControlError, error_from_code
@@ -19,25 +36,64 @@ from .fds import OwnedFds
 from .paths import control_path
 from .protocol import control as cp
 
+MUTATIONS = ("put", "del")
+RETRY_FOR = 30.0
 
-def _request(sock: socket.socket, op: str, fds: list[int], args: dict[str, Any]) -> tuple[Any, OwnedFds]:
-    scm.send_sync(sock, cp.encode_request(op, **args), fds, f"control {op}")
-    reader = cp.ReplyReader()
-    got = OwnedFds()
-    try:
-        while True:
-            data, fds_in = scm.recv_sync(sock, cp.MAX_FRAME, 1, f"control {op} reply")
-            got.fds.extend(fds_in.take())
-            reply = reader.feed(data)
-            if reply is not None:
-                break
-    except BaseException:
-        got.close()
-        raise
+
+class _Session:
+    """State shared by the sync and async clients: request ids and the retry policy."""
+
+    def __init__(self, path: str | None, timeout: float | None, retry_for: float) -> None:
+        self.path = control_path(path)
+        self.timeout = timeout
+        self.retry_for = retry_for
+        self._cid = uuid.uuid4().hex[:12]
+        self._n = itertools.count(1)
+        self._ever = False  # reached a daemon once: from then on, connection failures are retried
+        self.retries = 0
+
+    def prepare(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        if op in MUTATIONS and not args.get("rid"):
+            args = {**args, "rid": f"{self._cid}-{next(self._n)}"}
+        return args
+
+    def may_retry(self, op: str, deadline: float) -> bool:
+        return op != "handoff" and self._ever and time.monotonic() < deadline
+
+    def connect_error(self, e: OSError) -> ControlError:
+        if isinstance(e, (FileNotFoundError, ConnectionRefusedError)):
+            return ControlError(f"no cprd serves {self.path} ({e.strerror}); start one with `cprd source` or point "
+                                "--control / CPRD_CONTROL at the right socket")
+        return ControlError(f"cannot connect to {self.path}: {e.strerror}")
+
+
+RETRYABLE = (scm.Closed, ControlError, ConnectionError)
+
+
+def _reply_of(reader: cp.ReplyReader, data: bytes, got: OwnedFds, fds_in: OwnedFds) -> dict | None:
+    got.fds.extend(fds_in.take())
+    return reader.feed(data)
+
+
+def _result(reply: dict, got: OwnedFds) -> tuple[Any, OwnedFds]:
     if not reply.get("ok"):
         got.close()
         raise error_from_code(str(reply.get("error")), str(reply.get("message")))
     return reply.get("result"), got
+
+
+def _request(sock: socket.socket, op: str, fds: list[int], args: dict[str, Any]) -> tuple[Any, OwnedFds]:
+    scm.send_sync(sock, cp.encode_request(op, **args), fds, f"control {op}")
+    reader, got = cp.ReplyReader(), OwnedFds()
+    try:
+        while True:
+            data, fds_in = scm.recv_sync(sock, cp.MAX_FRAME, 1, f"control {op} reply")
+            reply = _reply_of(reader, data, got, fds_in)
+            if reply is not None:
+                return _result(reply, got)
+    except BaseException:
+        got.close()
+        raise
 
 
 def status_over(sock: socket.socket) -> dict[str, Any]:
@@ -47,24 +103,28 @@ def status_over(sock: socket.socket) -> dict[str, Any]:
 
 
 class Client:
-    def __init__(self, path: str | None = None, timeout: float | None = 60.0) -> None:
-        self.path = control_path(path)
-        self.timeout = timeout
+    def __init__(self, path: str | None = None, timeout: float | None = 60.0, retry_for: float = RETRY_FOR) -> None:
+        self._s = _Session(path, timeout, retry_for)
         self._sock: socket.socket | None = None
+
+    @property
+    def path(self) -> str:
+        return self._s.path
+
+    @property
+    def retries(self) -> int:
+        return self._s.retries
 
     def connect(self) -> Client:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        s.settimeout(self.timeout)
+        s.settimeout(self._s.timeout)
         try:
-            s.connect(self.path)
-        except (FileNotFoundError, ConnectionRefusedError) as e:
-            s.close()
-            raise ControlError(f"no cprd serves {self.path} ({e.strerror}); start one with `cprd source` or point "
-                               "--control / CPRD_CONTROL at the right socket") from None
+            s.connect(self._s.path)
         except OSError as e:
             s.close()
-            raise ControlError(f"cannot connect to {self.path}: {e.strerror}") from None
+            raise self._s.connect_error(e) from None
         self._sock = s
+        self._s._ever = True
         return self
 
     def close(self) -> None:
@@ -80,10 +140,21 @@ class Client:
 
     def request(self, op: str, fds: list[int] | None = None, **args: Any) -> tuple[Any, OwnedFds]:
         """Send one request; returns (result, fds that came with the reply, owned by the caller)."""
-        if self._sock is None:
-            self.connect()
-        assert self._sock is not None
-        return _request(self._sock, op, list(fds or []), args)
+        args = self._s.prepare(op, args)
+        deadline, delay = time.monotonic() + self._s.retry_for, 0.002
+        while True:
+            try:
+                if self._sock is None:
+                    self.connect()
+                assert self._sock is not None
+                return _request(self._sock, op, list(fds or []), args)
+            except RETRYABLE:
+                self.close()
+                if not self._s.may_retry(op, deadline):
+                    raise
+                self._s.retries += 1
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
 
     def _call(self, op: str, **args: Any) -> Any:
         result, fds = self.request(op, **args)
@@ -99,14 +170,7 @@ class Client:
     def get(self, name: str, id: int) -> tuple[dict[str, Any], int]:
         """The entry and a new fd for it (the caller owns and must close the fd)."""
         result, fds = self.request("get", name=name, id=id)
-        got = fds.take()
-        if len(got) != 1:
-            for fd in got:
-                import os
-
-                os.close(fd)
-            raise ControlError(f"get ({name!r}, {id}): the daemon sent {len(got)} fds, expected 1")
-        return result, got[0]
+        return result, _one_fd(fds, name, id)
 
     def delete(self, name: str, id: int) -> dict[str, Any]:
         return self._call("del", name=name, id=id)
@@ -119,3 +183,111 @@ class Client:
 
     def handoff(self, to: str, batch: int = 253, window: int = 4) -> dict[str, Any]:
         return self._call("handoff", to=to, batch=batch, window=window)
+
+
+def _one_fd(fds: OwnedFds, name: str, id: int) -> int:
+    got = fds.take()
+    if len(got) != 1:
+        for fd in got:
+            os.close(fd)
+        raise ControlError(f"get ({name!r}, {id}): the daemon sent {len(got)} fds, expected 1")
+    return got[0]
+
+
+class AsyncClient:
+    """The same client for trio programs (one request at a time per client)."""
+
+    def __init__(self, path: str | None = None, timeout: float | None = 60.0, retry_for: float = RETRY_FOR) -> None:
+        self._s = _Session(path, timeout, retry_for)
+        self._sock: Any = None
+
+    @property
+    def path(self) -> str:
+        return self._s.path
+
+    @property
+    def retries(self) -> int:
+        return self._s.retries
+
+    async def connect(self) -> AsyncClient:
+        s = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            await s.connect(self._s.path)
+        except OSError as e:
+            s.close()
+            raise self._s.connect_error(e) from None
+        self._sock = s
+        self._s._ever = True
+        return self
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return await self.connect() if self._sock is None else self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    async def _once(self, op: str, fds: list[int], args: dict[str, Any]) -> tuple[Any, OwnedFds]:
+        if self._sock is None:
+            await self.connect()
+        await scm.send(self._sock, cp.encode_request(op, **args), fds, f"control {op}")
+        reader, got = cp.ReplyReader(), OwnedFds()
+        try:
+            while True:
+                data, fds_in = await scm.recv(self._sock, cp.MAX_FRAME, 1, f"control {op} reply")
+                reply = _reply_of(reader, data, got, fds_in)
+                if reply is not None:
+                    return _result(reply, got)
+        except BaseException:
+            got.close()
+            raise
+
+    async def request(self, op: str, fds: list[int] | None = None, **args: Any) -> tuple[Any, OwnedFds]:
+        args = self._s.prepare(op, args)
+        deadline, delay = time.monotonic() + self._s.retry_for, 0.002
+        while True:
+            try:
+                if self._s.timeout is None:
+                    return await self._once(op, list(fds or []), args)
+                with trio.fail_after(self._s.timeout):
+                    return await self._once(op, list(fds or []), args)
+            except RETRYABLE:
+                self.close()
+                if not self._s.may_retry(op, deadline):
+                    raise
+                self._s.retries += 1
+                await trio.sleep(delay)
+                delay = min(delay * 2, 0.05)
+            except BaseException:
+                self.close()  # a cancelled request leaves the connection mid-exchange
+                raise
+
+    async def _call(self, op: str, **args: Any) -> Any:
+        result, fds = await self.request(op, **args)
+        fds.close()
+        return result
+
+    async def put(self, name: str, id: int, fd: int, replace: bool = False) -> dict[str, Any]:
+        result, fds = await self.request("put", [fd], name=name, id=id, replace=replace)
+        fds.close()
+        return result
+
+    async def get(self, name: str, id: int) -> tuple[dict[str, Any], int]:
+        result, fds = await self.request("get", name=name, id=id)
+        return result, _one_fd(fds, name, id)
+
+    async def delete(self, name: str, id: int) -> dict[str, Any]:
+        return await self._call("del", name=name, id=id)
+
+    async def ls(self) -> list[dict[str, Any]]:
+        return await self._call("ls")
+
+    async def status(self) -> dict[str, Any]:
+        return await self._call("status")
+
+    async def handoff(self, to: str, batch: int = 253, window: int = 4) -> dict[str, Any]:
+        return await self._call("handoff", to=to, batch=batch, window=window)

@@ -86,8 +86,8 @@ def notify(*fields: str, env: Mapping[str, str] = os.environ) -> bool:
             s.settimeout(SEND_TIMEOUT)
             s.sendto(message, socket.MSG_NOSIGNAL, addr)
     except OSError as e:  # missing or closed socket, not permitted, queue full past the timeout
-        log.debug("event=notify_failed notify_socket=%r error=%r fields=%r", target, str(e) or type(e).__name__,
-                  fields)
+        log.debug("event=notify_failed notify_socket=%r error=%r fields=%r", target,
+                  str(e) or type(e).__name__, fields)
         return False
     log.debug("event=notified notify_socket=%r fields=%r", target, fields)
     return True
@@ -179,16 +179,16 @@ def _parse_listen_fds(env: Mapping[str, str]) -> list[tuple[int, str]]:
     else:
         names = names_s.split(":") if n else []
         if len(names) != n:
-            raise UsageError(f"LISTEN_FDNAMES={names_s!r} names {len(names)} fds but LISTEN_FDS={n}; they must "
-                             "agree (one colon-separated name per fd)")
+            raise UsageError(f"LISTEN_FDNAMES={names_s!r} names {len(names)} fds but LISTEN_FDS={n}; they "
+                             "must agree (one colon-separated name per fd)")
     fds = list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + n))
     for fd in fds:
         try:
             flags = fcntl.fcntl(fd, fcntl.F_GETFD)
             fcntl.fcntl(fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
         except OSError as e:
-            raise UsageError(f"LISTEN_FDS={n} but fd {fd} is not open ({e.strerror}); the process that started "
-                             "cprd passed a wrong count") from None
+            raise UsageError(f"LISTEN_FDS={n} but fd {fd} is not open ({e.strerror}); the process that "
+                             "started cprd passed a wrong count") from None
     return list(zip(fds, names))
 
 
@@ -205,9 +205,10 @@ def _inspect(fd: int) -> tuple[bool, str]:
     except OSError as e:
         return False, f"not open ({e.strerror})"
     if not stat.S_ISSOCK(st.st_mode):
-        what = ("a pipe or FIFO" if stat.S_ISFIFO(st.st_mode) else "a regular file" if stat.S_ISREG(st.st_mode)
-                else "a character device" if stat.S_ISCHR(st.st_mode) else "a directory"
-                if stat.S_ISDIR(st.st_mode) else f"not a socket (mode {st.st_mode:o})")
+        mode = st.st_mode
+        what = ("a pipe or FIFO" if stat.S_ISFIFO(mode) else "a regular file" if stat.S_ISREG(mode)
+                else "a character device" if stat.S_ISCHR(mode) else "a directory" if stat.S_ISDIR(mode)
+                else f"not a socket (mode {mode:o})")
         return False, what
     s = socket.socket(fileno=fd)  # borrowed: detached below, never closed here
     try:

@@ -418,8 +418,10 @@ def decode(data: bytes, nfds: int = 0) -> tuple[int, Event]:
         (count,) = _MANIFEST.unpack_from(p)
         if count == 0 or count > MANIFEST_CHUNK:
             raise ProtocolError(f"handoff manifest: {count} keys, expected 1..{MANIFEST_CHUNK}")
-        ev = Manifest(count, bytes(p[_MANIFEST.size:]))
-        ev.keys()  # validate now: names, lengths, count (the keys are dropped again)
+        raw = bytes(p[_MANIFEST.size:])
+        if not count * (_KEY.size + 1) <= len(raw) <= count * (_KEY.size + 255):
+            raise ProtocolError(f"handoff manifest: {len(raw)} bytes cannot hold {count} keys")
+        ev = Manifest(count, raw)  # the keys are checked when (if ever) they are read: keys()
     elif type_ == DELETE:
         _need(p, _MANIFEST.size, "delete")
         (count,) = _MANIFEST.unpack_from(p)
