@@ -160,6 +160,12 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return run_demo(fds=a.fds, as_json=a.json)
 
 
+def cmd_stress(a: argparse.Namespace) -> int:
+    from . import stress
+
+    return stress.main(a)
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
     from . import bench
 
@@ -237,6 +243,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--fds", type=int, default=1000, help="about how many fds (default 1000)")
     d.add_argument("--json", action="store_true", help="print the summary as JSON")
     d.set_defaults(func=cmd_demo)
+
+    st = sub.add_parser("stress", help="fd churn from concurrent clients across a chain of handoffs, model-checked")
+    st.add_argument("--fds", type=int, default=1000, help="fds to populate the source with (default 1000)")
+    st.add_argument("--rate", type=float, default=500, help="operations per second over all clients (default 500)")
+    st.add_argument("--handoffs", type=int, default=3, help="handoffs along a chain of targets (default 3)")
+    st.add_argument("--duration", type=float, help="seconds of churn (default: handoffs + 1, at least 2)")
+    st.add_argument("--clients", type=int, default=4, help="concurrent clients (default 4)")
+    st.add_argument("--seed", type=int, default=1, help="random seed of the operation mix")
+    st.add_argument("--json", action="store_true", help="print one JSON object")
+    st.set_defaults(func=cmd_stress)
 
     b = sub.add_parser("bench", help="benchmarks")
     from . import bench

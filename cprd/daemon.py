@@ -78,6 +78,8 @@ class Daemon:
         self.salvage: dict | None = None
         self.source_died = False
         self.results: OrderedDict[str, dict[str, Any]] = OrderedDict()  # recent mutation answers by request id
+        self._results_log: list[str] = []  # request ids in the order answered (for handing them on)
+        self._results_base = 0  # position in that order of _results_log[0]
         self.committing = False  # the listening socket is (about to be) the target's: never unlink its path
         self._frozen: trio.Event | None = None
         self._nursery: trio.Nursery | None = None
@@ -290,8 +292,19 @@ class Daemon:
     def _remember(self, rid: str, reply: dict[str, Any]) -> None:
         if rid:
             self.results[rid] = reply
+            self._results_log.append(rid)
             while len(self.results) > RESULTS_KEPT:
                 self.results.popitem(last=False)
+            if len(self._results_log) > 2 * RESULTS_KEPT:
+                drop = len(self._results_log) - RESULTS_KEPT
+                del self._results_log[:drop]
+                self._results_base += drop
+
+    def results_since(self, mark: int) -> tuple[list[tuple[str, object]], int]:
+        """Answers remembered since `mark` (a position in the log of answers) and the next mark."""
+        rids = self._results_log[max(0, mark - self._results_base):]
+        out = [(rid, self.results[rid]) for rid in dict.fromkeys(rids) if rid in self.results]
+        return out, self._results_base + len(self._results_log)
 
     def _check_room(self) -> None:
         """Refuse a put that would leave the daemon fewer than FD_RESERVE free fds (counted exactly
@@ -336,7 +349,7 @@ class Daemon:
         try:
             res: Result = await send_table(
                 self.table, to, listener_fd=self.listener.fileno(), control_path=self.control_path, batch=batch,
-                window=window, hooks=SourceHooks(freeze, before_commit, lambda: list(self.results.items())))
+                window=window, hooks=SourceHooks(freeze, before_commit, self.results_since))
         except BaseException as e:
             self.state = "serving"
             self.committing = False
@@ -461,6 +474,11 @@ async def serve_target(listen: str, *, config: Config = Config()) -> int:
     d = Daemon(role="target", table=received.table, listener=listener, control_path=control,
                config=config, handoffs=1)
     d.salvage = received.salvage.describe() if received.salvage else None
+    for rid, reply in received.results:  # so that a client retrying at us gets the source's answer
+        if isinstance(reply, dict) and isinstance(reply.get("ok"), bool) and (
+                ("result" in reply) if reply["ok"] else isinstance(reply.get("error"), str)
+                and isinstance(reply.get("message"), str)):
+            d._remember(rid, reply)
     d.source_died = not received.committed
     if received.salvage:
         s = received.salvage

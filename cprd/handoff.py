@@ -225,15 +225,16 @@ class SourceHooks:
 
     freeze(): from now on mutations wait (until the handoff ends); returns once in-flight ones are
     done. before_commit(): stop accepting on the listening socket (it is about to travel).
-    results(): answers to recent mutations by request id, for exactly-once retries."""
+    results(since): the answers to mutations given since mark `since` (by request id, for
+    exactly-once retries), and the mark to ask from next time."""
 
     freeze: Callable[[], Awaitable[None]] | None = None
     before_commit: Callable[[], Awaitable[None]] | None = None
-    results: Callable[[], list[tuple[str, object]]] | None = None
+    results: Callable[[int], tuple[list[tuple[str, object]], int]] | None = None
 
 
-FREEZE_OPS = 64  # freeze once a pre-copy round has at most this many ops left to send
-MAX_ROUNDS = 6  # pre-copy rounds before freezing anyway (churn faster than the copy)
+FREEZE_OPS = 4  # freeze once at most this many ops are left to send (each costs the freeze ~0.05 ms)
+MAX_ROUNDS = 8  # pre-copy rounds before freezing anyway (churn faster than the copy)
 
 
 async def send_table(table: FdTable, to: str, *, listener_fd: int | None, control_path: str,
@@ -335,6 +336,21 @@ class _Sender:
                 await self._send(hp.Delete.of(run), (), "handoff delete")  # type: ignore[arg-type]
             i = j
 
+    async def _settle(self) -> None:
+        """Wait for the acks of every batch sent."""
+        while self.m.unacked:
+            await self._recv("handoff transfer")
+
+    async def _results(self, since: int) -> int:
+        """Send the daemon's answers to mutations given since `since`; return where the next send
+        starts."""
+        if self.hooks.results is None:
+            return since
+        results, nxt = self.hooks.results(since)
+        for i in range(0, len(results), 256):
+            await self._send(hp.Results(tuple(results[i:i + 256])), (), "handoff results")
+        return nxt
+
     async def run(self) -> Result:
         m, table, clock = self.m, self.table, self.clock
         entries = list(table)
@@ -365,11 +381,16 @@ class _Sender:
         clock.mark("snapshot")
         # Pre-copy: while the table changed during the last round, send what changed, as long as
         # that shrinks; then freeze and send the rest.
+        # Every round waits until the target has verified all it was sent, so that the freeze covers
+        # only the last delta, never a backlog of snapshot batches.
+        await self._settle()
         ops = table.take_journal() if table.journal is not None else []
         while len(ops) > FREEZE_OPS and self.rounds < MAX_ROUNDS:
             await self._ops(ops)
+            await self._settle()
             self.rounds += 1
             ops = table.take_journal()
+        results_seq = await self._results(0)  # answers so far, before the freeze
         clock.mark("pre_copy")
         t_freeze = time.perf_counter()
         if self.hooks.freeze is not None:
@@ -377,10 +398,7 @@ class _Sender:
         if table.journal is not None:
             ops += table.take_journal()
         await self._ops(ops)
-        if self.hooks.results is not None:
-            results = self.hooks.results()
-            for i in range(0, len(results), 256):
-                await self._send(hp.Results(tuple(results[i:i + 256])), (), "handoff results")
+        await self._results(results_seq)  # and the few given since
         await self._send(hp.End(len(table), m.fds, m.digest), (), "handoff end")
         fault.point("source", "end", sock=self.sock)
         while not isinstance(await self._recv("handoff verify"), hp.Ready):

@@ -1,0 +1,293 @@
+"""`cprd stress`: fd churn from concurrent clients while a table is handed along a chain of
+targets, checked against a model of every acknowledged operation.
+
+Each client owns a share of the keys (so the order of its acknowledged operations is the order
+they took effect) and mixes put of new real fds, delete, replace and get at its share of --rate.
+A model records what every acknowledged operation left behind (the identity of the fd under each
+key); every get is checked against it during the run and the owning daemon's whole table after.
+Handoffs run at even intervals, each to a fresh `cprd target`. Violations: a get or a final entry
+that differs from the model, a key lost or extra, an fd leaked in the survivor, an old owner that
+did not exit 0. Any violation or failed request makes the exit code non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import psutil
+import trio
+
+from .client import AsyncClient
+from .errors import CprdError
+from .kinds import classify, mixed_spec, spec_fds, spec_string
+from .procs import spawn, stop, wait_for_socket
+
+IDENT = ("kind", "mode", "dev", "ino", "flags")
+
+
+def _ident(d: dict) -> tuple:
+    return tuple(d[k] for k in IDENT)
+
+
+@dataclass
+class Stats:
+    latencies: list[float] = field(default_factory=list)
+    ops: dict[str, int] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+    handoffs: list[dict] = field(default_factory=list)
+    retries: int = 0
+
+
+def _new_fd(kind: int, directory: str, n: int) -> tuple[int, list[int]]:
+    """A real fd of a rotating kind, and extra fds to close with it (the other end of a pair)."""
+    k = kind % 5
+    if k == 0:
+        return os.eventfd(n % 1000, os.EFD_CLOEXEC), []
+    if k == 1:
+        fd = os.memfd_create(f"stress-{n}", os.MFD_CLOEXEC)
+        os.write(fd, n.to_bytes(8, "little"))
+        return fd, []
+    if k == 2:
+        r, w = os.pipe2(os.O_CLOEXEC)
+        return r, [w]
+    if k == 3:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        return a.detach(), [b.detach()]
+    fd = os.open(os.path.join(directory, f"s-{n % 64}"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    return fd, []
+
+
+class _Worker:
+    def __init__(self, i: int, control: str, model: dict, keys: list, stats: Stats, rate: float,
+                 directory: str, seed: int) -> None:
+        self.i, self.control, self.model, self.keys, self.stats = i, control, model, keys, stats
+        self.period = 1.0 / rate if rate > 0 else 0.0
+        self.dir = directory
+        self.rng = random.Random(seed)
+        self.next_id = 0
+
+    async def _timed(self, op: str, coro) -> object:
+        t0 = time.perf_counter()
+        try:
+            return await coro
+        finally:
+            self.stats.latencies.append((time.perf_counter() - t0) * 1e3)
+            self.stats.ops[op] = self.stats.ops.get(op, 0) + 1
+
+    async def run(self, stop_at: float) -> None:
+        async with AsyncClient(self.control, timeout=60) as c:
+            t_next = time.monotonic()
+            while time.monotonic() < stop_at:
+                r = self.rng.random()
+                try:
+                    if r < 0.30 or not self.keys:
+                        await self._put(c, replace=False)
+                    elif r < 0.50:
+                        await self._delete(c)
+                    elif r < 0.70:
+                        await self._put(c, replace=True)
+                    else:
+                        await self._get(c)
+                except CprdError as e:
+                    self.stats.failures.append(f"client {self.i}: {type(e).__name__}: {e}")
+                t_next += self.period
+                delay = t_next - time.monotonic()
+                if delay > 0:
+                    await trio.sleep(delay)
+            self.stats.retries += c.retries
+
+    async def _put(self, c: AsyncClient, replace: bool) -> None:
+        if replace:
+            key = self.rng.choice(self.keys)
+        else:
+            key = (f"stress/{self.i}", self.next_id)
+            self.next_id += 1
+        fd, extra = _new_fd(self.rng.randrange(5), self.dir, self.next_id)
+        try:
+            local = classify(fd)
+            res = await self._timed("replace" if replace else "put", c.put(key[0], key[1], fd, replace=replace))
+        finally:
+            for x in (fd, *extra):
+                os.close(x)
+        if (res["dev"], res["ino"]) != (local.dev, local.ino):
+            self.stats.violations.append(f"put {key}: the daemon stored {res['kind']} {res['ino']}, we sent "
+                                         f"{local.kind.label} {local.ino}")
+        self.model[key] = _ident(res)
+        if not replace:
+            self.keys.append(key)
+
+    async def _delete(self, c: AsyncClient) -> None:
+        key = self.keys.pop(self.rng.randrange(len(self.keys)))
+        await self._timed("del", c.delete(*key))
+        self.model.pop(key, None)
+
+    async def _get(self, c: AsyncClient) -> None:
+        key = self.rng.choice(self.keys)
+        info, fd = await self._timed("get", c.get(*key))
+        os.close(fd)
+        if _ident(info) != self.model[key]:
+            self.stats.violations.append(f"get {key}: identity {_ident(info)} differs from the model "
+                                         f"{self.model[key]}")
+
+
+def _quiet_fds(pid: int) -> int:
+    n = psutil.Process(pid).num_fds()
+    for _ in range(100):
+        time.sleep(0.02)
+        m = psutil.Process(pid).num_fds()
+        if m == n:
+            return n
+        n = m
+    return n
+
+
+async def _handoffs(n: int, start: float, duration: float, control: str, d: str, procs: list, bases: dict,
+                    stats: Stats) -> None:
+    for h in range(n):
+        await trio.sleep_until(start + duration * (h + 1) / (n + 1))
+        listen = os.path.join(d, f"handoff-{h}.sock")
+        tgt = spawn(["target", "--listen", listen])
+        procs.append(tgt)
+        await trio.to_thread.run_sync(wait_for_socket, listen, tgt)
+        bases[tgt.pid] = await trio.to_thread.run_sync(_quiet_fds, tgt.pid)
+        old = procs[-2]
+        try:
+            async with AsyncClient(control, timeout=120, retry_for=0) as c:
+                res = await c.handoff(listen)
+        except CprdError as e:
+            stats.violations.append(f"handoff {h} failed: {e}")
+            return
+        stats.handoffs.append(res)
+        code = await trio.to_thread.run_sync(old.wait, 30)
+        if code != 0:
+            stats.violations.append(f"old owner pid {old.pid} exited {code}, not 0")
+
+
+async def _progress(stats: Stats, stop_at: float) -> None:
+    while time.monotonic() < stop_at:
+        await trio.sleep(0.5)
+        n = sum(stats.ops.values())
+        print(f"\r  ops {n}  handoffs {len(stats.handoffs)}  failed {len(stats.failures)}  "
+              f"violations {len(stats.violations)}", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+
+
+def _pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return 0.0
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+async def run(fds: int, rate: float, handoffs: int, duration: float, clients: int, seed: int,
+              progress: bool) -> dict:
+    stats = Stats()
+    with tempfile.TemporaryDirectory(prefix="cprd-stress-") as d:
+        os.chmod(d, 0o700)
+        control = os.path.join(d, "control.sock")
+        counts = mixed_spec(fds) if fds else {}
+        procs = [spawn(["source", "--control", control, "--populate", spec_string(counts),
+                        "--state-dir", os.path.join(d, "state")])]
+        bases: dict[int, int] = {}
+        try:
+            await trio.to_thread.run_sync(wait_for_socket, control, procs[0])
+            async with AsyncClient(control) as c:
+                entries = await c.ls()
+            model = {(e["name"], e["id"]): _ident(e) for e in entries}
+            bases[procs[0].pid] = await trio.to_thread.run_sync(_quiet_fds, procs[0].pid) - len(model)
+            shares: list[list] = [[] for _ in range(clients)]
+            for i, key in enumerate(sorted(model)):
+                shares[i % clients].append(key)
+            workers = [_Worker(i, control, model, shares[i], stats, rate / clients, d, seed + i)
+                       for i in range(clients)]
+            t0 = time.monotonic()
+            stop_at = t0 + duration
+            async with trio.open_nursery() as n:
+                for w in workers:
+                    n.start_soon(w.run, stop_at)
+                n.start_soon(_handoffs, handoffs, t0, duration, control, d, procs, bases, stats)
+                if progress:
+                    n.start_soon(_progress, stats, stop_at)
+            elapsed = time.monotonic() - t0
+            async with AsyncClient(control) as c:
+                st = await c.status()
+                final = {(e["name"], e["id"]): _ident(e) for e in await c.ls()}
+            _check_table(final, model, stats)
+            owner = next((p for p in procs if p.pid == st["pid"]), None)
+            if owner is None:
+                stats.violations.append(f"the table is owned by pid {st['pid']}, not one of ours")
+            else:
+                _check_fds(owner.pid, st["entries"], bases, stats, first=owner is procs[0])
+            for p in procs:
+                if p is not owner and p.poll() is None:
+                    stats.violations.append(f"pid {p.pid} still runs but does not own the table")
+        finally:
+            for p in procs:
+                stop(p)
+    lat = stats.latencies
+    freezes = [h["freeze_ms"] for h in stats.handoffs]
+    return {
+        "fds": spec_fds(counts) if counts else 0, "rate": rate, "clients": clients, "duration_s": round(elapsed, 3),
+        "ops": len(lat), "ops_per_s": round(len(lat) / elapsed, 1), "by_op": stats.ops,
+        "failed": len(stats.failures), "failures": stats.failures[:20],
+        "violations": len(stats.violations), "violation_details": stats.violations[:20],
+        "retries": stats.retries, "entries": len(model),
+        "handoffs": [{k: h[k] for k in ("entries", "ms", "freeze_ms", "rounds", "delta_ops", "target_pid")}
+                     for h in stats.handoffs],
+        "stall_ms_p50": round(_pct(lat, 50), 3), "stall_ms_p99": round(_pct(lat, 99), 3),
+        "stall_ms_max": round(max(lat, default=0.0), 3),
+        "freeze_ms_max": round(max(freezes, default=0.0), 3),
+        "freeze_ms_median": round(statistics.median(freezes), 3) if freezes else 0.0,
+    }
+
+
+def _check_table(final: dict, model: dict, stats: Stats) -> None:
+    for key in sorted(set(model) - set(final))[:20]:
+        stats.violations.append(f"key {key} acknowledged but missing from the owner's table")
+    for key in sorted(set(final) - set(model))[:20]:
+        stats.violations.append(f"key {key} in the owner's table but never acknowledged (or deleted)")
+    for key in sorted(set(final) & set(model)):
+        if final[key] != model[key]:
+            stats.violations.append(f"key {key}: identity {final[key]} differs from the model {model[key]}")
+
+
+def _check_fds(pid: int, entries: int, bases: dict, stats: Stats, first: bool) -> None:
+    n = _quiet_fds(pid)
+    # A target's fds: what it had waiting, plus its table, the control socket instead of its handoff
+    # socket, and the spare fd a serving daemon keeps. The source: its baseline plus its table.
+    want = bases[pid] + entries if first else bases[pid] + entries + 1
+    if n != want:
+        stats.violations.append(f"owner pid {pid} has {n} fds open, expected {want} ({entries} entries): a leak")
+
+
+def main(a) -> int:
+    if a.fds < 0 or a.rate <= 0 or a.handoffs < 0 or a.clients < 1:
+        from .errors import UsageError
+
+        raise UsageError("--fds and --handoffs must be >= 0, --rate > 0 and --clients >= 1")
+    duration = a.duration if a.duration else max(2.0, a.handoffs * 1.0 + 1.0)
+    progress = sys.stderr.isatty() and not a.json
+    res = trio.run(run, a.fds, a.rate, a.handoffs, duration, a.clients, a.seed, progress)
+    if a.json:
+        print(json.dumps(res))
+    else:
+        print(f"cprd stress: {res['ops']} ops in {res['duration_s']} s ({res['ops_per_s']}/s, {res['clients']} clients, "
+              f"{res['entries']} entries at the end), {len(res['handoffs'])} handoffs")
+        for h in res["handoffs"]:
+            print(f"  handoff to pid {h['target_pid']}: {h['entries']} entries, {h['ms']:.1f} ms, freeze "
+                  f"{h['freeze_ms']:.1f} ms, {h['rounds']} pre-copy rounds, {h['delta_ops']} delta ops")
+        print(f"  client stall ms: p50 {res['stall_ms_p50']}  p99 {res['stall_ms_p99']}  max {res['stall_ms_max']}"
+              f"  (retries {res['retries']})")
+        print(f"  failed requests: {res['failed']}   violations: {res['violations']}")
+        for line in res["failures"][:5] + res["violation_details"][:10]:
+            print(f"    {line}")
+    return 0 if res["failed"] == 0 and res["violations"] == 0 else 1
