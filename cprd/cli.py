@@ -35,7 +35,8 @@ def _config(a: argparse.Namespace):
 
     if a.idle_timeout <= 0 or a.max_clients < 1:
         raise UsageError("--idle-timeout must be positive and --max-clients at least 1")
-    return Config(allow_uids=_uid_list(a.allow_uid), idle_timeout=a.idle_timeout, max_clients=a.max_clients)
+    return Config(allow_uids=_uid_list(a.allow_uid), idle_timeout=a.idle_timeout, max_clients=a.max_clients,
+                  own_args=_own_args())
 
 
 def _print(obj: Any, as_json: bool, human: str) -> None:
@@ -48,7 +49,25 @@ def _setup_logging(level: str) -> None:
 
 
 # -- daemons ---------------------------------------------------------------------------------
+def _own_args() -> tuple[str, ...]:
+    """This command line after `cprd`, without --restore-fd: what an in-place upgrade execs again."""
+    args, out = sys.argv[1:], []
+    skip = False
+    for x in args:
+        if skip:
+            skip = False
+        elif x == "--restore-fd":
+            skip = True
+        elif not x.startswith("--restore-fd="):
+            out.append(x)
+    return tuple(out)
+
+
 def cmd_source(a: argparse.Namespace) -> int:
+    if a.restore_fd is not None:
+        from .daemon import restore_main
+
+        return restore_main(a.restore_fd, _own_args())
     import trio
 
     from .daemon import serve_source
@@ -59,6 +78,10 @@ def cmd_source(a: argparse.Namespace) -> int:
 
 
 def cmd_target(a: argparse.Namespace) -> int:
+    if a.restore_fd is not None:
+        from .daemon import restore_main
+
+        return restore_main(a.restore_fd, _own_args())
     import trio
 
     from .daemon import serve_target
@@ -154,6 +177,22 @@ def cmd_handoff(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_upgrade(a: argparse.Namespace) -> int:
+    from .client import Client
+
+    with Client(a.control, timeout=120, retry_for=0) as c:
+        res = c._call("upgrade", program=os.path.abspath(a.program) if a.program else "")
+    if res["rolled_back"]:
+        human = (f"upgrade did not take: {res['reason']}; pid {res['pid']} serves {res['entries']} entries with the "
+                 "previous program")
+    else:
+        human = f"upgraded in place: pid {res['pid']} serves {res['entries']} entries; no request served for {res['ms']:.1f} ms"
+    _print(res, a.json, human)
+    if res["rolled_back"] and not a.json:
+        print(f"cprd: error: {human}", file=sys.stderr)
+    return 1 if res["rolled_back"] else 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -192,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="close a client connection after S seconds without a request (default 60)")
         sp.add_argument("--max-clients", type=int, default=256, metavar="N",
                         help="serve at most N client connections at once (default 256)")
+        sp.add_argument("--restore-fd", type=int, metavar="FD",
+                        help="(used by an in-place upgrade) restore the daemon from the state in FD")
 
     s = sub.add_parser("source", help="own fds in a table and serve them on the control socket")
     control_opt(s)
@@ -235,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--batch", type=int, default=253, help="fds per message (1..253, default 253)")
     ch.add_argument("--window", type=int, default=4, help="batches in flight before an ack (default 4)")
     ch.set_defaults(func=cmd_handoff)
+    cu = csub.add_parser("upgrade", help="replace the daemon's program in place (same PID, every fd kept)")
+    cu.add_argument("--program", metavar="PATH",
+                    help="the new program (default: the one running, i.e. the cprd now installed)")
+    cu.set_defaults(func=cmd_upgrade)
     for sp in csub.choices.values():
         control_opt(sp)
         sp.add_argument("--json", action="store_true", help="print JSON for scripts")

@@ -37,7 +37,7 @@ from typing import Any
 
 import trio
 
-from . import __version__, scm
+from . import __version__, scm, sdnotify
 from .errors import (BadFd, Busy, CapacityError, CprdError, Denied, HandoffError, KeyMissing, ProtocolError,
                      UsageError, error_from_code)
 from .fds import OwnedFds
@@ -58,6 +58,7 @@ class Config:
     allow_uids: tuple[int, ...] = ()
     idle_timeout: float = 60.0
     max_clients: int = 256
+    own_args: tuple[str, ...] = ()  # the command line after `cprd`, to exec again on an upgrade
 
 
 class Daemon:
@@ -82,6 +83,7 @@ class Daemon:
         self._results_base = 0  # position in that order of _results_log[0]
         self.committing = False  # the listening socket is (about to be) the target's: never unlink its path
         self._frozen: trio.Event | None = None
+        self.upgrades = 0
         self._nursery: trio.Nursery | None = None
         self._accept_scope: trio.CancelScope | None = None
         self._accept_done: trio.Event | None = None
@@ -97,6 +99,9 @@ class Daemon:
             await nursery.start(self._accept_loop)
             log.info("event=serving role=%s pid=%d control=%s entries=%d", self.role, os.getpid(),
                      self.control_path, len(self.table))
+            if self.role == "target":
+                sdnotify.mainpid(os.getpid())  # the service's main process is now this one
+            sdnotify.ready(self.status_line())
             if on_serving is not None:
                 await on_serving()
         return self.exit_code
@@ -107,13 +112,24 @@ class Daemon:
             self._nursery.cancel_scope.cancel()
 
     async def _watch_signals(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
+                if signum == signal.SIGHUP:  # systemd's ExecReload=: upgrade in place to the same program
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._upgrade_logged)
+                    continue
                 log.info("event=stopping signal=%s entries=%d", signal.Signals(signum).name, len(self.table))
+                sdnotify.stopping()
                 if self.state != "handed-off" and not self.committing:
                     unlink_if_same(self.control_path, self.control_fid)
                 self.stop(0)
                 return
+
+    async def _upgrade_logged(self) -> None:
+        try:
+            await self._upgrade(None, None)
+        except CprdError as e:
+            log.error("event=upgrade_failed trigger=SIGHUP error=%r", str(e))
 
     async def _accept_loop(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         done = self._accept_done = trio.Event()
@@ -211,7 +227,7 @@ class Daemon:
                     with fds:
                         try:
                             req = cp.decode_request(data, len(fds))
-                            frames, out_fds = await self._dispatch(req, fds)
+                            frames, out_fds = await self._dispatch(req, fds, conn)
                         except _HandedOff:
                             # The table moved on while this request waited: hang up without an answer;
                             # the client retries at the same path and reaches the new owner.
@@ -236,7 +252,7 @@ class Daemon:
         return True
 
     # -- requests ----------------------------------------------------------------------------
-    async def _dispatch(self, req: cp.Request, fds: OwnedFds) -> tuple[list[bytes], list[int]]:
+    async def _dispatch(self, req: cp.Request, fds: OwnedFds, conn: Any = None) -> tuple[list[bytes], list[int]]:
         a = req.args
         if self.state == "handed-off":
             raise _HandedOff()
@@ -272,6 +288,9 @@ class Daemon:
             return cp.encode_reply(self.status()), []
         if req.op == "handoff":
             return cp.encode_reply(await self._handoff(a["to"], a["batch"], a["window"])), []
+        if req.op == "upgrade":
+            # On success this does not return: the new program answers on this very connection.
+            return cp.encode_reply(await self._upgrade(a["program"] or None, conn)), []
         raise UsageError(f"unknown operation {req.op!r}")  # decode_request already refuses these
 
     def _mutate(self, req: cp.Request, fds: OwnedFds) -> dict[str, Any]:
@@ -324,6 +343,7 @@ class Daemon:
             "pid": os.getpid(), "role": self.role, "state": self.state, "version": __version__,
             "entries": len(self.table), "by_kind": self.table.by_kind(), "fd_limit": soft, "open_fds": n_open,
             "fd_capacity": capacity, "control": self.control_path, "handoffs_received": self.handoffs,
+            "upgrades": self.upgrades,
             "uptime_s": round(time.time() - self.started, 3),
             **({"salvage": self.salvage} if self.salvage else {}),
             **({"source_died": True} if self.source_died else {}),
@@ -370,6 +390,56 @@ class Daemon:
         assert self._nursery is not None
         self._nursery.start_soon(self._exit_soon)
         return res.describe()
+
+    async def _upgrade(self, program: str | None, conn: Any) -> dict[str, Any]:
+        """Exec a new program in this PID with the table (see upgrade.py). Returns only when the exec
+        failed, with everything as it was."""
+        from . import upgrade
+
+        if self.state != "serving":
+            raise Busy(f"the daemon is {self.state}; retry the upgrade when it is done")
+        self.state = "upgrading"
+        self._frozen = trio.Event()
+        t0 = upgrade.now_ms()
+        await self._stop_accepting()  # from now on connections wait in the backlog for the new program
+        try:
+            state = self.upgrade_state(t0, conn.fileno() if conn is not None else None)
+            prep = upgrade.prepare(state, program, list(self.config.own_args))
+            sdnotify.reloading(f"upgrading in place to {prep.argv[0]} with {len(self.table)} entries")
+            log.info("event=upgrade_exec program=%r entries=%d guardian_pid=%d", prep.argv, len(self.table),
+                     prep.guardian_pid)
+            try:
+                prep.exec()
+            except OSError as e:
+                prep.abort()
+                raise upgrade.UpgradeError(
+                    f"cannot run {prep.argv[0]}: {e.strerror}; the running daemon (pid {os.getpid()}) goes on "
+                    "serving, nothing changed") from None
+        except BaseException:
+            self.state = "serving"
+            self._thaw()
+            if self._nursery is not None and self._accept_scope is None:
+                await self._nursery.start(self._accept_loop)
+            sdnotify.ready(self.status_line())
+            raise
+        raise AssertionError("exec returned")  # pragma: no cover
+
+    def upgrade_state(self, t_freeze_ms: float, requester_fd: int | None) -> dict[str, Any]:
+        return {
+            "t_freeze_ms": t_freeze_ms, "role": self.role, "control_path": self.control_path,
+            "control_fid": list(self.control_fid) if self.control_fid else None,
+            "listener_fd": self.listener.fileno(), "requester_fd": requester_fd,
+            "entries": [[e.name, e.id, e.fd, int(e.ident.kind), e.ident.mode, e.ident.dev, e.ident.ino,
+                         e.ident.flags] for e in self.table],
+            "results": [[rid, self.results[rid]] for rid in self.results],
+            "config": {"allow_uids": list(self.config.allow_uids), "idle_timeout": self.config.idle_timeout,
+                       "max_clients": self.config.max_clients},
+            "handoffs": self.handoffs, "upgrades": self.upgrades, "salvage": self.salvage,
+            "pid": os.getpid(),
+        }
+
+    def status_line(self) -> str:
+        return f"serving {len(self.table)} entries on {self.control_path} ({self.role})"
 
     def _thaw(self) -> None:
         if self._frozen is not None:
@@ -419,8 +489,13 @@ async def serve_source(control: str, *, spec: str = "", state_dir: str | None = 
     if need > capacity:
         raise CapacityError(f"--populate asks for {need} fds but this process can open {capacity} more "
                             f"(RLIMIT_NOFILE {soft}, {n_open} open); ask for fewer or raise the limit")
-    listener = bind_listener(control, "control", shared=bool(config.allow_uids))
-    fid = file_id(control)
+    listener = sdnotify.control_listener_from_env(control)  # socket activation (cprd.socket)
+    if listener is not None:
+        fid = None  # systemd's socket file: never ours to remove
+        log.info("event=socket_activated fd=%d", listener.fileno())
+    else:
+        listener = bind_listener(control, "control", shared=bool(config.allow_uids))
+        fid = file_id(control)
     table = FdTable()
     try:
         if need:
@@ -430,6 +505,7 @@ async def serve_source(control: str, *, spec: str = "", state_dir: str | None = 
             log.info("event=populated entries=%d ms=%.1f state_dir=%s", len(table),
                      (time.perf_counter() - t0) * 1e3, directory)
         d = Daemon(role="source", table=table, listener=listener, control_path=control, config=config)
+        d.control_fid = fid
         return await d.run()
     except BaseException:
         unlink_if_same(control, fid)
@@ -450,6 +526,7 @@ async def serve_target(listen: str, *, config: Config = Config()) -> int:
     fid = file_id(listen)
     allowed = {os.geteuid(), 0, *config.allow_uids}
     log.info("event=waiting listen=%s pid=%d", listen, os.getpid())
+    sdnotify.ready(f"waiting for a handoff on {listen}")
     try:
         inc = await accept_handoff(trio.socket.from_stdlib_socket(hs), allowed)
     finally:
@@ -494,3 +571,107 @@ async def serve_target(listen: str, *, config: Config = Config()) -> int:
         inc.close()
 
     return await d.run(on_serving)
+
+
+# -- the new program of an in-place upgrade ------------------------------------------------------
+def restore_main(state_fd: int, own_args: tuple[str, ...]) -> int:
+    """`cprd ... --restore-fd N`: rebuild the daemon from the state an upgrade left in fd N and serve.
+    When it cannot, run the previous program again with the same state (a rollback)."""
+    from . import upgrade
+
+    try:
+        state = upgrade.read_state(state_fd, check_version=False)
+    except (CprdError, OSError) as e:
+        # Without a readable state there is nothing to roll back with; exiting lets the guardian restore.
+        print(f"cprd: error: cannot read the upgrade state in fd {state_fd}: {e}", file=sys.stderr)
+        return 1
+    try:
+        upgrade.read_state(state_fd)  # a version this program does not know: roll back (below)
+        if os.environ.get("CPRD_FAULT") == "restore:raise":
+            raise RuntimeError("test fault: restore raises")
+        table, listener = _rebuild(state, state_fd)
+    except Exception as e:  # noqa: BLE001 - whatever went wrong, the previous program takes over again
+        if state.get("rolled_back"):  # we are the previous program and cannot restore either
+            print(f"cprd: error: the rollback cannot restore either: {e}", file=sys.stderr)
+            return 1
+        try:
+            upgrade.rollback(state_fd, state, f"the new program could not restore: {type(e).__name__}: {e}")
+        except OSError as e2:
+            print(f"cprd: error: cannot run the previous program: {e2}", file=sys.stderr)
+        return 1
+    return trio.run(_serve_restored, state, state_fd, table, listener, own_args)
+
+
+def _rebuild(state: dict[str, Any], state_fd: int) -> tuple[FdTable, socket.socket]:
+    """The table and listener the state describes, every fd verified and close-on-exec again."""
+    from . import upgrade
+    from .kinds import KIND_BY_CODE, Identity, verify
+
+    for fd in upgrade.crossing_fds(state, state_fd):
+        os.set_inheritable(fd, False)
+    table = FdTable()
+    for name, id_, fd, kind, mode, dev, ino, flags in state["entries"]:
+        ident = Identity(KIND_BY_CODE[kind], mode, dev, ino, flags)
+        bad = verify(fd, ident)
+        if bad is not None:
+            table._d.clear()  # the fds are not ours to close: the rollback takes them all back
+            raise upgrade.UpgradeError(f"entry ({name!r}, {id_}) fd {fd} does not verify: {bad}")
+        table.insert_unchecked_entry(name, id_, fd, ident)
+    return table, socket.socket(fileno=state["listener_fd"])
+
+
+async def _serve_restored(state: dict[str, Any], state_fd: int, table: FdTable, listener: socket.socket,
+                          own_args: tuple[str, ...]) -> int:
+    from . import upgrade
+
+    cfg = state.get("config", {})
+    config = Config(allow_uids=tuple(cfg.get("allow_uids", ())), idle_timeout=cfg.get("idle_timeout", 60.0),
+                    max_clients=cfg.get("max_clients", 256), own_args=own_args)
+    d = Daemon(role=state["role"], table=table, listener=listener, control_path=state["control_path"],
+               config=config, handoffs=state.get("handoffs", 0))
+    d.control_fid = tuple(state["control_fid"]) if state.get("control_fid") else None
+    d.salvage = state.get("salvage")
+    d.upgrades = state.get("upgrades", 0) + (0 if state.get("rolled_back") else 1)
+    for rid, reply in state.get("results", []):
+        d._remember(rid, reply)
+
+    async def on_serving() -> None:
+        gw, gpid = state.get("guardian_fd"), state.get("guardian_pid")
+        if gw is not None:
+            try:
+                os.write(gw, upgrade.CONFIRM)
+            except OSError:
+                pass
+            os.close(gw)
+            await _reap(gpid)
+        os.close(state_fd)
+        ms = upgrade.now_ms() - state["t_freeze_ms"]
+        result = {"pid": os.getpid(), "entries": len(table), "ms": round(ms, 3),
+                  "rolled_back": bool(state.get("rolled_back")), "reason": state.get("rolled_back"),
+                  "program": (state.get("failed_program") if state.get("rolled_back") else state.get("argv_new")),
+                  "previous_pid": state.get("pid")}
+        log.info("event=upgraded pid=%d entries=%d ms=%.1f rolled_back=%s", os.getpid(), len(table), ms,
+                 result["rolled_back"])
+        if os.getpid() != state.get("pid"):
+            sdnotify.mainpid(os.getpid())
+        sdnotify.ready(d.status_line())
+        if state.get("requester_fd") is not None:
+            conn = trio.socket.from_stdlib_socket(socket.socket(fileno=state["requester_fd"]))
+            with conn:
+                await d._reply(conn, cp.encode_reply(result), [])
+
+    return await d.run(on_serving)
+
+
+async def _reap(pid: int | None) -> None:
+    """Collect the guardian once it has exited (it does as soon as it reads the confirmation)."""
+    if not pid:
+        return
+    for _ in range(200):
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if done:
+            return
+        await trio.sleep(0.005)

@@ -79,6 +79,12 @@ class Denied(CprdError):
     code = "denied"
 
 
+class UpgradeError(CprdError):
+    """An in-place upgrade that did not take; the daemon goes on serving with its program."""
+
+    code = "upgrade"
+
+
 class UsageError(CprdError):
     """A malformed request or command line."""
 
@@ -87,7 +93,7 @@ class UsageError(CprdError):
 
 _BY_CODE = {cls.code: cls for cls in (
     CprdError, BadKey, KeyExists, KeyMissing, BadFd, ProtocolError, CapacityError, HandoffError,
-    VerifyError, Busy, ControlError, UsageError, Denied,
+    VerifyError, Busy, ControlError, UsageError, Denied, UpgradeError,
 )}
 _BY_CODE["closed"] = ProtocolError
 

@@ -159,6 +159,10 @@ class FdTable:
             done.append(k)
         return None
 
+    def insert_unchecked_entry(self, name: str, id: int, fd: int, ident: Identity) -> None:
+        """Insert an entry whose key the caller knows to be valid and new (restoring a saved table)."""
+        self._d[(name, id)] = Entry(name, id, fd, ident)
+
     def find(self, name: str, id: int) -> Entry | None:
         """The entry for (name, id), or None. O(1)."""
         return self._d.get((name, id))

@@ -42,6 +42,7 @@ OPS: dict[str, tuple[dict[str, type], dict[str, tuple[type, Any]], int]] = {
     "ls": ({}, {}, 0),
     "status": ({}, {}, 0),
     "handoff": ({"to": str}, {"batch": (int, 253), "window": (int, 4)}, 0),
+    "upgrade": ({}, {"program": (str, "")}, 0),
 }
 
 

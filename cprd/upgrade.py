@@ -1,0 +1,242 @@
+"""Exec-style in-place upgrade (QEMU's cpr-exec for cprd itself): same PID, new program.
+
+Theory of operation
+-------------------
+The running daemon freezes mutations and stops accepting (connections wait in the kernel's
+backlog of the listening socket, which survives the exec), then:
+
+1. writes its state (every entry with its fd number and identity, the listening socket, the
+   answers to recent mutations, its configuration, the argv to run the *previous* program again)
+   as JSON into a memfd;
+2. forks a **guardian**: a child that keeps a copy of every fd and of the state, and waits on a
+   pipe. "C" (confirmed) or "A" (aborted) make it exit. End-of-file means the new program died
+   before it confirmed (the pipe's write end was inherited by the new program and is gone): the
+   guardian then runs the previous program from its copies, in its own PID, so nothing is lost;
+3. clears close-on-exec on exactly the fds that must cross (table, listener, state, pipe, and
+   the connection of the client that asked) only now, so no other fork ever inherits them, and
+   execs the new program with the daemon's own arguments plus ``--restore-fd N``.
+
+If exec itself fails (missing file, not executable, bad interpreter) nothing happened: close-on-
+exec is restored, the guardian told to abort, and the daemon goes on serving.
+
+The new program (``restore``) reads the state, verifies every fd (fstat: type, inode, flags),
+sets close-on-exec again, and serves on the inherited listening socket; then it tells the
+guardian "C", answers the client that asked (pid, entries, ms, rolled_back) and, under systemd,
+sends READY=1. If it cannot restore (an exception, a state version it does not know, an fd that
+does not verify) it execs the previous program with the same state, marked rolled back.
+
+This module knows fds, the state format, fork and exec. It imports no trio (the restore path
+must start fast: the daemon imports trio once it serves).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import UpgradeError
+
+log = logging.getLogger("cprd.upgrade")
+
+STATE_VERSION = 1
+CONFIRM, ABORT = b"C", b"A"
+
+
+def max_state_version() -> int:
+    """The newest state version this program reads (tests lower it to play an older program)."""
+    return int(os.environ.get("CPRD_TEST_STATE_VERSION", STATE_VERSION))
+
+
+# -- state -------------------------------------------------------------------------------------
+def write_state(state: dict[str, Any]) -> int:
+    """A memfd (close-on-exec for now) holding state as JSON, offset 0."""
+    fd = os.memfd_create("cprd-state", os.MFD_CLOEXEC)
+    try:
+        data = json.dumps(state, separators=(",", ":")).encode()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_state(fd: int, check_version: bool = True) -> dict[str, Any]:
+    chunks, off = [], 0
+    while True:
+        chunk = os.pread(fd, 1 << 20, off)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        off += len(chunk)
+    try:
+        state = json.loads(b"".join(chunks))
+    except ValueError as e:
+        raise UpgradeError(f"the upgrade state in fd {fd} is not JSON ({e})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("cprd_state"), int):
+        raise UpgradeError(f"fd {fd} holds no cprd upgrade state")
+    if check_version and state["cprd_state"] > max_state_version():
+        raise UpgradeError(f"upgrade state version {state['cprd_state']} is newer than this program reads "
+                           f"({max_state_version()}); it cannot restore it")
+    return state
+
+
+def mark_rolled_back(fd: int, state: dict[str, Any], reason: str) -> None:
+    """Rewrite the state in place (the guardian shares this memfd) with the reason of a rollback."""
+    state = {**state, "rolled_back": reason, "failed_program": state.get("argv_new")}
+    data = json.dumps(state, separators=(",", ":")).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)
+
+
+def crossing_fds(state: dict[str, Any], state_fd: int) -> list[int]:
+    """Every fd the state names, which must survive an exec. The envelope every state version keeps
+    (cprd_state, previous, env, crossing) is what lets a program that cannot read the rest still
+    hand everything back to the previous program."""
+    if "crossing" in state:
+        return [*state["crossing"], state_fd]
+    fds = [e[2] for e in state["entries"]] + [state["listener_fd"], state_fd]
+    for key in ("guardian_fd", "requester_fd"):
+        if state.get(key) is not None:
+            fds.append(state[key])
+    return fds
+
+
+def exec_with(argv: list[str], fds: list[int], state_fd: int, env: dict[str, str] | None = None) -> None:
+    """Exec argv + --restore-fd state_fd with fds inheritable; returns only if exec failed (then
+    every fd is close-on-exec again and OSError is raised)."""
+    for fd in fds:
+        os.set_inheritable(fd, True)
+    try:
+        os.execve(argv[0], [*argv, "--restore-fd", str(state_fd)], os.environ if env is None else env)
+    except OSError:
+        for fd in fds:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:
+                pass
+        raise
+
+
+def rollback(state_fd: int, state: dict[str, Any], reason: str) -> None:
+    """The new program cannot restore: run the previous one again with the same state. Returns
+    only if that exec fails too (then the caller exits and the guardian restores)."""
+    log.error("event=upgrade_rollback reason=%r previous=%r", reason, state.get("previous"))
+    mark_rolled_back(state_fd, state, reason)
+    # The previous program runs as it ran before: with its own environment, not the new one's.
+    exec_with(state["previous"], crossing_fds(state, state_fd), state_fd, state.get("env"))
+
+
+# -- the guardian --------------------------------------------------------------------------------
+def spawn_guardian(state: dict[str, Any], state_fd: int) -> tuple[int, int]:
+    """Fork the guardian; returns (its pid, the write end of its pipe, still close-on-exec)."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    keep = set(crossing_fds(state, state_fd)) | {r}
+    pid = os.fork()
+    if pid == 0:  # the guardian: no trio, no logging handlers that might lock; only fds and exec
+        code = 1
+        try:
+            os.close(w)
+            _close_all_but(keep)
+            for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
+                signal.signal(sig, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            code = _guard(r, state, state_fd)
+        finally:
+            os._exit(code)
+    os.close(r)
+    return pid, w
+
+
+def _close_all_but(keep: set[int]) -> None:
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _guard(r: int, state: dict[str, Any], state_fd: int) -> int:
+    while True:
+        try:
+            word = os.read(r, 1)
+            break
+        except InterruptedError:
+            continue
+    if word in (CONFIRM, ABORT):
+        return 0
+    # End of file: the new program died before it confirmed. Its fds died with it; ours did not.
+    os.close(r)
+    state = {**state, "guardian_fd": None, "guardian_pid": None}
+    try:
+        rollback(state_fd, state, "the new program died before it confirmed; the guardian restored the "
+                 f"previous program in pid {os.getpid()}")
+    except OSError as e:
+        print(f"cprd guardian: cannot run the previous program: {e}", file=sys.stderr)
+    return 1
+
+
+# -- the old program's side ---------------------------------------------------------------------
+@dataclass(slots=True)
+class Prepared:
+    state: dict[str, Any]
+    state_fd: int
+    guardian_pid: int
+    guardian_w: int
+    argv: list[str]
+
+    def abort(self) -> None:
+        """exec failed: let the guardian go and forget the state."""
+        try:
+            os.write(self.guardian_w, ABORT)
+        except OSError:
+            pass
+        os.close(self.guardian_w)
+        try:
+            os.waitpid(self.guardian_pid, 0)
+        except ChildProcessError:
+            pass
+        os.close(self.state_fd)
+
+    def exec(self) -> None:
+        exec_with(self.argv, crossing_fds(self.state, self.state_fd), self.state_fd)
+
+
+def program_argv(program: str | None, own_args: list[str]) -> list[str]:
+    """The command line of the program to exec (without --restore-fd)."""
+    if program is None:
+        return [sys.executable, "-m", "cprd", *own_args]
+    return [os.path.abspath(program), *own_args]
+
+
+def prepare(state: dict[str, Any], program: str | None, own_args: list[str]) -> Prepared:
+    """Write the state, fork the guardian: everything but the exec itself."""
+    argv = program_argv(program, own_args)
+    if program is not None and not os.path.exists(argv[0]):
+        raise UpgradeError(f"cannot run {program}: no such file; the running daemon goes on serving")
+    state = {**state, "cprd_state": STATE_VERSION, "argv_new": argv,
+             "previous": program_argv(None, own_args), "env": dict(os.environ), "rolled_back": None}
+    state_fd = write_state({**state, "guardian_fd": None, "guardian_pid": None})
+    try:
+        gpid, gw = spawn_guardian(state, state_fd)
+    except BaseException:
+        os.close(state_fd)
+        raise
+    state = {**state, "guardian_fd": gw, "guardian_pid": gpid}
+    state["crossing"] = [fd for fd in crossing_fds(state, state_fd) if fd != state_fd]
+    os.ftruncate(state_fd, 0)
+    os.pwrite(state_fd, json.dumps(state, separators=(",", ":")).encode(), 0)
+    return Prepared(state, state_fd, gpid, gw, argv)
+
+
+def now_ms() -> float:
+    return time.monotonic() * 1e3

@@ -1,0 +1,211 @@
+"""Exec-style in-place upgrade: same PID, every fd kept, and a rollback for every way the new
+program can fail, with real processes and deliberately broken "new versions"."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+
+from cprd.client import Client
+from cprd.errors import CprdError
+from helpers import close_copies, hold_copies, num_fds, settled_fds, snapshot
+from test_handoff_e2e import prove_same
+
+SPEC = "files=40,eventfds=40,memfds=10,pipes=5,sockets=5,devices=3"
+
+
+def _program(tmp_path, name: str, body: str, mode: int = 0o755) -> str:
+    p = tmp_path / name
+    p.write_text(body.replace("{python}", sys.executable))
+    p.chmod(mode)
+    return str(p)
+
+
+def _upgrade(cluster, *args):
+    r = cluster.ctl("upgrade", "--json", *args)
+    return r.returncode, (json.loads(r.stdout) if r.stdout.strip() else None), r.stderr
+
+
+class Hammer:
+    """Clients that connect afresh for every request during an upgrade: none may be refused."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.stop, self.refused, self.failed, self.ok = path, threading.Event(), 0, [], 0
+        self.t = threading.Thread(target=self.run)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                s.connect(self.path)
+            except ConnectionRefusedError:
+                self.refused += 1
+                continue
+            finally:
+                s.close()
+            try:
+                with Client(self.path, timeout=30) as c:
+                    c.status()
+                    self.ok += 1
+            except CprdError as e:
+                self.failed.append(repr(e))
+
+    def __enter__(self) -> Hammer:
+        self.t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.t.join(30)
+
+
+def test_upgrade_in_place_keeps_pid_fds_and_clients(cluster):
+    src = cluster.source(SPEC)
+    with cluster.client() as c:
+        before = snapshot(c)
+        copies = hold_copies(c)
+    base = num_fds(src.pid)
+    try:
+        with Hammer(cluster.control) as h:
+            for _ in range(3):
+                code, res, err = _upgrade(cluster)
+                assert code == 0, err
+                assert res["pid"] == src.pid and not res["rolled_back"] and res["entries"] == len(before)
+                assert res["ms"] > 0
+        assert h.refused == 0 and h.failed == [] and h.ok > 0
+        with cluster.client() as c:
+            st = c.status()
+            assert st["pid"] == src.pid and st["upgrades"] == 3
+            assert snapshot(c) == before
+        prove_same(cluster, copies)
+    finally:
+        close_copies(copies)
+    assert settled_fds(src.pid, base) == base, "no fd leaked, no guardian left open"
+    assert not [p for p in psutil.Process(src.pid).children() if p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_upgrade_to_another_program(cluster, tmp_path):
+    src = cluster.source(SPEC)
+    newer = _program(tmp_path, "newer-cprd", '#!/bin/sh\nexec {python} -m cprd "$@"\n')
+    code, res, err = _upgrade(cluster, "--program", newer)
+    assert code == 0, err
+    assert res["pid"] == src.pid and res["program"][0] == newer
+    assert psutil.Process(src.pid).cmdline()[:2] == ["/bin/sh", newer] or \
+        psutil.Process(src.pid).cmdline()[:3] == [sys.executable, "-m", "cprd"]
+
+
+@pytest.mark.parametrize("case", ["missing", "not-executable", "bad-interpreter"])
+def test_exec_failure_leaves_the_old_program_serving(cluster, tmp_path, case):
+    src = cluster.source(SPEC)
+    with cluster.client() as c:
+        before = snapshot(c)
+    base = num_fds(src.pid)
+    prog = {
+        "missing": str(tmp_path / "no-such-cprd"),
+        "not-executable": _program(tmp_path, "plain", "#!/bin/sh\n", 0o644),
+        "bad-interpreter": _program(tmp_path, "badinterp", "#!/nonexistent/python\n"),
+    }[case]
+    code, res, err = _upgrade(cluster, "--program", prog)
+    assert code != 0 and "goes on serving" in err and prog in err
+    with cluster.client() as c:
+        assert c.status()["pid"] == src.pid and c.status()["state"] == "serving"
+        assert snapshot(c) == before
+        ev = os.eventfd(0)
+        try:
+            c.put("after", 1, ev)  # mutations flow again
+        finally:
+            os.close(ev)
+        c.delete("after", 1)
+    assert settled_fds(src.pid, base) == base
+    for fd in os.listdir(f"/proc/{src.pid}/fd"):  # every fd close-on-exec again
+        flags = int(open(f"/proc/{src.pid}/fdinfo/{fd}").read().split("flags:")[1].split()[0], 8)
+        assert flags & 0o2000000 or int(fd) <= 2, f"fd {fd} lost close-on-exec"
+    assert not [p for p in psutil.Process(src.pid).children() if p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.parametrize("case", ["raises", "unknown-state-version"])
+def test_new_program_that_cannot_restore_rolls_back_in_the_same_pid(cluster, tmp_path, case):
+    src = cluster.source(SPEC)
+    with cluster.client() as c:
+        before = snapshot(c)
+    env = {"raises": "CPRD_FAULT=restore:raise", "unknown-state-version": "CPRD_TEST_STATE_VERSION=0"}[case]
+    prog = _program(tmp_path, "broken-cprd", f'#!/bin/sh\n{env} exec {{python}} -m cprd "$@"\n')
+    code, res, err = _upgrade(cluster, "--program", prog)
+    assert code == 1 and res["rolled_back"] is True and res["pid"] == src.pid
+    assert ("restore raises" if case == "raises" else "newer than this program reads") in res["reason"]
+    with cluster.client() as c:
+        assert c.status()["pid"] == src.pid
+        assert snapshot(c) == before
+    code, res, err = _upgrade(cluster)  # and a good upgrade still works afterwards
+    assert code == 0 and res["pid"] == src.pid
+
+
+def test_new_program_killed_before_it_confirms_is_restored_by_the_guardian(cluster, tmp_path):
+    src = cluster.source(SPEC)
+    with cluster.client() as c:
+        before = snapshot(c)
+        copies = hold_copies(c)
+    killer = _program(tmp_path, "killer-cprd", "#!/bin/sh\nkill -9 $$\n")
+    restored = None
+    try:
+        code, res, err = _upgrade(cluster, "--program", killer)
+        assert code == 1 and res["rolled_back"] is True, err
+        assert "died before it confirmed" in res["reason"]
+        restored = res["pid"]
+        assert restored != src.pid, "the guardian restores in its own pid"
+        assert src.wait(10) == -signal.SIGKILL
+        with cluster.client() as c:
+            assert c.status()["pid"] == restored
+            assert snapshot(c) == before
+        prove_same(cluster, copies)
+    finally:
+        close_copies(copies)
+        if restored:
+            os.kill(restored, signal.SIGTERM)
+            psutil.Process(restored).wait(10)
+
+
+def test_sighup_upgrades_and_sd_notify_speaks_the_reload_protocol(cluster, tmp_path):
+    path = str(tmp_path / "notify.sock")
+    ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ns.bind(path)
+    ns.settimeout(30)
+    src = cluster.source("eventfds=20", env={"NOTIFY_SOCKET": path})
+
+    def next_msg() -> dict[str, str]:
+        return dict(line.split("=", 1) for line in ns.recv(4096).decode().splitlines())
+
+    first = next_msg()
+    assert first["READY"] == "1" and "20 entries" in first["STATUS"]
+    os.kill(src.pid, signal.SIGHUP)
+    reloading = next_msg()
+    assert reloading["RELOADING"] == "1" and int(reloading["MONOTONIC_USEC"]) > 0
+    again = next_msg()
+    assert again["READY"] == "1" and "MAINPID" not in again
+    with cluster.client() as c:
+        st = c.status()
+    assert st["pid"] == src.pid and st["upgrades"] == 1 and st["entries"] == 20
+    ns.close()
+
+
+def test_no_leftover_state_or_close_on_exec_slip(cluster):
+    src = cluster.source("eventfds=10")
+    code, res, err = _upgrade(cluster)
+    assert code == 0, err
+    for fd in os.listdir(f"/proc/{src.pid}/fd"):
+        link = os.readlink(f"/proc/{src.pid}/fd/{fd}")
+        assert "cprd-state" not in link, "the state memfd is closed once restored"
+        if int(fd) > 2:
+            info = open(f"/proc/{src.pid}/fdinfo/{fd}").read()
+            flags = int(info.split("flags:")[1].split()[0], 8)
+            assert flags & 0o2000000, f"fd {fd} ({link}) is inheritable after the upgrade"
+    assert stat.S_ISSOCK(os.stat(cluster.control).st_mode)
