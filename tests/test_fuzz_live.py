@@ -61,6 +61,8 @@ def control_frames(draw) -> bytes:
         obj[draw(st.sampled_from(["replace", "to", "batch", "window", "extra"]))] = draw(json_values)
     if obj["op"] == "handoff":
         obj["to"] = "/nonexistent/handoff.sock"  # never a real target
+    if obj["op"] == "upgrade":
+        obj["program"] = "/nonexistent/cprd"  # never a real program (the upgrade tests exec real ones)
     payload = json.dumps(obj).encode()
     if draw(st.integers(0, 9)) == 0:
         payload = payload[: draw(st.integers(0, len(payload)))]

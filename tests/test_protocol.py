@@ -788,9 +788,9 @@ def test_control_request_round_trip(op, with_optional):
 
 
 def test_control_ops_and_fds():
-    assert set(control.OPS) == {"put", "get", "del", "ls", "status", "handoff"}
+    assert set(control.OPS) == {"put", "get", "del", "ls", "status", "handoff", "upgrade"}
     assert {op: s[2] for op, s in control.OPS.items()} == {
-        "put": 1, "get": 0, "del": 0, "ls": 0, "status": 0, "handoff": 0}
+        "put": 1, "get": 0, "del": 0, "ls": 0, "status": 0, "handoff": 0, "upgrade": 0}
 
 
 @pytest.mark.parametrize("op", sorted(control.OPS))
