@@ -55,6 +55,10 @@ def add_parser(b: argparse.ArgumentParser) -> None:
     h.add_argument("--reps", type=int, default=3, help="repetitions (median reported)")
     h.add_argument("--json", action="store_true")
     h.add_argument("--plot", metavar="FILE.png", help="also draw time vs N, log-log (needs cprd[plot])")
+    u = sub.add_parser("upgrade", help="in-place upgrade: how long no request is served")
+    u.add_argument("--fds", type=int, default=7530, help="fds in the table (default 7530)")
+    u.add_argument("--reps", type=int, default=5, help="upgrades in a row (median reported)")
+    u.add_argument("--json", action="store_true")
     m = sub.add_parser("memory", help="bytes per entry of an FdTable of N real fds (tracemalloc and RSS)")
     m.add_argument("--sizes", default="540,2870,7530,19000", help="comma-separated table sizes (fds)")
     m.add_argument("--json", action="store_true")
@@ -84,6 +88,18 @@ def main(a: argparse.Namespace) -> int:
             print_find(rows)
         if plot:
             plot_find(rows, plot)
+        return 0
+    if a.bench == "upgrade":
+        if a.fds < 0:
+            raise UsageError(f"--fds {a.fds}: expected a number of fds >= 0")
+        row = bench_upgrade(a.fds, a.reps)
+        if a.json:
+            print(json.dumps(row))
+        else:
+            print(f"in-place upgrade of a daemon with {row['fds']} fds, {row['reps']} in a row: no request served for "
+                  f"{row['ms']:.1f} ms (median; min {row['ms_min']:.1f}, max {row['ms_max']:.1f}); a client "
+                  f"saw at most {row['client_stall_ms_max']:.1f} ms between answers; refused connections: "
+                  f"{row['refused']}")
         return 0
     if a.bench == "memory":
         rows = bench_memory(_sizes(a.sizes), progress=not a.json)
@@ -530,3 +546,58 @@ def plot_handoff(rows: list[dict], path: str) -> None:
     ax.set_ylabel("time to move N fds (ms)")
     ax.set_title(f"{_reps(done[0]['reps'])}; {_machine()}{note}", fontsize=8)
     _save(fig, path)
+
+
+# -- upgrade -----------------------------------------------------------------------------------
+def bench_upgrade(fds: int, reps: int) -> dict:
+    """Upgrade a populated daemon in place `reps` times. `ms` is measured by the daemon itself: from
+    the moment it stops serving (freeze) to the moment the new program serves again. A client
+    polling status on fresh connections meanwhile measures the longest gap between answers."""
+    import socket as _socket
+    import threading
+
+    from .client import Client
+    from .procs import spawn, stop, wait_for_socket
+
+    counts = mixed_spec(fds) if fds else {}
+    with tempfile.TemporaryDirectory(prefix="cprd-bench-") as d:
+        os.chmod(d, 0o700)
+        control = os.path.join(d, "control.sock")
+        src = spawn(["source", "--control", control, "--populate", spec_string(counts), "--state-dir",
+                     os.path.join(d, "state")])
+        done, gaps, refused = threading.Event(), [], [0]
+
+        def poll() -> None:
+            last = time.perf_counter()
+            while not done.is_set():
+                try:
+                    with Client(control, timeout=30) as c:
+                        c.status()
+                except _socket.error:
+                    refused[0] += 1
+                now = time.perf_counter()
+                gaps.append((now - last) * 1e3)
+                last = now
+
+        try:
+            wait_for_socket(control, src)
+            with Client(control) as c:
+                c.status()
+            t = threading.Thread(target=poll)
+            t.start()
+            results = []
+            for _ in range(reps):
+                with Client(control, timeout=120, retry_for=0) as c:
+                    res = c._call("upgrade", program="")
+                if res["rolled_back"]:
+                    raise RuntimeError(f"upgrade rolled back: {res['reason']}")
+                results.append(res["ms"])
+                time.sleep(0.05)
+            done.set()
+            t.join()
+        finally:
+            done.set()
+            stop(src)
+    return {"fds": spec_fds(counts) if counts else 0, "reps": reps, "ms": round(statistics.median(results), 3),
+            "ms_min": round(min(results), 3), "ms_max": round(max(results), 3),
+            "client_stall_ms_max": round(max(gaps, default=0.0), 3), "refused": refused[0]}
