@@ -289,7 +289,8 @@ def encode(ev: Event, version: int = VERSION) -> bytes:
         case Confirm():
             p = _CONFIRM.pack(ev.pid)
         case Abort():
-            p = _ABORT.pack(ev.code) + ev.message.encode("utf-8", "replace")[:4096]
+            text = ev.message.encode("utf-8", "replace")[:4096].decode("utf-8", "ignore")  # never split a character
+            p = _ABORT.pack(ev.code) + text.encode("utf-8")
         case Manifest():
             p = _MANIFEST.pack(ev.count) + ev.raw
         case Delete():
@@ -613,7 +614,11 @@ class Handoff:
 
     def receive(self, data: bytes, nfds: int = 0) -> Event:
         version, ev = decode(data, nfds)
-        if not isinstance(ev, SourceHello) and version != self.version and self.state is not State.START:
+        if isinstance(ev, TargetHello):
+            # The target answers in the version it chose; the range check is in _account.
+            if version != ev.version:
+                raise ProtocolError(f"handoff: target hello framed as version {version} but choosing {ev.version}")
+        elif not isinstance(ev, (SourceHello, Abort)) and version != self.version and self.state is not State.START:
             raise ProtocolError(f"handoff: message in version {version}, but version {self.version} was agreed")
         self._step(ev, self.peer)
         return ev
