@@ -186,7 +186,8 @@ def cmd_upgrade(a: argparse.Namespace) -> int:
         human = (f"upgrade did not take: {res['reason']}; pid {res['pid']} serves {res['entries']} entries with the "
                  "previous program")
     else:
-        human = f"upgraded in place: pid {res['pid']} serves {res['entries']} entries; no request served for {res['ms']:.1f} ms"
+        human = (f"upgraded in place: pid {res['pid']} serves {res['entries']} entries; no request served for "
+                 f"{res['ms']:.1f} ms")
     _print(res, a.json, human)
     if res["rolled_back"] and not a.json:
         print(f"cprd: error: {human}", file=sys.stderr)

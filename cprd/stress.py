@@ -280,8 +280,8 @@ def main(a) -> int:
     if a.json:
         print(json.dumps(res))
     else:
-        print(f"cprd stress: {res['ops']} ops in {res['duration_s']} s ({res['ops_per_s']}/s, {res['clients']} clients, "
-              f"{res['entries']} entries at the end), {len(res['handoffs'])} handoffs")
+        print(f"cprd stress: {res['ops']} ops in {res['duration_s']} s ({res['ops_per_s']}/s, "
+              f"{res['clients']} clients, {res['entries']} entries at the end), {len(res['handoffs'])} handoffs")
         for h in res["handoffs"]:
             print(f"  handoff to pid {h['target_pid']}: {h['entries']} entries, {h['ms']:.1f} ms, freeze "
                   f"{h['freeze_ms']:.1f} ms, {h['rounds']} pre-copy rounds, {h['delta_ops']} delta ops")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import pwd
 import resource
@@ -20,7 +19,6 @@ from cprd import scm
 from cprd.client import Client
 from cprd.errors import Busy, CapacityError, CprdError, HandoffError
 from cprd.procs import stop, wait_for_socket
-from cprd.protocol import control as cp
 from helpers import num_fds, settled_fds, snapshot
 
 NOBODY = pwd.getpwnam("nobody")

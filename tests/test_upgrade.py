@@ -10,7 +10,6 @@ import socket
 import stat
 import sys
 import threading
-import time
 
 import psutil
 import pytest
