@@ -312,6 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     _setup_logging(a.log_level)
+    if a.cmd not in ("source", "target"):
+        # demo, stress, bench and ctl start daemons or hold fds: let SIGTERM unwind them like Ctrl-C, so that
+        # their cleanup (stopping the daemons they started, removing temporary directories) runs.
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return a.func(a)
     except UsageError as e:

@@ -15,8 +15,8 @@ closed or broke, or the socket refused while a new owner takes over) is sent aga
 connection to the same path, for up to `retry_for` seconds. That is what makes a handoff
 invisible to clients: the old owner hangs up on requests it will not apply, the new one answers.
 Mutations (put, del) carry a request id (`rid`); a daemon remembers its answers to recent ones
-(and hands them on with the table), so a retried mutation is applied exactly once. A handoff
-request is never retried.
+(and hands them on with the table), so a retried mutation is applied exactly once. Handoff and
+upgrade requests are never retried.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class _Session:
         return args
 
     def may_retry(self, op: str, deadline: float) -> bool:
-        return op != "handoff" and self._ever and time.monotonic() < deadline
+        return op not in ("handoff", "upgrade") and self._ever and time.monotonic() < deadline
 
     def connect_error(self, e: OSError) -> ControlError:
         if isinstance(e, (FileNotFoundError, ConnectionRefusedError)):

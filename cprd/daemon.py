@@ -84,6 +84,7 @@ class Daemon:
         self.committing = False  # the listening socket is (about to be) the target's: never unlink its path
         self._frozen: trio.Event | None = None
         self.upgrades = 0
+        self.program: list[str] | None = None  # the program running now, when an upgrade chose it
         self._nursery: trio.Nursery | None = None
         self._accept_scope: trio.CancelScope | None = None
         self._accept_done: trio.Event | None = None
@@ -365,7 +366,6 @@ class Daemon:
             stopped = self.committing = True
             await self._stop_accepting()
 
-        self.table.start_journal()
         try:
             res: Result = await send_table(
                 self.table, to, listener_fd=self.listener.fileno(), control_path=self.control_path, batch=batch,
@@ -404,7 +404,11 @@ class Daemon:
         await self._stop_accepting()  # from now on connections wait in the backlog for the new program
         try:
             state = self.upgrade_state(t0, conn.fileno() if conn is not None else None)
-            prep = upgrade.prepare(state, program, list(self.config.own_args))
+            try:
+                prep = upgrade.prepare(state, program, list(self.config.own_args), self.program)
+            except OSError as e:  # a memfd, a pipe or the guardian could not be made (at the fd limit?)
+                raise upgrade.UpgradeError(f"cannot prepare the upgrade: {e}; the running daemon (pid "
+                                           f"{os.getpid()}) goes on serving, nothing changed") from None
             sdnotify.reloading(f"upgrading in place to {prep.argv[0]} with {len(self.table)} entries")
             log.info("event=upgrade_exec program=%r entries=%d guardian_pid=%d", prep.argv, len(self.table),
                      prep.guardian_pid)
@@ -435,7 +439,7 @@ class Daemon:
             "config": {"allow_uids": list(self.config.allow_uids), "idle_timeout": self.config.idle_timeout,
                        "max_clients": self.config.max_clients},
             "handoffs": self.handoffs, "upgrades": self.upgrades, "salvage": self.salvage,
-            "pid": os.getpid(),
+            "source_died": self.source_died, "pid": os.getpid(),
         }
 
     def status_line(self) -> str:
@@ -631,7 +635,9 @@ async def _serve_restored(state: dict[str, Any], state_fd: int, table: FdTable, 
                config=config, handoffs=state.get("handoffs", 0))
     d.control_fid = tuple(state["control_fid"]) if state.get("control_fid") else None
     d.salvage = state.get("salvage")
+    d.source_died = bool(state.get("source_died"))
     d.upgrades = state.get("upgrades", 0) + (0 if state.get("rolled_back") else 1)
+    d.program = state.get("program_previous") if state.get("rolled_back") else state.get("program_new")
     for rid, reply in state.get("results", []):
         d._remember(rid, reply)
 

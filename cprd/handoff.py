@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import fcntl
 import gc
+import json
 import logging
 import os
 import resource
@@ -242,8 +243,8 @@ async def send_table(table: FdTable, to: str, *, listener_fd: int | None, contro
                      hooks: SourceHooks | None = None) -> Result:
     """Hand every entry of table (and the listening control socket) to the target at `to`.
 
-    The table may change while this runs (pre-copy): it must have a journal started
-    (table.start_journal()) by the caller, who stops it afterwards. Raises a CprdError when the
+    The table may change while this runs (pre-copy): the snapshot is taken and the table's journal
+    started in one step (no other task runs in between); the caller stops the journal afterwards. Raises a CprdError when the
     handoff did not take; then the caller still owns everything. On success the target owns the
     table; the caller must not serve it any more and should close its copies (exiting does that)."""
     if not 1 <= batch <= hp.SCM_MAX_FD:
@@ -272,6 +273,25 @@ async def send_table(table: FdTable, to: str, *, listener_fd: int | None, contro
         finally:
             if pidfd is not None:
                 os.close(pidfd)
+
+
+def _results_chunks(results: list[tuple[str, object]], limit: int = hp.MAX_PAYLOAD - 1024) -> list[list]:
+    """Split answers into Results messages that each fit the payload limit (an answer too large to
+    travel alone is left out: its client, if it retries, has the mutation applied a second time
+    only if it was a put that replaced; keys, names and ids are at most a few hundred bytes)."""
+    chunks: list[list] = [[]]
+    size = 2
+    for rid, answer in results:
+        n = len(json.dumps([rid, answer], separators=(",", ":")).encode()) + 1
+        if n > limit:
+            log.warning("event=result_too_large rid=%r bytes=%d", rid, n)
+            continue
+        if size + n > limit:
+            chunks.append([])
+            size = 2
+        chunks[-1].append((rid, answer))
+        size += n
+    return [c for c in chunks if c]
 
 
 class _Sender:
@@ -347,13 +367,14 @@ class _Sender:
         if self.hooks.results is None:
             return since
         results, nxt = self.hooks.results(since)
-        for i in range(0, len(results), 256):
-            await self._send(hp.Results(tuple(results[i:i + 256])), (), "handoff results")
+        for chunk in _results_chunks(results):
+            await self._send(hp.Results(tuple(chunk)), (), "handoff results")
         return nxt
 
     async def run(self) -> Result:
         m, table, clock = self.m, self.table, self.clock
-        entries = list(table)
+        entries = list(table)  # the snapshot, and from this very instant the journal of what changes
+        table.start_journal()
         n = len(entries)
         await self._send(hp.SourceHello(os.getpid(), n, n, self.batch, self.control_path), (), "handoff hello")
         fault.point("source", "hello", sock=self.sock)
@@ -478,18 +499,19 @@ class Salvage:
     """What a target kept after its source died before End."""
 
     source_pid: int
-    announced: int
-    received: int
+    announced: int  # entries in the source's snapshot
+    received: int  # of those, how many arrived (or were deleted by the source meanwhile)
     lost_keys: list[tuple[str, int]]
     unnamed: int  # lost entries whose keys the source died before naming
+    kept: int = 0  # entries the target serves (snapshot and changes made during the copy)
 
     @property
     def lost(self) -> int:
-        return self.announced - self.received
+        return len(self.lost_keys) + self.unnamed
 
     def describe(self) -> dict:
         return {"source_pid": self.source_pid, "announced": self.announced, "received": self.received,
-                "lost": self.lost, "lost_keys": [list(k) for k in self.lost_keys[:1000]],
+                "kept": self.kept, "lost": self.lost, "lost_keys": [list(k) for k in self.lost_keys[:1000]],
                 "lost_keys_truncated": len(self.lost_keys) > 1000, "unnamed": self.unnamed}
 
 
@@ -576,6 +598,7 @@ async def receive_table(inc: Incoming, *, reserve: int = RESERVE_FDS, timeout: f
     table = FdTable()
     listener = OwnedFds()
     results: list[tuple[str, object]] = []
+    deleted: set[tuple[str, int]] = set()  # keys the source deleted during the copy (not lost if it dies)
     ended = committed = False
 
     async def tsend(ev: hp.Event) -> None:
@@ -612,6 +635,7 @@ async def receive_table(inc: Incoming, *, reserve: int = RESERVE_FDS, timeout: f
                         if key not in table:
                             raise ProtocolError(f"handoff delete: the source deletes {key!r}, which it never sent")
                         table.delete(*key)
+                        deleted.add(key)
                 elif isinstance(ev, hp.Results):
                     results.extend(ev.results)
                 elif isinstance(ev, hp.End):
@@ -642,7 +666,7 @@ async def receive_table(inc: Incoming, *, reserve: int = RESERVE_FDS, timeout: f
             if fate != "dead":
                 raise HandoffError(f"the handoff connection broke ({e}) while the source (pid {inc.source_pid})"
                                    f" is {fate}; it keeps every entry, this target keeps none") from None
-            salvage = None if ended else _salvage(inc, m, table)
+            salvage = None if ended else _salvage(inc, m, table, deleted)
             log.error("event=source_died source_pid=%d stage=%s entries_kept=%d%s", inc.source_pid,
                       "after-end" if ended else "mid-transfer", len(table),
                       f" lost={salvage.lost} lost_keys={salvage.lost_keys[:20]!r} unnamed={salvage.unnamed}"
@@ -666,16 +690,17 @@ async def receive_table(inc: Incoming, *, reserve: int = RESERVE_FDS, timeout: f
     return Received(table, listener, hello, m, inc.source_pid, True, None, clock.phases, results)
 
 
-def _salvage(inc: Incoming, m: hp.Handoff, table: FdTable) -> Salvage:
+def _salvage(inc: Incoming, m: hp.Handoff, table: FdTable, deleted: set[tuple[str, int]]) -> Salvage:
     named: list[tuple[str, int]] = []
     for man in m.manifests:
         try:
             named.extend(man.keys())
         except ProtocolError:
             break
-    lost = [k for k in named if k not in table]
+    lost = [k for k in named if k not in table and k not in deleted]
+    snapshot_received = sum(1 for k in named if k in table or k in deleted)
     unnamed = max(0, inc.hello.entries - len(named))
-    return Salvage(inc.source_pid, inc.hello.entries, len(table), lost, unnamed)
+    return Salvage(inc.source_pid, inc.hello.entries, snapshot_received, lost, unnamed, len(table))
 
 
 async def confirm(sock, r: Received) -> None:

@@ -211,20 +211,21 @@ class Prepared:
         exec_with(self.argv, crossing_fds(self.state, self.state_fd), self.state_fd)
 
 
-def program_argv(program: str | None, own_args: list[str]) -> list[str]:
-    """The command line of the program to exec (without --restore-fd)."""
-    if program is None:
-        return [sys.executable, "-m", "cprd", *own_args]
-    return [os.path.abspath(program), *own_args]
+DEFAULT_PROGRAM = [sys.executable, "-m", "cprd"]
 
 
-def prepare(state: dict[str, Any], program: str | None, own_args: list[str]) -> Prepared:
-    """Write the state, fork the guardian: everything but the exec itself."""
-    argv = program_argv(program, own_args)
+def prepare(state: dict[str, Any], program: str | None, own_args: list[str],
+            running: list[str] | None = None) -> Prepared:
+    """Write the state, fork the guardian: everything but the exec itself. `running` is the program
+    running now (what a rollback runs again); by default the cprd installed for this interpreter."""
+    new = DEFAULT_PROGRAM if program is None else [os.path.abspath(program)]
+    argv = [*new, *own_args]
     if program is not None and not os.path.exists(argv[0]):
         raise UpgradeError(f"cannot run {program}: no such file; the running daemon goes on serving")
-    state = {**state, "cprd_state": STATE_VERSION, "argv_new": argv,
-             "previous": program_argv(None, own_args), "env": dict(os.environ), "rolled_back": None}
+    prev = running or DEFAULT_PROGRAM
+    state = {**state, "cprd_state": STATE_VERSION, "argv_new": argv, "program_new": new,
+             "previous": [*prev, *own_args], "program_previous": prev, "env": dict(os.environ),
+             "rolled_back": None}
     state_fd = write_state({**state, "guardian_fd": None, "guardian_pid": None})
     try:
         gpid, gw = spawn_guardian(state, state_fd)
