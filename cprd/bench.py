@@ -218,6 +218,19 @@ def _raw_transfer(fds: list[int], per_msg: int) -> float:
     return ms
 
 
+def _skipped(total: int, budget: int, progress: bool) -> dict | None:
+    """The row for a size that does not fit the fd limit (None if it fits); says so on a terminal."""
+    if total <= budget:
+        if progress:
+            print(f"  N={total}: measuring ...", file=sys.stderr)
+        return None
+    note = (f"skipped: {total} fds need more than this machine's fd limit allows per process "
+            f"(RLIMIT_NOFILE hard limit {budget + FD_OVERHEAD}, {FD_OVERHEAD} kept for the process)")
+    if progress:
+        print(f"  N={total}: {note}", file=sys.stderr)
+    return {"fds": total, "skipped": note}
+
+
 def _counts(kinds: str, n: int) -> dict[str, int]:
     if kinds == "mixed":
         return mixed_spec(n)
@@ -256,15 +269,10 @@ def bench_handoff(sizes: list[int], kinds: str, reps: int, progress: bool = Fals
     for n in sizes:
         counts = _counts(kinds, n)
         total = spec_fds(counts)
-        if total > budget:
-            note = (f"skipped: {total} fds need more than this machine's fd limit allows per process "
-                    f"(RLIMIT_NOFILE hard limit {budget + FD_OVERHEAD}, {FD_OVERHEAD} kept for the process)")
-            rows.append({"fds": total, "skipped": note})
-            if progress:
-                print(f"  N={total}: {note}", file=sys.stderr)
+        skipped = _skipped(total, budget, progress)
+        if skipped:
+            rows.append(skipped)
             continue
-        if progress:
-            print(f"  N={total}: measuring ...", file=sys.stderr)
         with tempfile.TemporaryDirectory(prefix="cprd-bench-") as d:
             os.chmod(d, 0o700)
             floor, one = [], []
@@ -400,15 +408,10 @@ def bench_memory(sizes: list[int], progress: bool = False) -> list[dict]:
     for n in sizes:
         counts = mixed_spec(n)
         total = spec_fds(counts)
-        if total > budget:
-            note = (f"skipped: {total} fds need more than this machine's fd limit allows per process "
-                    f"(RLIMIT_NOFILE hard limit {budget + FD_OVERHEAD}, {FD_OVERHEAD} kept for the process)")
-            rows.append({"fds": total, "skipped": note})
-            if progress:
-                print(f"  N={total}: {note}", file=sys.stderr)
+        skipped = _skipped(total, budget, progress)
+        if skipped:
+            rows.append(skipped)
             continue
-        if progress:
-            print(f"  N={total}: measuring ...", file=sys.stderr)
         with tempfile.TemporaryDirectory(prefix="cprd-bench-") as d:
             os.chmod(d, 0o700)
             res = _in_child(_memory_one, counts, os.path.join(d, "files"))

@@ -9,6 +9,8 @@ import sys
 import time
 from collections.abc import Sequence
 
+import psutil
+
 from .errors import CprdError
 
 
@@ -43,3 +45,16 @@ def stop(proc: subprocess.Popen, timeout: float = 10.0) -> int:
             proc.kill()
             proc.wait()
     return proc.returncode
+
+
+def quiet_fds(pid: int, interval: float = 0.02, tries: int = 100) -> int:
+    """A process's fd count once it is quiet: the same in two reads `interval` apart (so that client
+    connections just closed on our side are closed on its side too)."""
+    n = psutil.Process(pid).num_fds()
+    for _ in range(tries):
+        time.sleep(interval)
+        m = psutil.Process(pid).num_fds()
+        if m == n:
+            return n
+        n = m
+    return n

@@ -22,13 +22,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-import psutil
 import trio
 
 from .client import AsyncClient
 from .errors import CprdError
 from .kinds import classify, mixed_spec, spec_fds, spec_string
-from .procs import spawn, stop, wait_for_socket
+from .procs import quiet_fds, spawn, stop, wait_for_socket
 
 IDENT = ("kind", "mode", "dev", "ino", "flags")
 
@@ -139,17 +138,6 @@ class _Worker:
                                          f"{self.model[key]}")
 
 
-def _quiet_fds(pid: int) -> int:
-    n = psutil.Process(pid).num_fds()
-    for _ in range(100):
-        time.sleep(0.02)
-        m = psutil.Process(pid).num_fds()
-        if m == n:
-            return n
-        n = m
-    return n
-
-
 async def _handoffs(n: int, start: float, duration: float, control: str, d: str, procs: list, bases: dict,
                     stats: Stats) -> None:
     for h in range(n):
@@ -158,7 +146,7 @@ async def _handoffs(n: int, start: float, duration: float, control: str, d: str,
         tgt = spawn(["target", "--listen", listen])
         procs.append(tgt)
         await trio.to_thread.run_sync(wait_for_socket, listen, tgt)
-        bases[tgt.pid] = await trio.to_thread.run_sync(_quiet_fds, tgt.pid)
+        bases[tgt.pid] = await trio.to_thread.run_sync(quiet_fds, tgt.pid)
         old = procs[-2]
         try:
             async with AsyncClient(control, timeout=120, retry_for=0) as c:
@@ -203,7 +191,7 @@ async def run(fds: int, rate: float, handoffs: int, duration: float, clients: in
             async with AsyncClient(control) as c:
                 entries = await c.ls()
             model = {(e["name"], e["id"]): _ident(e) for e in entries}
-            bases[procs[0].pid] = await trio.to_thread.run_sync(_quiet_fds, procs[0].pid) - len(model)
+            bases[procs[0].pid] = await trio.to_thread.run_sync(quiet_fds, procs[0].pid) - len(model)
             shares: list[list] = [[] for _ in range(clients)]
             for i, key in enumerate(sorted(model)):
                 shares[i % clients].append(key)
@@ -261,7 +249,7 @@ def _check_table(final: dict, model: dict, stats: Stats) -> None:
 
 
 def _check_fds(pid: int, entries: int, bases: dict, stats: Stats, first: bool) -> None:
-    n = _quiet_fds(pid)
+    n = quiet_fds(pid)
     # A target's fds: what it had waiting, plus its table, the control socket instead of its handoff
     # socket, and the spare fd a serving daemon keeps. The source: its baseline plus its table.
     want = bases[pid] + entries if first else bases[pid] + entries + 1

@@ -8,11 +8,10 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 
 from cprd.client import Client
 from cprd.errors import ControlError
-from cprd.procs import cprd_cmd, stop, wait_for_socket
+from cprd.procs import cprd_cmd, quiet_fds, stop, wait_for_socket
 
 
 class Cluster:
@@ -74,18 +73,8 @@ class Cluster:
 
 
 def num_fds(pid: int) -> int:
-    """The daemon's fd count once it is quiet: the same in two reads 50 ms apart, so that client
-    connections we just closed are closed on its side too."""
-    import time
-
-    n = psutil.Process(pid).num_fds()
-    for _ in range(100):
-        time.sleep(0.05)
-        m = psutil.Process(pid).num_fds()
-        if m == n:
-            return n
-        n = m
-    return n
+    """The daemon's fd count once it is quiet (client connections we just closed closed on its side too)."""
+    return quiet_fds(pid, interval=0.05)
 
 
 def settled_fds(pid: int, expect: int, timeout: float = 5.0) -> int:
