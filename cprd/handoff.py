@@ -245,8 +245,9 @@ async def send_table(table: FdTable, to: str, *, listener_fd: int | None, contro
 
     The table may change while this runs (pre-copy): the snapshot is taken and the table's journal
     started in one step (no other task runs in between); the caller stops the journal afterwards.
-    Raises a CprdError when the handoff did not take; then the caller still owns everything. On success the target owns the
-    table; the caller must not serve it any more and should close its copies (exiting does that)."""
+    Raises a CprdError when the handoff did not take; then the caller still owns everything. On
+    success the target owns the table; the caller must not serve it any more and should close its
+    copies (exiting does that)."""
     if not 1 <= batch <= hp.SCM_MAX_FD:
         raise UsageError(f"batch size {batch} is outside 1..{hp.SCM_MAX_FD} (the kernel's SCM_MAX_FD)")
     if window < 1:
