@@ -297,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--duration", type=float, help="seconds of churn (default: handoffs + 1, at least 2)")
     st.add_argument("--clients", type=int, default=4, help="concurrent clients (default 4)")
     st.add_argument("--seed", type=int, default=1, help="random seed of the operation mix")
+    st.add_argument("--control", metavar="PATH",
+                    help="use the daemon running there instead of starting one (only keys stress/... are touched "
+                         "and removed at the end; after handoffs the last target started serves the table)")
     st.add_argument("--json", action="store_true", help="print one JSON object")
     st.set_defaults(func=cmd_stress)
 

@@ -22,6 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+import psutil
 import trio
 
 from .client import AsyncClient
@@ -138,16 +139,18 @@ class _Worker:
                                          f"{self.model[key]}")
 
 
-async def _handoffs(n: int, start: float, duration: float, control: str, d: str, procs: list, bases: dict,
+async def _handoffs(n: int, start: float, duration: float, control: str, d: str, owners: list, bases: dict,
                     stats: Stats) -> None:
+    """n handoffs at even intervals, each from the current owner to a fresh target we start. owners
+    holds each owner in turn: a Popen we started, or the pid of a daemon we found running."""
     for h in range(n):
         await trio.sleep_until(start + duration * (h + 1) / (n + 1))
         listen = os.path.join(d, f"handoff-{h}.sock")
         tgt = spawn(["target", "--listen", listen])
-        procs.append(tgt)
+        owners.append(tgt)
         await trio.to_thread.run_sync(wait_for_socket, listen, tgt)
         bases[tgt.pid] = await trio.to_thread.run_sync(quiet_fds, tgt.pid)
-        old = procs[-2]
+        old = owners[-2]
         try:
             async with AsyncClient(control, timeout=120, retry_for=0) as c:
                 res = await c.handoff(listen)
@@ -155,9 +158,23 @@ async def _handoffs(n: int, start: float, duration: float, control: str, d: str,
             stats.violations.append(f"handoff {h} failed: {e}")
             return
         stats.handoffs.append(res)
-        code = await trio.to_thread.run_sync(old.wait, 30)
+        code = await trio.to_thread.run_sync(_exit_code, old)
         if code != 0:
-            stats.violations.append(f"old owner pid {old.pid} exited {code}, not 0")
+            stats.violations.append(f"old owner pid {_pid(old)} exited {code}, not 0")
+
+
+def _pid(owner) -> int:
+    return owner if isinstance(owner, int) else owner.pid
+
+
+def _exit_code(owner, timeout: float = 30) -> int | None:
+    if not isinstance(owner, int):
+        return owner.wait(timeout)
+    try:  # a daemon we did not start: we can only see it go
+        psutil.Process(owner).wait(timeout)
+    except psutil.NoSuchProcess:
+        pass
+    return 0  # its exit status belongs to its parent
 
 
 async def _progress(stats: Stats, stop_at: float) -> None:
@@ -177,24 +194,37 @@ def _pct(xs: list[float], p: float) -> float:
 
 
 async def run(fds: int, rate: float, handoffs: int, duration: float, clients: int, seed: int,
-              progress: bool) -> dict:
+              progress: bool, control: str | None = None) -> dict:
+    """Churn and handoffs against our own source (populated with `fds`), or, with `control`, against a
+    daemon already running there: then only keys of our own ("stress/...") are touched, they are
+    deleted at the end, and the last target we hand the table to goes on serving it."""
     stats = Stats()
+    external = control is not None
     with tempfile.TemporaryDirectory(prefix="cprd-stress-") as d:
         os.chmod(d, 0o700)
-        control = os.path.join(d, "control.sock")
-        counts = mixed_spec(fds) if fds else {}
-        procs = [spawn(["source", "--control", control, "--populate", spec_string(counts),
-                        "--state-dir", os.path.join(d, "state")])]
+        counts = {} if external else (mixed_spec(fds) if fds else {})
+        owners: list = []
         bases: dict[int, int] = {}
+        if not external:
+            control = os.path.join(d, "control.sock")
+            owners.append(spawn(["source", "--control", control, "--populate", spec_string(counts),
+                                 "--state-dir", os.path.join(d, "state")]))
+        assert control is not None
+        final_owner = None
         try:
-            await trio.to_thread.run_sync(wait_for_socket, control, procs[0])
+            if not external:
+                await trio.to_thread.run_sync(wait_for_socket, control, owners[0])
             async with AsyncClient(control) as c:
                 entries = await c.ls()
+                first_pid = (await c.status())["pid"]
+            if external:
+                owners.append(first_pid)
             model = {(e["name"], e["id"]): _ident(e) for e in entries}
-            bases[procs[0].pid] = await trio.to_thread.run_sync(quiet_fds, procs[0].pid) - len(model)
+            bases[first_pid] = await trio.to_thread.run_sync(quiet_fds, first_pid) - len(model)
             shares: list[list] = [[] for _ in range(clients)]
-            for i, key in enumerate(sorted(model)):
-                shares[i % clients].append(key)
+            if not external:  # our own table: every key is fair game; someone else's: only ours
+                for i, key in enumerate(sorted(model)):
+                    shares[i % clients].append(key)
             workers = [_Worker(i, control, model, shares[i], stats, rate / clients, d, seed + i)
                        for i in range(clients)]
             t0 = time.monotonic()
@@ -202,7 +232,7 @@ async def run(fds: int, rate: float, handoffs: int, duration: float, clients: in
             async with trio.open_nursery() as n:
                 for w in workers:
                     n.start_soon(w.run, stop_at)
-                n.start_soon(_handoffs, handoffs, t0, duration, control, d, procs, bases, stats)
+                n.start_soon(_handoffs, handoffs, t0, duration, control, d, owners, bases, stats)
                 if progress:
                     n.start_soon(_progress, stats, stop_at)
             elapsed = time.monotonic() - t0
@@ -210,17 +240,28 @@ async def run(fds: int, rate: float, handoffs: int, duration: float, clients: in
                 st = await c.status()
                 final = {(e["name"], e["id"]): _ident(e) for e in await c.ls()}
             _check_table(final, model, stats)
-            owner = next((p for p in procs if p.pid == st["pid"]), None)
-            if owner is None:
-                stats.violations.append(f"the table is owned by pid {st['pid']}, not one of ours")
+            final_owner = next((o for o in owners if _pid(o) == st["pid"]), None)
+            if final_owner is None:
+                stats.violations.append(f"the table is owned by pid {st['pid']}, not one we know")
             else:
-                _check_fds(owner.pid, st["entries"], bases, stats, first=owner is procs[0])
-            for p in procs:
-                if p is not owner and p.poll() is None:
-                    stats.violations.append(f"pid {p.pid} still runs but does not own the table")
+                _check_fds(st["pid"], st["entries"], bases, stats, first=final_owner is owners[0])
+            for o in owners:
+                if o is not final_owner and not isinstance(o, int) and o.poll() is None:
+                    stats.violations.append(f"pid {o.pid} still runs but does not own the table")
+            if external:
+                async with AsyncClient(control) as c:
+                    for key in [k for k in final if k[0].startswith("stress/")]:
+                        await c.delete(*key)
         finally:
-            for p in procs:
-                stop(p)
+            # Someone else's table must outlive this run: never stop the target that owns it now.
+            keep = stats.handoffs[-1]["target_pid"] if external and stats.handoffs else None
+            for o in owners:
+                if not isinstance(o, int) and o.pid != keep:
+                    stop(o)
+    lat = stats.latencies
+    if external and final_owner is not None and not isinstance(final_owner, int):
+        print(f"cprd stress: the table at {control} is now served by pid {final_owner.pid}, a cprd target "
+              "this run started", file=sys.stderr)
     lat = stats.latencies
     freezes = [h["freeze_ms"] for h in stats.handoffs]
     return {
@@ -264,7 +305,7 @@ def main(a) -> int:
         raise UsageError("--fds and --handoffs must be >= 0, --rate > 0 and --clients >= 1")
     duration = a.duration if a.duration else max(2.0, a.handoffs * 1.0 + 1.0)
     progress = sys.stderr.isatty() and not a.json
-    res = trio.run(run, a.fds, a.rate, a.handoffs, duration, a.clients, a.seed, progress)
+    res = trio.run(run, a.fds, a.rate, a.handoffs, duration, a.clients, a.seed, progress, a.control)
     if a.json:
         print(json.dumps(res))
     else:

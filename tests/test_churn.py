@@ -143,3 +143,23 @@ def test_a_retried_mutation_applies_once_even_across_a_handoff(cluster):
     finally:
         os.close(a)
         os.close(b)
+
+
+def test_stress_against_a_running_daemon_touches_only_its_own_keys(cluster):
+    import signal
+
+    import psutil
+
+    cluster.source("files=50,eventfds=50")
+    with cluster.client() as c:
+        before = snapshot(c)
+    r = subprocess.run([sys.executable, "-m", "cprd", "stress", "--control", cluster.control, "--rate", "300",
+                        "--handoffs", "1", "--duration", "2", "--json"], capture_output=True, text=True, timeout=120)
+    res = json.loads(r.stdout)
+    assert r.returncode == 0, (res["failures"], res["violation_details"])
+    with cluster.client() as c:
+        st = c.status()
+        assert snapshot(c) == before, "the daemon's own entries are untouched and stress/... keys are gone"
+    assert st["pid"] == res["handoffs"][0]["target_pid"], "the target stress started serves the table now"
+    os.kill(st["pid"], signal.SIGTERM)
+    psutil.Process(st["pid"]).wait(10)
