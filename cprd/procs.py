@@ -20,8 +20,9 @@ def cprd_cmd(*args: str, log_level: str = "warning") -> list[str]:
 
 def spawn(args: Sequence[str], *, env: dict[str, str] | None = None, log_level: str = "warning",
           stderr=None, preexec_fn=None) -> subprocess.Popen:
+    # Daemons print nothing on stdout: never hold the caller's stdout (a pipe stays open while they run).
     return subprocess.Popen(cprd_cmd(*args, log_level=log_level), env=env, stderr=stderr,
-                            stdin=subprocess.DEVNULL, preexec_fn=preexec_fn)
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, preexec_fn=preexec_fn)
 
 
 def wait_for_socket(path: str, proc: subprocess.Popen | None = None, timeout: float = 30.0) -> None:

@@ -17,6 +17,7 @@ import os
 import random
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -140,13 +141,14 @@ class _Worker:
 
 
 async def _handoffs(n: int, start: float, duration: float, control: str, d: str, owners: list, bases: dict,
-                    stats: Stats) -> None:
+                    stats: Stats, external: bool) -> None:
     """n handoffs at even intervals, each from the current owner to a fresh target we start. owners
     holds each owner in turn: a Popen we started, or the pid of a daemon we found running."""
     for h in range(n):
         await trio.sleep_until(start + duration * (h + 1) / (n + 1))
         listen = os.path.join(d, f"handoff-{h}.sock")
-        tgt = spawn(["target", "--listen", listen])
+        # A target that may go on serving someone else's table after we exit must not hold our stderr.
+        tgt = spawn(["target", "--listen", listen], stderr=subprocess.DEVNULL if external else None)
         owners.append(tgt)
         await trio.to_thread.run_sync(wait_for_socket, listen, tgt)
         bases[tgt.pid] = await trio.to_thread.run_sync(quiet_fds, tgt.pid)
@@ -170,10 +172,16 @@ def _pid(owner) -> int:
 def _exit_code(owner, timeout: float = 30) -> int | None:
     if not isinstance(owner, int):
         return owner.wait(timeout)
-    try:  # a daemon we did not start: we can only see it go
-        psutil.Process(owner).wait(timeout)
-    except psutil.NoSuchProcess:
-        pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:  # a daemon we did not start: we can only see it go (or turn zombie)
+        try:
+            if psutil.Process(owner).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.01)
+    else:
+        return None
     return 0  # its exit status belongs to its parent
 
 
@@ -232,7 +240,7 @@ async def run(fds: int, rate: float, handoffs: int, duration: float, clients: in
             async with trio.open_nursery() as n:
                 for w in workers:
                     n.start_soon(w.run, stop_at)
-                n.start_soon(_handoffs, handoffs, t0, duration, control, d, owners, bases, stats)
+                n.start_soon(_handoffs, handoffs, t0, duration, control, d, owners, bases, stats, external)
                 if progress:
                     n.start_soon(_progress, stats, stop_at)
             elapsed = time.monotonic() - t0

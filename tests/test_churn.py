@@ -155,6 +155,7 @@ def test_stress_against_a_running_daemon_touches_only_its_own_keys(cluster):
         before = snapshot(c)
     r = subprocess.run([sys.executable, "-m", "cprd", "stress", "--control", cluster.control, "--rate", "300",
                         "--handoffs", "1", "--duration", "2", "--json"], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip(), r.stderr[-3000:]
     res = json.loads(r.stdout)
     assert r.returncode == 0, (res["failures"], res["violation_details"])
     with cluster.client() as c:
