@@ -529,10 +529,6 @@ class Received:
     results: list[tuple[str, object]] = field(default_factory=list)  # recent mutation answers by request id
 
 
-class NotAHandoff(ProtocolError):
-    """The connection never started a valid handoff (garbage before the hello)."""
-
-
 async def accept_handoff(listener, allowed_uids: set[int], hello_timeout: float = HELLO_TIMEOUT) -> Incoming:
     """Accept connections on the handoff socket, each in its own task, until one sends a valid
     SourceHello; refuse the rest (Abort PROTOCOL for garbage, BUSY once one is chosen)."""
