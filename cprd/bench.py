@@ -82,10 +82,7 @@ def main(a: argparse.Namespace) -> int:
         _check_plot(plot)  # before anything is measured or written
     if a.bench == "find":
         rows = bench_find(_sizes(a.sizes), a.reps)
-        if a.json:
-            print(json.dumps(rows))
-        else:
-            print_find(rows)
+        _emit(rows, a.json, print_find)
         if plot:
             plot_find(rows, plot)
         return 0
@@ -99,26 +96,27 @@ def main(a: argparse.Namespace) -> int:
             print(f"in-place upgrade of a daemon with {row['fds']} fds, {row['reps']} in a row: no request served for "
                   f"{row['ms']:.1f} ms (median; min {row['ms_min']:.1f}, max {row['ms_max']:.1f}); a client "
                   f"saw at most {row['client_stall_ms_max']:.1f} ms between answers; refused connections: "
-                  f"{row['refused']}")
+                  f"{row['refused']}, failed requests: {row['failed_requests']}")
         return 0
     if a.bench == "memory":
         rows = bench_memory(_sizes(a.sizes), progress=not a.json)
-        if a.json:
-            print(json.dumps(rows))
-        else:
-            print_memory(rows)
+        _emit(rows, a.json, print_memory)
         return 0
     if a.fds is not None and a.fds < 1:
         raise UsageError(f"--fds {a.fds}: expected a positive number of fds")
     sizes = [a.fds] if a.fds else _sizes(a.sizes)
     rows = bench_handoff(sizes, a.kinds, a.reps, progress=not a.json)
-    if a.json:
-        print(json.dumps(rows))
-    else:
-        print_handoff(rows)
+    _emit(rows, a.json, print_handoff)
     if plot:
         plot_handoff(rows, plot)
     return 0
+
+
+def _emit(rows: list[dict], as_json: bool, table) -> None:
+    if as_json:
+        print(json.dumps(rows))
+    else:
+        table(rows)
 
 
 # -- find --------------------------------------------------------------------------------------
@@ -568,16 +566,27 @@ def bench_upgrade(fds: int, reps: int) -> dict:
         control = os.path.join(d, "control.sock")
         src = spawn(["source", "--control", control, "--populate", spec_string(counts), "--state-dir",
                      os.path.join(d, "state")])
-        done, gaps, refused = threading.Event(), [], [0]
+        done, gaps, refused, failed = threading.Event(), [], [0], [0]
 
         def poll() -> None:
+            """Status on a fresh connection, again and again: count refused connects (there must be
+            none), and time the gaps between answers."""
             last = time.perf_counter()
             while not done.is_set():
+                probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+                try:
+                    probe.connect(control)
+                except ConnectionRefusedError:
+                    refused[0] += 1
+                    continue
+                finally:
+                    probe.close()
                 try:
                     with Client(control, timeout=30) as c:
                         c.status()
-                except _socket.error:
-                    refused[0] += 1
+                except CprdError:
+                    failed[0] += 1
+                    continue
                 now = time.perf_counter()
                 gaps.append((now - last) * 1e3)
                 last = now
@@ -603,4 +612,5 @@ def bench_upgrade(fds: int, reps: int) -> dict:
             stop(src)
     return {"fds": spec_fds(counts) if counts else 0, "reps": reps, "ms": round(statistics.median(results), 3),
             "ms_min": round(min(results), 3), "ms_max": round(max(results), 3),
-            "client_stall_ms_max": round(max(gaps, default=0.0), 3), "refused": refused[0]}
+            "client_stall_ms_max": round(max(gaps, default=0.0), 3), "refused": refused[0],
+            "failed_requests": failed[0]}

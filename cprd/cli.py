@@ -329,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     except CprdError as e:
         print(f"cprd: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # what the system refused (a file, a socket, a limit): say so, no traceback
+        print(f"cprd: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -83,6 +83,14 @@ def _result(reply: dict, got: OwnedFds) -> tuple[Any, OwnedFds]:
 
 
 def _request(sock: socket.socket, op: str, fds: list[int], args: dict[str, Any]) -> tuple[Any, OwnedFds]:
+    try:
+        return _exchange(sock, op, fds, args)
+    except TimeoutError:
+        raise ControlError(f"control {op}: no answer from the daemon within {sock.gettimeout():.0f} s; is it "
+                           "hung? (`cprd ctl status` tells whether it serves at all)") from None
+
+
+def _exchange(sock: socket.socket, op: str, fds: list[int], args: dict[str, Any]) -> tuple[Any, OwnedFds]:
     scm.send_sync(sock, cp.encode_request(op, **args), fds, f"control {op}")
     reader, got = cp.ReplyReader(), OwnedFds()
     try:

@@ -325,7 +325,7 @@ class _Sender:
     async def _batch(self, entries: list[Entry], replace: bool) -> None:
         while not self.m.can_send_batch():
             await self._recv("handoff transfer")
-        ev = hp.Batch.of(self.seq, [hp.Record(e.name, e.id, e.ident) for e in entries], replace)
+        ev = hp.Batch.of(self.seq, entries, replace)  # an Entry has a Record's name, id and ident
         data, fds = self.m.send(ev), [e.fd for e in entries]
         while True:  # on ETOOMANYREFS wait for the target to take some fds (an ack), then retry
             try:
@@ -755,8 +755,9 @@ def _apply_delta(ev: hp.Batch, fds: OwnedFds, table: FdTable) -> None:
         r = recs[bad]
         raise VerifyError(f"entry ({r.name!r}, {r.id}) ({r.ident.kind.label}) does not match what the source "
                           f"sent: {verify(fds.fds[bad], r.ident)}")
-    for r, fd in zip(recs, fds.take()):
+    for r, fd in zip(recs, list(fds.fds)):
         table.save(r.name, r.id, fd, r.ident, replace=True)
+        fds.fds.remove(fd)  # the table owns it now; what a failing save leaves is closed by the caller
 
 
 def _py_verify(fixed: list[tuple], fds: list[int]) -> int:

@@ -96,9 +96,12 @@ def bind_listener(path: str, what: str = "control", shared: bool = False) -> soc
     `shared` (--allow-uid: other users must be able to connect; the daemon then checks each peer's
     uid with SO_PEERCRED)."""
     path = os.path.abspath(path)
-    if len(path.encode()) >= 108:
-        raise ControlError(f"{what} socket path {path} is {len(path.encode())} bytes; UNIX socket paths must be"
-                           " under 108 bytes, choose a shorter one")
+    # We bind a temporary name beside it first (see below), which must fit the 108-byte limit too,
+    # whatever the pid (at most 7 digits): the same room for every cprd, source or target.
+    room = 107 - len(".4194304.tmp")
+    if len(path.encode()) > room:
+        raise ControlError(f"{what} socket path {path} is {len(path.encode())} bytes; cprd needs it to be at most "
+                           f"{room} (UNIX socket paths are limited to 108 bytes): choose a shorter one")
     ensure_private_dir(os.path.dirname(path))
     if os.path.lexists(path):
         st = os.lstat(path)
@@ -124,7 +127,7 @@ def bind_listener(path: str, what: str = "control", shared: bool = False) -> soc
         sock.close()
         if os.path.lexists(tmp):
             os.unlink(tmp)
-        raise ControlError(f"cannot create {what} socket {path}: {e.strerror}") from None
+        raise ControlError(f"cannot create {what} socket {path}: {e.strerror or e}") from None
     finally:
         os.umask(old)
     return sock

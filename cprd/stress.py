@@ -307,10 +307,10 @@ def _check_fds(pid: int, entries: int, bases: dict, stats: Stats, first: bool) -
 
 
 def main(a) -> int:
-    if a.fds < 0 or a.rate <= 0 or a.handoffs < 0 or a.clients < 1:
+    if a.fds < 0 or a.rate <= 0 or a.handoffs < 0 or a.clients < 1 or (a.duration is not None and a.duration <= 0):
         from .errors import UsageError
 
-        raise UsageError("--fds and --handoffs must be >= 0, --rate > 0 and --clients >= 1")
+        raise UsageError("--fds and --handoffs must be >= 0, --rate and --duration > 0 and --clients >= 1")
     duration = a.duration if a.duration else max(2.0, a.handoffs * 1.0 + 1.0)
     progress = sys.stderr.isatty() and not a.json
     res = trio.run(run, a.fds, a.rate, a.handoffs, duration, a.clients, a.seed, progress, a.control)

@@ -139,7 +139,12 @@ def spawn_guardian(state: dict[str, Any], state_fd: int) -> tuple[int, int]:
     """Fork the guardian; returns (its pid, the write end of its pipe, still close-on-exec)."""
     r, w = os.pipe2(os.O_CLOEXEC)
     keep = set(crossing_fds(state, state_fd)) | {r}
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except BaseException:
+        os.close(r)
+        os.close(w)
+        raise
     if pid == 0:  # the guardian: no trio, no logging handlers that might lock; only fds and exec
         code = 1
         try:
@@ -234,9 +239,14 @@ def prepare(state: dict[str, Any], program: str | None, own_args: list[str],
         raise
     state = {**state, "guardian_fd": gw, "guardian_pid": gpid}
     state["crossing"] = [fd for fd in crossing_fds(state, state_fd) if fd != state_fd]
-    os.ftruncate(state_fd, 0)
-    os.pwrite(state_fd, json.dumps(state, separators=(",", ":")).encode(), 0)
-    return Prepared(state, state_fd, gpid, gw, argv)
+    prep = Prepared(state, state_fd, gpid, gw, argv)
+    try:
+        os.ftruncate(state_fd, 0)
+        os.pwrite(state_fd, json.dumps(state, separators=(",", ":")).encode(), 0)
+    except BaseException:
+        prep.abort()  # the guardian goes, the state is closed: nothing happened
+        raise
+    return prep
 
 
 def now_ms() -> float:

@@ -254,3 +254,25 @@ def test_no_daemon_gives_a_clear_error(tmp_path):
 
     with pytest.raises(ControlError, match="no cprd serves"):
         Client(str(tmp_path / "none.sock")).status()
+
+
+def test_socket_path_too_long_is_a_clear_error(tmp_path):
+    path = str(tmp_path / ("a" * (100 - len(str(tmp_path)))))
+    r = subprocess.run([sys.executable, "-m", "cprd", "source", "--control", path], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 1 and "at most 95" in r.stderr and "Traceback" not in r.stderr
+    assert not os.listdir(tmp_path)
+
+
+def test_a_daemon_that_never_answers_is_a_clear_error(tmp_path):
+    from cprd.client import Client
+
+    path = str(tmp_path / "mute.sock")
+    mute = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    mute.bind(path)
+    mute.listen(1)  # accepts into the backlog, never reads, never answers
+    try:
+        with pytest.raises(ControlError, match="no answer from the daemon within"):
+            Client(path, timeout=0.3, retry_for=0).status()
+    finally:
+        mute.close()

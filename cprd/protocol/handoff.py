@@ -259,7 +259,8 @@ _TYPE = {SourceHello: SOURCE_HELLO, TargetHello: TARGET_HELLO, Batch: BATCH, Ack
 
 # -- codec ----------------------------------------------------------------------------------
 def encode_records(records: list[Record]) -> bytes:
-    """The record bytes of a batch: fixed records, then the names."""
+    """The record bytes of a batch: fixed records, then the names. Anything with a Record's name, id
+    and ident attributes will do (the source passes its table's entries as they are)."""
     names = [r.name.encode("utf-8") for r in records]
     pack = RECORD.pack
     fixed = [pack(r.id, r.ident.kind, len(nb), r.ident.mode, r.ident.flags, r.ident.dev, r.ident.ino)
