@@ -148,6 +148,10 @@ class FdTable:
         nothing: if a key is already present (or repeats), nothing is inserted and the first
         offending entry is returned; the caller still owns every fd then."""
         d = self._d
+        keys = [(e[0], e[1]) for e in entries]
+        if len(set(keys)) == len(keys) and d.keys().isdisjoint(keys):  # the common case, in C loops
+            d.update(zip(keys, entries))
+            return None
         done = []
         for e in entries:
             k = (e.name, e.id)
