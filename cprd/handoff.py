@@ -19,6 +19,10 @@ never serves a partial table while its source lives); if the source died, the fd
 the target exist nowhere else, so it keeps them: the whole table after End, a *salvaged* part
 before End, naming the keys lost with the source (from the Manifest).
 
+Speed: the receiving hot loop (build the entries, one fstat and one fcntl an fd) is in C when the
+optional speedup is built (cprd/_speedups.c). Then the target verifies on a helper thread (the
+Verifier) while the next batches arrive, and acknowledges a batch once it is verified.
+
 Flow control: the target acknowledges each batch and the source keeps at most `window` batches
 unacknowledged. A non-root sender also keeps the fds in flight under half its RLIMIT_NOFILE,
 since the kernel refuses more (ETOOMANYREFS).
@@ -32,6 +36,7 @@ import json
 import logging
 import os
 import resource
+import select
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -393,8 +398,7 @@ class _Sender:
         # The keys first (cheap: ~0.1 us a key), so that a target whose source dies mid-transfer can
         # name what was lost.
         for i in range(0, n, hp.MANIFEST_CHUNK):
-            keys = [(e.name, e.id) for e in entries[i:i + hp.MANIFEST_CHUNK]]
-            await self._send(hp.Manifest.of(keys), (), "handoff manifest")
+            await self._send(hp.Manifest.of(entries[i:i + hp.MANIFEST_CHUNK]), (), "handoff manifest")
         clock.mark("hello")
         last = (n - 1) // self.batch if n else -1
         for i in range(0, n, self.batch):
@@ -592,6 +596,7 @@ async def receive_table(inc: Incoming, *, reserve: int = RESERVE_FDS, timeout: f
                "target's limit (ulimit -n, LimitNOFILE=) and start it again")
         await _try_send(sock, m, hp.Abort(hp.AbortCode.CAPACITY, msg))
         raise CapacityError(msg)
+    _grow_fd_table(sock.fileno(), min(soft - 1, open_fds + hello.fds + reserve))
     table = FdTable()
     listener = OwnedFds()
     results: list[tuple[str, object]] = []
@@ -608,6 +613,30 @@ async def receive_table(inc: Incoming, *, reserve: int = RESERVE_FDS, timeout: f
         except (CprdError, OSError) as e:
             log.info("event=send_to_source_failed error=%r note=reading-what-is-queued", str(e))
 
+    # Snapshot batches are verified on a helper thread (the C Verifier) while the next ones arrive;
+    # a batch is acknowledged once it is verified, in order. Anything that may close an fd (a
+    # delta, a delete, the end, a failure) first waits until the verifier is idle.
+    verifier = _c.Verifier(_MASK32) if _c is not None else None
+    checking: dict[int, tuple[hp.Batch, list[int]]] = {}  # seq -> (batch, its fds) being verified
+    verified = 0  # entries verified so far (what an Ack reports)
+    readable = select.poll()
+    readable.register(sock.fileno(), select.POLLIN)
+
+    async def ack_verified(block: bool, send: bool = True) -> None:
+        """Acknowledge the batches the verifier has finished (waiting for one if block)."""
+        nonlocal verified
+        for seq, bad in verifier.completed(block):
+            ev, bfds = checking.pop(seq)
+            if bad >= 0:
+                _verify_error(ev, bfds, bad)
+            verified += ev.count
+            if send:
+                await tsend(hp.Ack(seq, verified))
+
+    async def settle(send: bool = True) -> None:
+        while verifier is not None and verifier.pending:
+            await ack_verified(True, send)
+
     gc_was = gc.isenabled()
     gc.disable()  # tens of thousands of small objects arrive; collections mid-transfer only cost time
     try:
@@ -617,17 +646,30 @@ async def receive_table(inc: Incoming, *, reserve: int = RESERVE_FDS, timeout: f
             fault.point("target", "hello", sock=sock)
             clock.mark("hello")
             while True:
+                if verifier is not None and verifier.pending:
+                    await ack_verified(False)
+                    if verifier.pending and not readable.poll(0):  # nothing to read: wait for the verifier
+                        await ack_verified(True)
+                        continue
                 ev, fds = await _recv_event(sock, m, timeout, "handoff transfer")
                 if isinstance(ev, hp.Batch):
                     with fds:
                         if ev.replace:
+                            await settle()
                             _apply_delta(ev, fds, table)
                         else:
-                            _verify_batch(ev, fds, table)
-                    await tsend(hp.Ack(ev.seq, len(table)))
+                            bfds = _take_batch(ev, fds, table, verifier)
+                            if bfds is not None:
+                                checking[ev.seq] = (ev, bfds)
+                            else:
+                                await settle()  # acks go in order
+                    if ev.seq not in checking:
+                        verified = len(table)
+                        await tsend(hp.Ack(ev.seq, verified))
                     fault.point("target", "batch", ev.seq, sock=sock,
                                 last=(hello.entries - 1) // max(1, hello.batch_max))
                 elif isinstance(ev, hp.Delete):
+                    await settle()
                     for key in ev.keys():
                         if key not in table:
                             raise ProtocolError(f"handoff delete: the source deletes {key!r}, which it never sent")
@@ -636,6 +678,7 @@ async def receive_table(inc: Incoming, *, reserve: int = RESERVE_FDS, timeout: f
                 elif isinstance(ev, hp.Results):
                     results.extend(ev.results)
                 elif isinstance(ev, hp.End):
+                    await settle()
                     if ev.entries != len(table):
                         raise ProtocolError(f"handoff end: the source holds {ev.entries} entries, this target "
                                             f"{len(table)} after applying every delta")
@@ -663,6 +706,7 @@ async def receive_table(inc: Incoming, *, reserve: int = RESERVE_FDS, timeout: f
             if fate != "dead":
                 raise HandoffError(f"the handoff connection broke ({e}) while the source (pid {inc.source_pid})"
                                    f" is {fate}; it keeps every entry, this target keeps none") from None
+            await settle(send=False)  # keep only what is verified (a VerifyError fails the whole)
             salvage = None if ended else _salvage(inc, m, table, deleted)
             log.error("event=source_died source_pid=%d stage=%s entries_kept=%d%s", inc.source_pid,
                       "after-end" if ended else "mid-transfer", len(table),
@@ -670,6 +714,8 @@ async def receive_table(inc: Incoming, *, reserve: int = RESERVE_FDS, timeout: f
                       if salvage else "")
             return Received(table, listener, hello, m, inc.source_pid, False, salvage, clock.phases, results)
     except BaseException as e:
+        if verifier is not None:
+            verifier.close()  # it reads fds of the table: stop it before they close
         table.close_all()
         listener.close()
         if isinstance(e, (VerifyError, ProtocolError, CapacityError)) and not isinstance(e, scm.Closed):
@@ -679,12 +725,26 @@ async def receive_table(inc: Incoming, *, reserve: int = RESERVE_FDS, timeout: f
             await _drain(sock)
         raise
     finally:
+        if verifier is not None:
+            verifier.close()
         gc.freeze()  # what arrived lives as long as the table: keep it out of every later collection
         if gc_was:
             gc.enable()
     log.info("event=handoff_received entries=%d source_pid=%d %s", len(table), inc.source_pid,
              " ".join(f"{k}_ms={v:.2f}" for k, v in clock.phases.items()))
     return Received(table, listener, hello, m, inc.source_pid, True, None, clock.phases, results)
+
+
+def _grow_fd_table(fd: int, slots: int) -> None:
+    """Make the kernel's fd table of this process hold `slots` fds now, in one step.
+
+    Received fds grow it by doubling as they arrive, and in a process with more than one thread
+    (the C verifier's helper) every doubling waits for an RCU grace period (milliseconds each).
+    Taking a high fd number once, and closing it, sizes the table for the whole handoff."""
+    try:
+        os.close(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, max(0, slots)))
+    except OSError:
+        pass  # only a matter of speed
 
 
 def _salvage(inc: Incoming, m: hp.Handoff, table: FdTable, deleted: set[tuple[str, int]]) -> Salvage:
@@ -709,53 +769,62 @@ async def confirm(sock, r: Received) -> None:
     fault.point("target", "confirm", sock=sock)
 
 
-try:  # optional C loop (built by hatch_build.py when a compiler is there); same checks, no stat_result objects
-    if os.environ.get("CPRD_NO_SPEEDUPS"):
-        raise ImportError
-    from ._speedups import verify_batch as _c_verify
-except ImportError:
-    _c_verify = None
-
+_c = hp._c  # the optional C loops (cprd/_speedups.c); None runs the pure-Python ones below
 _MASK32 = ~MUTABLE_FLAGS & 0xFFFFFFFF
+_NAMES: dict[str, str] = {}  # one str object for each distinct name the C path has seen (names repeat)
 
 
 def speedups() -> bool:
-    return _c_verify is not None
+    return _c is not None
 
 
-def _verify_batch(ev: hp.Batch, fds: OwnedFds, table: FdTable) -> None:
-    """Verify each fd of a batch against its record, then move them all into the table.
+def _take_batch(ev: hp.Batch, fds: OwnedFds, table: FdTable, verifier=None) -> list[int] | None:
+    """Move a snapshot batch's entries into the table, all or nothing, each fd verified against its
+    record (one fstat and one fcntl an fd).
 
-    The hot loop of a handoff: one fstat and one fcntl an fd (in C when the speedup is built),
-    then the Identity and Entry that the table keeps."""
-    assert ev.fixed is not None and ev.names is not None
-    make_ident, make_entry, kinds = Identity._make, Entry._make, KIND_BY_CODE
-    if _c_verify is not None:
-        bad = _c_verify(ev.raw, ev.count, fds.fds, _MASK32)
-    else:
-        bad = _py_verify(ev.fixed, fds.fds)
+    The hot loop of a handoff. With the C speedup, one call builds the Identity and Entry objects
+    and inserts them; when a `verifier` is given, it verifies them afterwards on its helper thread
+    and this returns the batch's fds (now the table's) that it checks; the caller must wait for its
+    verdict before it acknowledges the batch or closes anything. Otherwise (None returned) every
+    fd was verified here. The Python path below is the reference, and also the one that names
+    what is wrong (a duplicate key) or handles names that are not plain ASCII."""
+    if _c is not None:
+        r = _c.absorb(ev.raw, ev.count, fds.fds, table.bulk_dict(), _MASK32, hp.KINDS, Identity, Entry, _NAMES,
+                      verifier is None)
+        if r == -1:
+            taken = fds.take()
+            if verifier is None:
+                return None
+            verifier.submit(ev.raw, ev.count, taken, ev.seq)
+            return taken
+        if r >= 0:
+            _verify_error(ev, fds.fds, r)
+    fixed, names = ev.decoded()
+    bad = _py_verify(fixed, fds.fds)
     if bad >= 0:
-        id_, kind, _nlen, mode, flags, dev, ino = ev.fixed[bad]
-        ident = make_ident((kinds[kind], mode, dev, ino, flags))
-        raise VerifyError(f"entry ({ev.names[bad]!r}, {id_}) ({ident.kind.label}) does not match what the "
-                          f"source sent: {verify(fds.fds[bad], ident)}")
+        _verify_error(ev, fds.fds, bad)
+    make_ident, make_entry, kinds = Identity._make, Entry._make, KIND_BY_CODE
     entries = [make_entry((name, id_, fd, make_ident((kinds[kind], mode, dev, ino, flags))))
-               for (id_, kind, _nlen, mode, flags, dev, ino), name, fd in zip(ev.fixed, ev.names, fds.fds)]
+               for (id_, kind, _nlen, mode, flags, dev, ino), name, fd in zip(fixed, names, fds.fds)]
     dup = table.absorb(entries)
     if dup is not None:
         raise ProtocolError(f"handoff batch {ev.seq}: duplicate key ({dup.name!r}, {dup.id})")
     fds.take()
+    return None
+
+
+def _verify_error(ev: hp.Batch, fds: list[int], i: int) -> None:
+    r = ev.records()[i]
+    raise VerifyError(f"entry ({r.name!r}, {r.id}) ({r.ident.kind.label}) does not match what the source "
+                      f"sent: {verify(fds[i], r.ident)}")
 
 
 def _apply_delta(ev: hp.Batch, fds: OwnedFds, table: FdTable) -> None:
     """A pre-copy delta: verify like a snapshot batch, then each record replaces its key (in order)."""
-    bad = _c_verify(ev.raw, ev.count, fds.fds, _MASK32) if _c_verify else _py_verify(ev.fixed, fds.fds)
-    recs = ev.records()
+    bad = _c.verify_batch(ev.raw, ev.count, fds.fds, _MASK32) if _c else _py_verify(ev.decoded()[0], fds.fds)
     if bad >= 0:
-        r = recs[bad]
-        raise VerifyError(f"entry ({r.name!r}, {r.id}) ({r.ident.kind.label}) does not match what the source "
-                          f"sent: {verify(fds.fds[bad], r.ident)}")
-    for r, fd in zip(recs, list(fds.fds)):
+        _verify_error(ev, fds.fds, bad)
+    for r, fd in zip(ev.records(), list(fds.fds)):
         table.save(r.name, r.id, fd, r.ident, replace=True)
         fds.fds.remove(fd)  # the table owns it now; what a failing save leaves is closed by the caller
 

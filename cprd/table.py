@@ -163,6 +163,11 @@ class FdTable:
             done.append(k)
         return None
 
+    def bulk_dict(self) -> dict[tuple[str, int], Entry]:
+        """The dict itself, for a bulk loader (a handoff's C receive path) that inserts Entry values
+        under their (name, id) keys, all or nothing, checking keys as absorb does."""
+        return self._d
+
     def insert_unchecked_entry(self, name: str, id: int, fd: int, ident: Identity) -> None:
         """Insert an entry whose key the caller knows to be valid and new (restoring a saved table)."""
         self._d[(name, id)] = Entry(name, id, fd, ident)

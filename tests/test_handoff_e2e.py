@@ -203,3 +203,46 @@ def test_garbage_on_the_handoff_socket(cluster):
     with cluster.client() as c:
         assert c.handoff(listen)["entries"] == 10
     assert src.wait(30) == 0
+
+
+@pytest.mark.parametrize("bad_batch", [0, 2, 3])
+def test_target_refuses_an_fd_that_is_not_what_its_record_says(cluster, tmp_path, bad_batch):
+    """A source whose record describes another file than the fd it attaches: the target (which
+    verifies on a helper thread while later batches arrive) aborts with VERIFY naming the entry,
+    acknowledges no batch from the bad one on, closes all it received and exits non-zero; none of
+    our fds changes."""
+    from cprd.kinds import classify
+
+    tgt, listen = cluster.target()
+    mine = num_fds(os.getpid())
+    fds = [os.open(tmp_path / f"f{i}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600) for i in range(200)]
+    try:
+        records = [hp.Record("f", i, classify(fd)) for i, fd in enumerate(fds)]
+        lie = bad_batch * 50 + 17
+        records[lie] = hp.Record("f", lie, records[lie + 1].ident)  # the ino of the next file
+        m = hp.Handoff("source")
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        s.settimeout(30)
+        with s:
+            s.connect(listen)
+            scm.send_sync(s, m.send(hp.SourceHello(os.getpid(), 200, 200, 50, str(tmp_path / "c.sock"))))
+            data, got = scm.recv_sync(s, hp.MAX_PAYLOAD, 1)
+            assert isinstance(m.receive(data, len(got)), hp.TargetHello)
+            for k in range(4):
+                scm.send_sync(s, m.send(hp.Batch.of(k, records[k * 50:(k + 1) * 50])), fds[k * 50:(k + 1) * 50])
+            acks = []
+            while True:
+                data, got = scm.recv_sync(s, hp.MAX_PAYLOAD, 1)
+                got.close()
+                ev = m.receive(data, 0)
+                if not isinstance(ev, hp.Ack):
+                    break
+                acks.append(ev.seq)
+        assert isinstance(ev, hp.Abort) and ev.code == hp.AbortCode.VERIFY, ev
+        assert f"('f', {lie})" in ev.message and "does not match" in ev.message
+        assert acks == list(range(bad_batch))
+        assert tgt.wait(30) != 0
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert num_fds(os.getpid()) == mine

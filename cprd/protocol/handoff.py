@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from itertools import accumulate
 from dataclasses import dataclass, field
@@ -77,6 +78,13 @@ _ABORT = struct.Struct("<H")  # code, then UTF-8 message
 _MANIFEST = struct.Struct("<I")  # count, then count keys: <iB id, name_len> + name
 _KEY = struct.Struct("<iB")
 MANIFEST_CHUNK = 400  # keys a Manifest message: at most 400 * 260 bytes, under MAX_PAYLOAD
+
+try:  # optional C loops (cprd/_speedups.c, built at install when a compiler is there); same bytes, same checks
+    if os.environ.get("CPRD_NO_SPEEDUPS"):
+        raise ImportError
+    from .. import _speedups as _c
+except ImportError:
+    _c = None
 
 
 
@@ -125,11 +133,16 @@ class Batch:
     def of(cls, seq: int, records: list[Record], replace: bool = False) -> Batch:
         return cls(seq, len(records), encode_records(records), replace=replace)
 
-    def records(self) -> list[Record]:
+    def decoded(self) -> tuple[list[tuple], list[str]]:
+        """(fixed, names), decoded now if decode() left that to the C receive path."""
         if self.fixed is None or self.names is None:
             self.fixed, self.names = decode_records(self.raw, self.count)
+        return self.fixed, self.names
+
+    def records(self) -> list[Record]:
+        fixed, names = self.decoded()
         return [Record(n, f[0], Identity._make((KIND_BY_CODE[f[1]], f[3], f[5], f[6], f[4])))
-                for f, n in zip(self.fixed, self.names)]
+                for f, n in zip(fixed, names)]
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Batch) and (self.seq, self.count, self.raw, self.replace) == \
@@ -182,9 +195,18 @@ class Abort:
 
 
 def _encode_keys(keys: list[tuple[str, int]]) -> bytes:
+    """Key bytes from (name, id) pairs, or anything whose items 0 and 1 are name and id (an Entry)."""
+    if _c is not None:
+        return _c.encode_keys(keys if isinstance(keys, list) else list(keys))
+    return py_encode_keys(keys)
+
+
+def py_encode_keys(keys: list[tuple[str, int]]) -> bytes:
+    """_encode_keys in Python: the reference the C loop must agree with."""
     pack = _KEY.pack
     parts = []
-    for name, id_ in keys:
+    for k in keys:
+        name, id_ = k[0], k[1]
         nb = name.encode("utf-8")
         parts.append(pack(id_, len(nb)))
         parts.append(nb)
@@ -262,6 +284,13 @@ _TYPE = {SourceHello: SOURCE_HELLO, TargetHello: TARGET_HELLO, Batch: BATCH, Ack
 def encode_records(records: list[Record]) -> bytes:
     """The record bytes of a batch: fixed records, then the names. Anything with a Record's name, id
     and ident attributes will do (the source passes its table's entries as they are)."""
+    if _c is not None and isinstance(records, list) and (not records or isinstance(records[0], tuple)):
+        return _c.encode_records(records)  # Entry and Record are tuples: name, id, ..., ident
+    return py_encode_records(records)
+
+
+def py_encode_records(records: list[Record]) -> bytes:
+    """encode_records in Python: the reference the C loop must agree with."""
     names = [r.name.encode("utf-8") for r in records]
     pack = RECORD.pack
     fixed = [pack(r.id, r.ident.kind, len(nb), r.ident.mode, r.ident.flags, r.ident.dev, r.ident.ino)
@@ -336,6 +365,9 @@ def _name(raw: bytes, i: int) -> str:
 
 
 _KIND_OK = frozenset(int(k) for k in Kind if k is not Kind.EPOLL)
+# For the C loops: KINDS[code] is the Kind a record may carry (None: unknown or refused).
+KINDS = tuple(KIND_BY_CODE.get(i) if i in _KIND_OK else None for i in range(max(_KIND_OK) + 1))
+_SIMPLE_KINDS = bytes(1 if i < len(KINDS) and KINDS[i] is not None else 0 for i in range(256))
 
 
 def decode_records(p: bytes, count: int) -> tuple[list[tuple], list[str]]:
@@ -408,8 +440,11 @@ def decode(data: bytes, nfds: int = 0) -> tuple[int, Event]:
         if count == 0 or count > SCM_MAX_FD:
             raise ProtocolError(f"handoff batch: {count} records, expected 1..{SCM_MAX_FD}")
         raw = bytes(p[_BATCH.size:])
-        fixed, names = decode_records(raw, count)
-        ev = Batch(seq, count, raw, fixed, names, bool(flags & REPLACE))
+        if _c is not None and _c.simple_records(raw, count, _SIMPLE_KINDS):
+            ev = Batch(seq, count, raw, None, None, bool(flags & REPLACE))  # checked; decoded where it is used
+        else:
+            fixed, names = decode_records(raw, count)
+            ev = Batch(seq, count, raw, fixed, names, bool(flags & REPLACE))
         expect_fds = count
     elif type_ == ACK:
         _exact(p, _ACK.size, "ack")
