@@ -481,6 +481,7 @@ static PyObject *absorb(PyObject *self, PyObject *args) {
                           &names, &check))
         return NULL;
     PyObject *result = NULL, **keys = NULL;
+    PyObject *last[5] = {NULL, NULL, NULL, NULL, NULL}, *last_ident = NULL; /* the previous Identity, its items */
     int *ints = NULL;
     Py_ssize_t inserted = 0;
     if (!PyType_IsSubtype(ident_type, &PyTuple_Type) || !PyType_IsSubtype(entry_type, &PyTuple_Type)) {
@@ -505,15 +506,33 @@ static PyObject *absorb(PyObject *self, PyObject *args) {
         PyErr_NoMemory();
         goto done;
     }
-    const unsigned char *base = raw.buf, *name = base + count * RECORD_SIZE;
+    /* Records come grouped (a device's fds, a run of eventfds): an Identity equal to the previous
+     * record's is shared (every eventfd has the same one), and so are equal mode, dev and flags
+     * ints. Fewer objects: less memory for the table and less time building it. */
+    const unsigned char *base = raw.buf, *name = base + count * RECORD_SIZE, *prev = NULL;
     for (Py_ssize_t i = 0; i < count; i++) {
         const unsigned char *r = base + i * RECORD_SIZE;
         unsigned nlen = r[5];
-        PyObject *kind = PyTuple_GET_ITEM(kinds, r[4]);
-        Py_INCREF(kind);
-        PyObject *iv[5] = {kind, PyLong_FromUnsignedLong(le32(r + 6)), PyLong_FromUnsignedLongLong(le64(r + 14)),
-                           PyLong_FromUnsignedLongLong(le64(r + 22)), PyLong_FromUnsignedLong(le32(r + 10))};
-        PyObject *ident = make_tuple(ident_type, 5, iv);
+        PyObject *ident;
+        if (prev && prev[4] == r[4] && memcmp(prev + 6, r + 6, RECORD_SIZE - 6) == 0) {
+            ident = last_ident;
+            Py_INCREF(ident);
+        } else {
+            PyObject *iv[5] = {PyTuple_GET_ITEM(kinds, r[4]), NULL, NULL, NULL, NULL};
+            Py_INCREF(iv[0]);
+            iv[1] = prev && !memcmp(prev + 6, r + 6, 4) ? Py_NewRef(last[1]) : PyLong_FromUnsignedLong(le32(r + 6));
+            iv[2] = prev && !memcmp(prev + 14, r + 14, 8) ? Py_NewRef(last[2])
+                                                          : PyLong_FromUnsignedLongLong(le64(r + 14));
+            iv[3] = PyLong_FromUnsignedLongLong(le64(r + 22));
+            iv[4] = prev && !memcmp(prev + 10, r + 10, 4) ? Py_NewRef(last[4]) : PyLong_FromUnsignedLong(le32(r + 10));
+            ident = make_tuple(ident_type, 5, iv);
+            if (ident) {
+                Py_XSETREF(last_ident, Py_NewRef(ident));
+                for (int k = 0; k < 5; k++)
+                    Py_XSETREF(last[k], Py_NewRef(PyTuple_GET_ITEM(ident, k)));
+                prev = r;
+            }
+        }
         PyObject *nm = shared_name(names, name, nlen);
         PyObject *id = PyLong_FromLong((int32_t)le32(r));
         name += nlen;
@@ -549,6 +568,9 @@ static PyObject *absorb(PyObject *self, PyObject *args) {
     result = PyLong_FromLong(-1);
     inserted = 0; /* keep them */
 done:
+    for (int k = 0; k < 5; k++)
+        Py_XDECREF(last[k]);
+    Py_XDECREF(last_ident);
     if (keys) {
         PyObject *et, *ev, *tb;
         PyErr_Fetch(&et, &ev, &tb);

@@ -648,7 +648,10 @@ async def receive_table(inc: Incoming, *, reserve: int = RESERVE_FDS, timeout: f
             while True:
                 if verifier is not None and verifier.pending:
                     await ack_verified(False)
-                    if verifier.pending and not readable.poll(0):  # nothing to read: wait for the verifier
+                    # Nothing to read, or as many unacknowledged batches as a window holds: wait for
+                    # the verifier (the window is not on the wire; a target that acks in time never
+                    # sees more).
+                    if verifier.pending and (len(checking) >= m.window or not readable.poll(0)):
                         await ack_verified(True)
                         continue
                 ev, fds = await _recv_event(sock, m, timeout, "handoff transfer")

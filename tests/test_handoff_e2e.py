@@ -246,3 +246,17 @@ def test_target_refuses_an_fd_that_is_not_what_its_record_says(cluster, tmp_path
         for fd in fds:
             os.close(fd)
     assert num_fds(os.getpid()) == mine
+
+
+@pytest.mark.parametrize("batch,window", [(40, 16), (7, 1), (100, 5)])
+def test_any_batch_size_and_window(cluster, batch, window):
+    """The window is the source's (not on the wire): any window works with a target that reads ahead."""
+    src = cluster.source("files=200,eventfds=400,devices=5")
+    tgt, listen = cluster.target()
+    with cluster.client() as c:
+        before = snapshot(c)
+        res = c.handoff(listen, batch=batch, window=window)
+    assert res["confirmed"] and res["entries"] == len(before)
+    assert src.wait(30) == 0
+    with cluster.client() as c:
+        assert c.status()["pid"] == tgt.pid and snapshot(c) == before
