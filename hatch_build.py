@@ -1,8 +1,9 @@
 """Build hook: compile the optional C speedup (cprd/_speedups.c) when a C compiler is there.
 
-cprd is pure Python; the extension only makes a handoff's verification loop cheaper. If the
+cprd is pure Python; the extension only makes a handoff's hot loops cheaper (checking, building
+and verifying the entries of a batch; encoding them; verifying on a helper thread). If the
 compiler or the Python headers are missing, the build goes on without it and cprd uses its
-pure-Python loop (same checks, slower)."""
+pure-Python loops (same checks, same bytes, slower)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ class CustomBuildHook(BuildHookInterface):
         cc = (sysconfig.get_config_var("CC") or "cc").split()
         if not shutil.which(cc[0]):
             cc = ["cc"]
-        cmd = [*cc, "-shared", "-fPIC", "-O2", "-Wall", f"-I{sysconfig.get_paths()['include']}", src, "-o", out]
+        cmd = [*cc, "-shared", "-fPIC", "-O2", "-Wall", "-pthread", f"-I{sysconfig.get_paths()['include']}", src, "-o", out]
         try:
             subprocess.run(cmd, check=True, capture_output=True, text=True)
         except (OSError, subprocess.CalledProcessError) as e:
