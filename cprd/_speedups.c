@@ -164,7 +164,8 @@ static Py_ssize_t verify_fds(const unsigned char *raw, const int *fds, Py_ssize_
  *
  * There is a helper only with two or more CPUs and without CPRD_NO_THREADS in the environment.
  * It blocks every signal (they stay with the main thread) and lives until close(): a target
- * is multithreaded only while it receives. */
+ * is multithreaded only while it receives. A forked child has no helper: do not use a Verifier
+ * across fork() (cprd's daemons fork only to exec). */
 typedef struct job {
     struct job *next;
     PyObject *raw; /* the bytes the records live in (a reference) */
