@@ -196,6 +196,15 @@ static void jobs_free(job *j) {
     }
 }
 
+/* Put a finished job at the end of the done list; the caller holds v->mu. */
+static void done_append(Verifier *v, job *j) {
+    if (v->done_tail)
+        v->done_tail->next = j;
+    else
+        v->done = j;
+    v->done_tail = j;
+}
+
 static void *verifier_main(void *arg) {
     Verifier *v = arg;
     pthread_mutex_lock(&v->mu);
@@ -214,11 +223,7 @@ static void *verifier_main(void *arg) {
         j->bad = verify_range((const unsigned char *)PyBytes_AS_STRING(j->raw), j->fds, j->count, v->mask);
         pthread_mutex_lock(&v->mu);
         v->busy = 0;
-        if (v->done_tail)
-            v->done_tail->next = j;
-        else
-            v->done = j;
-        v->done_tail = j;
+        done_append(v, j);
         pthread_cond_broadcast(&v->cv);
     }
     v->busy = 0;
@@ -345,11 +350,7 @@ static PyObject *Verifier_submit(Verifier *v, PyObject *args) {
         pthread_mutex_unlock(&v->mu);
         j->bad = verify_fds((const unsigned char *)PyBytes_AS_STRING(raw), ints, count, v->mask);
         pthread_mutex_lock(&v->mu);
-        if (v->done_tail)
-            v->done_tail->next = j;
-        else
-            v->done = j;
-        v->done_tail = j;
+        done_append(v, j);
     }
     v->pending++;
     pthread_mutex_unlock(&v->mu);

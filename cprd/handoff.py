@@ -634,7 +634,7 @@ async def receive_table(inc: Incoming, *, reserve: int = RESERVE_FDS, timeout: f
                 await tsend(hp.Ack(seq, verified))
 
     async def settle(send: bool = True) -> None:
-        while verifier is not None and verifier.pending:
+        while checking:
             await ack_verified(True, send)
 
     gc_was = gc.isenabled()
@@ -646,12 +646,12 @@ async def receive_table(inc: Incoming, *, reserve: int = RESERVE_FDS, timeout: f
             fault.point("target", "hello", sock=sock)
             clock.mark("hello")
             while True:
-                if verifier is not None and verifier.pending:
+                if checking:
                     await ack_verified(False)
                     # Nothing to read, or as many unacknowledged batches as a window holds: wait for
                     # the verifier (the window is not on the wire; a target that acks in time never
                     # sees more).
-                    if verifier.pending and (len(checking) >= m.window or not readable.poll(0)):
+                    if checking and (len(checking) >= m.window or not readable.poll(0)):
                         await ack_verified(True)
                         continue
                 ev, fds = await _recv_event(sock, m, timeout, "handoff transfer")

@@ -8,7 +8,7 @@ import random
 import struct
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from cprd import handoff
@@ -182,9 +182,14 @@ _RECORD = struct.Struct("<iBBIIQQ")
 
 @needs_c
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.integers(-2**31, 2**31 - 1), st.integers(0, 20), st.binary(min_size=0, max_size=12)),
+@given(st.lists(st.tuples(st.integers(-2**31, 2**31 - 1), st.integers(0, 20),
+                          st.one_of(st.binary(min_size=0, max_size=12),  # anything; and plain names, often
+                                    st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7e), min_size=1,
+                                            max_size=12).map(str.encode))),
                 min_size=1, max_size=12),
        st.integers(-3, 3))
+@example([(1, 4, b"eventfd"), (-7, 1, b"vfio/0001")], 0)  # simple: both branches always run
+@example([(1, 4, "k\u00e4se".encode())], 0)  # valid, but not plain ASCII
 def test_simple_records_accepts_only_what_the_python_decoder_accepts(recs, slack):
     """simple_records says yes only to record bytes the Python decoder decodes to plain ASCII
     names; and to every such batch of known kinds (so the fast path is taken when it can be)."""
