@@ -21,7 +21,9 @@ before End, naming the keys lost with the source (from the Manifest).
 
 Speed: the receiving hot loop (build the entries, one fstat and one fcntl an fd) is in C when the
 optional speedup is built (cprd/_speedups.c). Then the target verifies on a helper thread (the
-Verifier) while the next batches arrive, and acknowledges a batch once it is verified.
+Verifier) while the next batches arrive, and acknowledges a batch once it is verified. When the
+main thread has nothing to read and must wait for verdicts, it verifies queued batches itself
+instead of sleeping.
 
 Flow control: the target acknowledges each batch and the source keeps at most `window` batches
 unacknowledged. A non-root sender also keeps the fds in flight under half its RLIMIT_NOFILE,
