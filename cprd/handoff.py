@@ -694,6 +694,8 @@ async def receive_table(inc: Incoming, *, reserve: int = RESERVE_FDS, timeout: f
             clock.mark("transfer")
             fault.point("target", "end", sock=sock)
             await tsend(hp.Ready(len(table), m.digest))
+            if verifier is not None:  # idle since End: join its helper while the source commits, not after
+                verifier.close()
             fault.point("target", "ready", sock=sock)
             ev, fds = await _recv_event(sock, m, timeout, "handoff commit")
             if isinstance(ev, hp.Abort):
