@@ -97,7 +97,7 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._watch_signals)
-            await nursery.start(self._accept_loop)
+            self._start_accepting()
             log.info("event=serving role=%s pid=%d control=%s entries=%d", self.role, os.getpid(),
                      self.control_path, len(self.table))
             if self.role == "target":
@@ -132,12 +132,18 @@ class Daemon:
         except CprdError as e:
             log.error("event=upgrade_failed trigger=SIGHUP error=%r", str(e))
 
-    async def _accept_loop(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        done = self._accept_done = trio.Event()
+    def _start_accepting(self) -> None:
+        """Accept connections from the next scheduling point on. The scope and the done event
+        exist at once, so _stop_accepting works even before the loop has run (no start-up round
+        trip through the scheduler, which a target would otherwise spend inside the source's freeze:
+        connections meanwhile wait in the listening socket's backlog)."""
+        assert self._nursery is not None and self._accept_scope is None
+        self._accept_scope, self._accept_done = trio.CancelScope(), trio.Event()
+        self._nursery.start_soon(self._accept_loop, self._accept_scope, self._accept_done)
+
+    async def _accept_loop(self, scope: trio.CancelScope, done: trio.Event) -> None:
         try:
-            with trio.CancelScope() as scope:
-                self._accept_scope = scope
-                task_status.started()
+            with scope:
                 while True:
                     try:
                         conn, _ = await self._tlistener.accept()
@@ -376,7 +382,7 @@ class Daemon:
             self.table.stop_journal()
             self._thaw()
             if stopped and self._nursery is not None and self._accept_scope is None:
-                await self._nursery.start(self._accept_loop)
+                self._start_accepting()
             if isinstance(e, CprdError):
                 log.warning("event=handoff_failed to=%s error=%r entries_kept=%d", to, str(e), len(self.table))
                 raise
@@ -423,7 +429,7 @@ class Daemon:
             self.state = "serving"
             self._thaw()
             if self._nursery is not None and self._accept_scope is None:
-                await self._nursery.start(self._accept_loop)
+                self._start_accepting()
             sdnotify.ready(self.status_line())
             raise
         raise AssertionError("exec returned")  # pragma: no cover
