@@ -10,6 +10,11 @@ handoff:
 - action: ``kill`` (default: SIGKILL itself), ``shutdown`` (shut the handoff socket down, a broken
   connection while both processes live), ``rlimit=N`` (lower its RLIMIT_NOFILE soft limit to N,
   to run out of fds mid-transfer).
+
+A source that shuts down also drops what the target had already queued for it, as if the target's
+sends had failed: otherwise whether, say, a Confirm raced ahead of the shutdown would decide the
+outcome. A target does not: what the source queued was sent successfully as far as the source
+knows (a Commit above all), so the target still reads it, as a live target would.
 """
 
 from __future__ import annotations
@@ -50,6 +55,19 @@ def point(side: str, step: str, n: int | None = None, sock=None, last: int | Non
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "shutdown" and sock is not None:
         sock.shutdown(socket.SHUT_RDWR)
+        if side == "source":
+            _drop_queued(sock.fileno())
     elif action.startswith("rlimit="):
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (int(action[len("rlimit="):]), hard))
+
+
+def _drop_queued(fd: int) -> None:
+    """Read and drop every message queued on a shut-down socket (read() without a control buffer
+    makes the kernel close the fds a message carried), until it reports the end."""
+    while True:
+        try:
+            if not os.read(fd, 1 << 20):
+                return
+        except BlockingIOError:
+            return
