@@ -69,5 +69,5 @@ def _drop_queued(fd: int) -> None:
         try:
             if not os.read(fd, 1 << 20):
                 return
-        except BlockingIOError:
+        except OSError:  # nothing queued (EAGAIN), or the peer reset: either way nothing is left to drop
             return
