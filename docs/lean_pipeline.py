@@ -141,6 +141,9 @@ def main() -> int:
     if not handoff.speedups():
         print("lean_pipeline: cprd's C module is not built; reinstall cprd with a C compiler", file=sys.stderr)
         return 2
+    if args.fds < 1 or args.reps < 1:
+        print("lean_pipeline: --fds and --reps must be at least 1", file=sys.stderr)
+        return 2
     budget = _fd_budget()
     counts = mixed_spec(args.fds)
     if args.fds > budget:
