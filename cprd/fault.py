@@ -69,5 +69,7 @@ def _drop_queued(fd: int) -> None:
         try:
             if not os.read(fd, 1 << 20):
                 return
-        except OSError:  # nothing queued (EAGAIN), or the peer reset: either way nothing is left to drop
+        except ConnectionResetError:  # reported once, ahead of what the peer had queued: drop that too
+            continue
+        except OSError:  # nothing queued (EAGAIN)
             return

@@ -7,7 +7,11 @@ Rules it keeps:
   RLIMIT_NOFILE): the message fails, and the fds that did arrive are closed;
 - MSG_TRUNC (a message longer than the buffer) fails the same way;
 - every fd that arrives is wrapped in OwnedFds at once, so an error closes it;
-- a message with more fds than SCM_MAX_FD is refused before sendmsg (the kernel says EINVAL).
+- a message with more fds than SCM_MAX_FD is refused before sendmsg (the kernel says EINVAL);
+- a peer that closed while our messages sat unread in its queue makes the kernel report
+  ECONNRESET once, *before* the messages that peer had queued for us: those are still read (a
+  source that dies mid-handoff leaves batches a target must not lose), and only the end of the
+  queue is the end of the connection.
 """
 
 from __future__ import annotations
@@ -86,11 +90,15 @@ async def send(sock: Any, data: bytes, fds: list[int] = (), what: str = "send") 
 
 async def recv(sock: Any, max_bytes: int, max_fds: int, what: str = "recv") -> tuple[bytes, OwnedFds]:
     """Receive one message on a trio socket: (data, owned fds). Closed on EOF."""
-    try:
-        data, anc, flags, _ = await sock.recvmsg(max_bytes + 1, anc_space(max_fds), socket.MSG_CMSG_CLOEXEC)
-    except (ConnectionResetError, BrokenPipeError) as e:
-        raise Closed(f"{what}: the connection broke ({e.strerror})") from None
-    return unpack(data, anc, flags, what)
+    for reset in (False, True):
+        try:
+            data, anc, flags, _ = await sock.recvmsg(max_bytes + 1, anc_space(max_fds), socket.MSG_CMSG_CLOEXEC)
+            return unpack(data, anc, flags, what)
+        except (ConnectionResetError, BrokenPipeError) as e:
+            if reset or isinstance(e, BrokenPipeError):
+                raise Closed(f"{what}: the connection broke ({e.strerror})") from None
+            # reported once, ahead of what the peer queued before it closed: read on
+    raise AssertionError("unreachable")
 
 
 def send_sync(sock: socket.socket, data: bytes, fds: list[int] = (), what: str = "send") -> None:  # type: ignore[assignment]
@@ -103,8 +111,12 @@ def send_sync(sock: socket.socket, data: bytes, fds: list[int] = (), what: str =
 
 
 def recv_sync(sock: socket.socket, max_bytes: int, max_fds: int, what: str = "recv") -> tuple[bytes, OwnedFds]:
-    try:
-        data, anc, flags, _ = sock.recvmsg(max_bytes + 1, anc_space(max_fds), socket.MSG_CMSG_CLOEXEC)
-    except (ConnectionResetError, BrokenPipeError) as e:
-        raise Closed(f"{what}: the connection broke ({e.strerror})") from None
-    return unpack(data, anc, flags, what)
+    for reset in (False, True):
+        try:
+            data, anc, flags, _ = sock.recvmsg(max_bytes + 1, anc_space(max_fds), socket.MSG_CMSG_CLOEXEC)
+            return unpack(data, anc, flags, what)
+        except (ConnectionResetError, BrokenPipeError) as e:
+            if reset or isinstance(e, BrokenPipeError):
+                raise Closed(f"{what}: the connection broke ({e.strerror})") from None
+            # reported once, ahead of what the peer queued before it closed: read on
+    raise AssertionError("unreachable")
