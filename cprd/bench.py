@@ -445,8 +445,13 @@ PLOT_MISSING = ("--plot needs matplotlib, which is not installed ({why}); instal
 
 
 def _check_plot(path: str) -> None:
-    """UsageError unless a plot can be written to path: matplotlib importable, a known image format,
-    an existing writable directory. Called before anything is measured."""
+    """UsageError unless a plot can be written to path, checked before anything is measured, in this
+    order (whatever is installed): an existing writable directory, matplotlib importable, a file
+    name ending in an image type matplotlib writes."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise UsageError(f"--plot {path!r}: directory {parent} does not exist or is not writable; "
+                         "create it or choose another path")
     try:
         import matplotlib  # noqa: F401  (lazy: never imported unless a plot is asked for)
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -457,10 +462,6 @@ def _check_plot(path: str) -> None:
     if ext not in known:
         raise UsageError(f"--plot {path!r}: the file name must end in an image type matplotlib writes, "
                          f"e.g. .png (known: {', '.join(sorted(known))})")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise UsageError(f"--plot {path!r}: directory {parent} does not exist or is not writable; "
-                         "create it or choose another path")
 
 
 def _figure(title: str):

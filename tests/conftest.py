@@ -4,11 +4,23 @@ Hypothesis runs a modest number of examples by default so the whole suite stays 
 fuzzing run set CPRD_FUZZ_EXAMPLES, for example::
 
     CPRD_FUZZ_EXAMPLES=20000 python -m pytest tests/test_protocol.py tests/test_table.py
+
+What a test needs from the machine is declared with ``@pytest.mark.requires(FEATURE, ...)``
+(FEATURES below: a tool, an optional extra, root). A test whose feature is missing is skipped
+with a reason that says how to get it. In CI (the environment variable CI is set, as .ci/run
+sets it) nothing may be missing: CI installs everything the tests need, so a missing feature
+fails the test instead, and so does any other skip. The one exception is a feature CI leaves out
+on purpose in one of its environments, named in CPRD_CI_WITHOUT (comma-separated): .ci/run runs
+the suite once without the plot extra (README's install) and once with it but without a C
+compiler (the pure-Python path).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
+from collections.abc import Callable
 
 from hypothesis import HealthCheck, settings
 
@@ -28,9 +40,91 @@ settings.register_profile(
 settings.load_profile("cprd-fuzz" if os.environ.get("CPRD_FUZZ_EXAMPLES") else "cprd")
 
 
-# -- real daemons ---------------------------------------------------------------------------------
+# -- what tests need from the machine --------------------------------------------------------------
 import pytest  # noqa: E402
 
+
+def _speedups() -> bool:
+    from cprd import handoff
+
+    return handoff.speedups()
+
+
+def _tool(name: str) -> Callable[[], bool]:
+    return lambda: shutil.which(name) is not None
+
+
+APT = "install Debian's {} package (.ci/run does: apt-get install {})"
+
+# feature -> (is it here?, how to get it)
+FEATURES: dict[str, tuple[Callable[[], bool], str]] = {
+    "plot": (lambda: importlib.util.find_spec("matplotlib") is not None,
+             "matplotlib is not installed: pip install -e '.[test,plot]'"),
+    "speedups": (_speedups, "the C speedup is not built (there was no C compiler when cprd was installed): "
+                            "install gcc and the Python headers, then pip install -e '.[test]' again"),
+    "cc": (_tool("cc"), "no C compiler (cc): " + APT.format("gcc", "gcc")),
+    "root": (lambda: os.geteuid() == 0, "needs root, to act as another uid (nobody)"),
+    "wrk": (_tool("wrk"), "wrk is missing: " + APT.format("wrk", "wrk")),
+    "strace": (_tool("strace"), "strace is missing: " + APT.format("strace", "strace")),
+    "systemd-analyze": (_tool("systemd-analyze"), "systemd-analyze is missing: " + APT.format("systemd", "systemd")),
+    "systemd-socket-activate": (_tool("systemd-socket-activate"),
+                                "systemd-socket-activate is missing: " + APT.format("systemd", "systemd")),
+}
+
+
+def in_ci() -> bool:
+    return bool(os.environ.get("CI"))
+
+
+def ci_without() -> set[str]:
+    """Features that this CI environment leaves out on purpose."""
+    return {f.strip() for f in os.environ.get("CPRD_CI_WITHOUT", "").split(",") if f.strip()}
+
+
+def has(feature: str) -> bool:
+    return FEATURES[feature][0]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "requires(*features): what the test needs from the machine; one of "
+                            + ", ".join(FEATURES))
+    config.addinivalue_line("markers", "slow: a long stress- or benchmark-shaped test; `pytest -m 'not slow'` "
+                            "leaves them out for a quick loop (CI runs everything)")
+    unknown = ci_without() - set(FEATURES)
+    if unknown:
+        raise pytest.UsageError(f"CPRD_CI_WITHOUT names unknown features {sorted(unknown)}; known: "
+                                f"{', '.join(FEATURES)}")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for mark in item.iter_markers("requires"):
+        for feature in mark.args:
+            if feature not in FEATURES:
+                raise pytest.UsageError(f"{item.nodeid}: unknown feature {feature!r} in requires()")
+            if has(feature):
+                continue
+            why = FEATURES[feature][1]
+            if in_ci() and feature not in ci_without():
+                pytest.fail(f"CI must provide {feature!r}: {why}", pytrace=False)
+            pytest.skip(why)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """In CI a skip is a failure, unless it comes from a feature this environment leaves out."""
+    outcome = yield
+    rep = outcome.get_result()
+    if not (in_ci() and rep.skipped) or hasattr(rep, "wasxfail"):
+        return
+    allowed = any(not has(f) and f in ci_without() for m in item.iter_markers("requires") for f in m.args)
+    if not allowed:
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        rep.outcome = "failed"
+        rep.longrepr = (f"skipped in CI ({reason}); CI installs everything the tests need, so a skip there "
+                        "hides a missing step or a weaker proof")
+
+
+# -- real daemons ---------------------------------------------------------------------------------
 from helpers import Cluster  # noqa: E402
 
 

@@ -24,14 +24,6 @@ def json_of(p: subprocess.CompletedProcess) -> list[dict]:
     return json.loads(p.stdout)
 
 
-def matplotlib_importable() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 # Runs cprd's CLI with matplotlib made unimportable, as if the plot extra were not installed.
 WITHOUT_MATPLOTLIB = (
     "import sys; sys.modules['matplotlib'] = None; "
@@ -83,6 +75,7 @@ def test_memory_skips_a_size_beyond_the_fd_limit():
     assert rows[1]["fds"] >= 10_000_000 and "fd limit" in rows[1]["skipped"]
 
 
+@pytest.mark.slow
 def test_handoff_json_has_the_fields():
     (r,) = json_of(run("bench", "handoff", "--fds", "300", "--reps", "1", "--json"))
     assert r["fds"] == 300 and r["reps"] == 1 and r["kinds"] == "mixed"
@@ -98,7 +91,7 @@ def test_bad_sizes_are_usage_errors():
         assert "cprd: error:" in p.stderr and p.stdout == ""
 
 
-@pytest.mark.skipif(not matplotlib_importable(), reason="matplotlib not installed (pip install 'cprd[plot]')")
+@pytest.mark.requires("plot")
 @pytest.mark.parametrize("bench", [
     ["find", "--sizes", "50,100", "--reps", "1"],
     ["handoff", "--fds", "300", "--reps", "1"],
@@ -122,9 +115,22 @@ def test_plot_without_matplotlib_exits_2_saying_what_to_install(tmp_path, bench)
     assert os.listdir(tmp_path) == []
 
 
-def test_plot_to_a_missing_directory_is_refused_before_measuring(tmp_path):
-    p = run("bench", "find", "--sizes", "50", "--reps", "1", "--plot", str(tmp_path / "no" / "f.png"))
-    assert p.returncode == 2 and "does not exist" in p.stderr and p.stdout == ""
+@pytest.mark.parametrize("shim", [None, WITHOUT_MATPLOTLIB], ids=["as-installed", "without-matplotlib"])
+def test_plot_to_a_missing_directory_is_refused_first(tmp_path, shim):
+    """The path is checked before the library: the same answer with or without the plot extra."""
+    out = tmp_path / "no" / "f.png"
+    p = run("bench", "find", "--sizes", "50", "--reps", "1", "--plot", str(out), code=shim)
+    assert p.returncode == 2 and p.stdout == ""
+    assert "does not exist" in p.stderr and "matplotlib" not in p.stderr
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.requires("plot")
+def test_plot_to_an_unknown_image_type_is_refused_before_measuring(tmp_path):
+    p = run("bench", "find", "--sizes", "50", "--reps", "1", "--plot", str(tmp_path / "f.nope"))
+    assert p.returncode == 2 and p.stdout == ""
+    assert "image type" in p.stderr and ".png" in p.stderr
+    assert os.listdir(tmp_path) == []
 
 
 def test_importing_cprd_does_not_import_matplotlib():

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import trio
 
 from cprd import scm
@@ -17,6 +18,7 @@ from cprd.protocol import control as cp
 from helpers import num_fds, settled_fds, snapshot
 
 
+@pytest.mark.slow
 def test_stress_model_check_across_a_chain_of_handoffs():
     r = subprocess.run([sys.executable, "-m", "cprd", "stress", "--fds", "400", "--rate", "400", "--handoffs", "3",
                         "--duration", "3", "--clients", "4", "--json"], capture_output=True, text=True, timeout=120)
@@ -49,6 +51,7 @@ async def _hammer(control: str, i: int, stop: trio.Event, acked: dict, failures:
             await trio.sleep(0)
 
 
+@pytest.mark.slow
 async def test_handoffs_while_clients_hammer(cluster):
     await trio.to_thread.run_sync(cluster.source, "files=300,eventfds=300")
     with cluster.client() as c:
@@ -145,6 +148,7 @@ def test_a_retried_mutation_applies_once_even_across_a_handoff(cluster):
         os.close(b)
 
 
+@pytest.mark.slow
 def test_stress_against_a_running_daemon_touches_only_its_own_keys(cluster):
     import signal
 

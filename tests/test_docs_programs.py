@@ -6,19 +6,17 @@ asked to move and says so in the form the docs quote."""
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from cprd import handoff
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
-@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+@pytest.mark.requires("cc")
 @pytest.mark.parametrize("verify,per", [(0, 253), (2, 253), (0, 1)])
 def test_verify_floor_builds_and_moves_every_fd(tmp_path, verify, per):
     exe = tmp_path / "verify_floor"
@@ -31,7 +29,7 @@ def test_verify_floor_builds_and_moves_every_fd(tmp_path, verify, per):
     assert not list(tmp_path.glob("vf-*"))  # its regular files are removed
 
 
-@pytest.mark.skipif(not handoff.speedups(), reason="the lean pipeline uses cprd's C module")
+@pytest.mark.requires("speedups")  # the lean pipeline uses cprd's C module
 @pytest.mark.parametrize("extra", [[], ["--no-verify"]])
 def test_lean_pipeline_runs(extra):
     r = subprocess.run([sys.executable, str(DOCS / "lean_pipeline.py"), "--fds", "600", "--reps", "2", *extra],

@@ -76,6 +76,7 @@ def check_zero_downtime(p: subprocess.CompletedProcess, restarts: int,
     return answered, served, n_answering
 
 
+@pytest.mark.slow
 def test_zero_downtime_server_python_load(tmpdir_short):
     p = run_example(tmpdir_short, "zero_downtime_server/run.py", "--restarts", "4", "--load", "python")
     answered, served, n_answering = check_zero_downtime(p, 4)
@@ -86,7 +87,8 @@ def test_zero_downtime_server_python_load(tmpdir_short):
     assert n_answering == 5
 
 
-@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (.ci/run installs it)")
+@pytest.mark.slow
+@pytest.mark.requires("wrk")
 def test_zero_downtime_server_wrk_load(tmpdir_short):
     p = run_example(tmpdir_short, "zero_downtime_server/run.py", "--restarts", "3", "--load", "wrk")
     answered, served, _ = check_zero_downtime(p, 3)
@@ -94,6 +96,7 @@ def test_zero_downtime_server_wrk_load(tmpdir_short):
     assert served >= answered  # wrk drops the requests in flight when it is stopped
 
 
+@pytest.mark.slow
 def test_zero_downtime_server_with_an_existing_cprd(cluster, tmpdir_short):
     """With $CPRD_CONTROL the example uses that cprd: upgraded in place, same pid, and the example's
     entry is gone again at the end (its port released)."""
@@ -127,6 +130,7 @@ def test_wrk_summary_is_parsed_with_its_error_lines():
 
 
 # -- vm_handoff -------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_vm_handoff(tmpdir_short):
     p = run_example(tmpdir_short, "vm_handoff/run.py", "--ticks", "300", "--ram-mb", "2", "--devices", "3")
     out = p.stdout
@@ -141,6 +145,7 @@ def test_vm_handoff(tmpdir_short):
 
 
 # -- fd_churn ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_fd_churn(tmpdir_short):
     p = run_example(tmpdir_short, "fd_churn/run.py", "--fds", "200", "--rate", "200", "--handoffs", "2",
                     "--duration", "2")

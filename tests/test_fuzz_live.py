@@ -129,6 +129,7 @@ def _exchange(path: str, data: bytes, fds: list[int]) -> dict:
 @live
 @given(data=control_frames(), fd_kinds=st.lists(st.sampled_from(["eventfd", "memfd", "epoll", "pipe", "null"]),
                                                 max_size=3))
+@pytest.mark.slow
 def test_control_socket_fuzz(daemon, data, fd_kinds):
     c, src = daemon
     with Client(c.control) as probe:
@@ -233,6 +234,7 @@ def _run_receiver(script) -> tuple[object, int]:
     return outcome, psutil.Process().num_fds() - (before - 2 - len(fds))
 
 
+@pytest.mark.slow
 @live
 @given(script=handoff_scripts())
 def test_target_receiving_side_fuzz(script):

@@ -23,7 +23,7 @@ from helpers import num_fds, settled_fds, snapshot
 
 NOBODY = pwd.getpwnam("nobody")
 AS_USER = str(Path(__file__).parent / "as_user.py")
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another uid")
+needs_root = pytest.mark.requires("root")
 
 
 @pytest.fixture

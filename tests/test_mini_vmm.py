@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 RUN = Path(__file__).parent.parent / "examples" / "mini_vmm" / "run.py"
 
 
+@pytest.mark.slow
 def test_mini_vmm_survives_three_in_place_upgrades():
     r = subprocess.run([sys.executable, str(RUN), "--upgrades", "3", "--ram-mib", "1"], capture_output=True,
                        text=True, timeout=180)

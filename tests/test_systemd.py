@@ -41,11 +41,8 @@ ANALYZE = shutil.which("systemd-analyze")
 ACTIVATE = shutil.which("systemd-socket-activate")
 STRACE = shutil.which("strace")
 
-needs_analyze = pytest.mark.skipif(
-    ANALYZE is None, reason="systemd-analyze is missing: install Debian's systemd package (.ci/run does)")
-needs_activate = pytest.mark.skipif(
-    ACTIVATE is None,
-    reason="systemd-socket-activate is missing: install Debian's systemd package (.ci/run does)")
+needs_analyze = pytest.mark.requires("systemd-analyze")
+needs_activate = pytest.mark.requires("systemd-socket-activate")
 
 
 @pytest.fixture
@@ -186,7 +183,7 @@ def _expand_syscall_group(name: str, seen: set[str]) -> set[str]:
 
 
 @needs_analyze
-@pytest.mark.skipif(STRACE is None, reason="strace is not installed")
+@pytest.mark.requires("strace")
 def test_syscall_filter_allows_every_call_of_a_real_handoff(short_dir):
     """SystemCallFilter= with SystemCallErrorNumber=EPERM turns a missing syscall into an error in
     production; here a traced `cprd demo` (a source with fds of every kind, a target, the handoff

@@ -4,7 +4,6 @@ systemd-socket-activate, and sd_notify from sources and targets to a NOTIFY_SOCK
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -19,8 +18,7 @@ def _recv_fields(ns: socket.socket) -> dict[str, str]:
     return dict(line.split("=", 1) for line in ns.recv(4096).decode().splitlines())
 
 
-@pytest.mark.skipif(not shutil.which("systemd-socket-activate"), reason="systemd-socket-activate not installed "
-                    "(Debian package systemd)")
+@pytest.mark.requires("systemd-socket-activate")
 def test_source_under_systemd_socket_activate(tmp_path):
     os.chmod(tmp_path, 0o700)
     path = str(tmp_path / "control.sock")
