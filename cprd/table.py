@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
@@ -46,6 +47,10 @@ class Entry(NamedTuple):
 
     @property
     def key(self) -> tuple[str, int]:
+        return (self.name, self.id)
+
+    def sort_key(self) -> tuple[str, int]:
+        """The order `ctl ls` lists entries in: by name, then id."""
         return (self.name, self.id)
 
     def describe(self) -> dict:
@@ -78,15 +83,30 @@ def check_key(name: object, id: object) -> None:
         raise BadKey(f"entry id {id} is out of range: ids are signed 32-bit ({ID_MIN}..{ID_MAX})")
 
 
+_HIDDEN = ("Cf", "Zl", "Zp")  # format (bidi controls, zero-width), line and paragraph separators
+
+
+def check_new_name(name: str) -> None:
+    """What `put` adds to the naming rules for a new entry: no character that reorders or hides text
+    where a name is shown (U+202E RIGHT-TO-LEFT OVERRIDE, zero-width spaces...). Tables handed on by
+    older versions may hold such names; they are kept, and shown escaped."""
+    for i, ch in enumerate(name):
+        if unicodedata.category(ch) in _HIDDEN:
+            raise BadKey(f"entry name {name.encode('unicode_escape').decode('ascii')!r} contains U+{ord(ch):04X} "
+                         f"({unicodedata.name(ch, 'unnamed')}) at {i}, which reorders or hides text where names are "
+                         "shown; use visible characters")
+
+
 class FdTable:
     """A hash table of fds keyed by (name, id). Not thread-safe; one owner task at a time."""
 
-    __slots__ = ("_d", "journal", "graveyard")
+    __slots__ = ("_d", "journal", "graveyard", "version")
 
     def __init__(self) -> None:
         self._d: dict[tuple[str, int], Entry] = {}
         self.journal: list[tuple[str, object]] | None = None
         self.graveyard: list[int] | None = None
+        self.version = 0  # changes with every change of the entries (for caches of what they encode to)
 
     # -- journal (live handoff) -----------------------------------------------------------
     def start_journal(self) -> None:
@@ -137,6 +157,7 @@ class FdTable:
             )
         entry = Entry(name, id, fd, ident)
         self._d[key] = entry
+        self.version += 1
         if self.journal is not None:
             self.journal.append(("save", entry))
         if old is not None and old.fd != fd:
@@ -149,6 +170,7 @@ class FdTable:
         offending entry is returned; the caller still owns every fd then."""
         d = self._d
         keys = [(e[0], e[1]) for e in entries]
+        self.version += 1
         if len(set(keys)) == len(keys) and d.keys().isdisjoint(keys):  # the common case, in C loops
             d.update(zip(keys, entries))
             return None
@@ -166,11 +188,13 @@ class FdTable:
     def bulk_dict(self) -> dict[tuple[str, int], Entry]:
         """The dict itself, for a bulk loader (a handoff's C receive path) that inserts Entry values
         under their (name, id) keys, all or nothing, checking keys as absorb does."""
+        self.version += 1
         return self._d
 
     def insert_unchecked_entry(self, name: str, id: int, fd: int, ident: Identity) -> None:
         """Insert an entry whose key the caller knows to be valid and new (restoring a saved table)."""
         self._d[(name, id)] = Entry(name, id, fd, ident)
+        self.version += 1
 
     def find(self, name: str, id: int) -> Entry | None:
         """The entry for (name, id), or None. O(1)."""
@@ -201,6 +225,7 @@ class FdTable:
             e = self._d.pop((name, id))
         except KeyError:
             raise KeyMissing(f"no entry ({name!r}, {id}); list entries with `cprd ctl ls`") from None
+        self.version += 1
         if self.journal is not None:
             self.journal.append(("del", (name, id)))
         return e
@@ -224,10 +249,16 @@ class FdTable:
     def fds(self) -> list[int]:
         return [e.fd for e in self._d.values()]
 
+    def forget_all(self) -> None:
+        """Empty the table without closing any fd (whoever else holds them will)."""
+        self._d = {}
+        self.version += 1
+
     def close_all(self) -> None:
         """Close every fd (and the graveyard) and empty the table."""
         self.stop_journal()
         entries, self._d = list(self._d.values()), {}
+        self.version += 1
         for e in entries:
             try:
                 os.close(e.fd)

@@ -14,7 +14,7 @@ import math
 from collections import deque
 
 import pytest
-from hypothesis import assume, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from cprd import errors
@@ -758,7 +758,25 @@ def test_machine_rejects_a_frame_in_another_version_than_agreed():
 
 
 # -- control protocol -----------------------------------------------------------------------
-_VALUES = {str: ["vfio/0000", "", "é"], int: [0, -5, 2**31 - 1], bool: [True, False]}
+@given(items=st.lists(st.one_of(st.integers(), st.text(max_size=3000), st.dictionaries(st.text(max_size=20),
+                                                                                    st.integers())),
+                      max_size=120))
+@example(items=["x" * 1000] * 200)  # 200 KB: several frames
+@example(items=["x" * (control.CHUNK - len('{"ok":true,"result":["",""]}'))])  # ends exactly at a frame's end
+def test_streamed_reply_is_the_same_frames_as_the_whole(items):
+    """encode_reply_items (what `ls` sends, from JSON cached item by item) puts the same frames on
+    the wire as encode_reply of the whole list, and a ReplyReader gets the list back."""
+    frames = control.encode_reply_items(iter(items))
+    assert frames == control.encode_reply(items)
+    if len(json.dumps(items)) > 2 * control.CHUNK:
+        assert len(frames) >= 3
+    reader = control.ReplyReader()
+    got = [reader.feed(f) for f in frames]
+    assert got[:-1] == [None] * (len(frames) - 1) and got[-1] == {"ok": True, "result": items}
+
+
+
+_VALUES = {str: ["vfio/0000", "", "é"], int: [0, -5, 2**31 - 1], bool: [True, False], float: [30.0, 1.5]}
 
 
 def _args_for(op: str, with_optional: bool) -> dict:
@@ -820,7 +838,7 @@ def test_control_extra_argument(op):
 
 
 _WRONG = {str: [1, None, ["a"], {"a": 1}, True], int: ["1", 1.0, None, True, False, [1]],
-          bool: [1, 0, "true", None]}
+          bool: [1, 0, "true", None], float: ["1", None, True, [1], {"a": 1}]}
 
 
 @pytest.mark.parametrize("op", sorted(control.OPS))

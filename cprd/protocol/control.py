@@ -20,6 +20,7 @@ The request schemas live in OPS; ``parse_request`` checks one and names what is 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +43,7 @@ OPS: dict[str, tuple[dict[str, type], dict[str, tuple[type, Any]], int]] = {
     "ls": ({}, {}, 0),
     "status": ({}, {}, 0),
     "handoff": ({"to": str}, {"batch": (int, 253), "window": (int, 4)}, 0),
-    "upgrade": ({}, {"program": (str, "")}, 0),
+    "upgrade": ({}, {"program": (str, ""), "timeout": (float, 0.0)}, 0),
 }
 
 
@@ -110,6 +111,10 @@ def parse_request(obj: dict[str, Any], nfds: int) -> Request:
 def _typed(op: str, key: str, value: Any, typ: type) -> Any:
     if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise UsageError(f"{op}: argument {key!r} must be an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise UsageError(f"{op}: argument {key!r} must be a number, got {value!r}")
+        return float(value)
     if not isinstance(value, typ):
         raise UsageError(f"{op}: argument {key!r} must be a {typ.__name__}, got {value!r}")
     return value
@@ -121,6 +126,22 @@ def encode_reply(result: Any) -> list[bytes]:
 
 def encode_error(err: CprdError) -> list[bytes]:
     return _chunks({"ok": False, "error": err.code, "message": str(err)})
+
+
+def encode_reply_items(items: Iterable[Any]) -> list[bytes]:
+    """The frames of a reply whose result is the list `items`, as encode_reply gives them."""
+    dumps = json.JSONEncoder(separators=(",", ":")).encode
+    return encode_reply_parts(dumps(item).encode() for item in items)
+
+
+def encode_reply_parts(parts: Iterable[bytes]) -> list[bytes]:
+    """The frames of a reply whose result is a list of items already encoded as JSON (each item's
+    bytes, e.g. cached because the item never changes): the same bytes on the wire as
+    encode_reply of the decoded list, without decoding or re-encoding anything."""
+    data = b'{"ok":true,"result":[' + b",".join(parts) + b"]}"
+    last = max(0, (len(data) - 1) // CHUNK)
+    return [frame.pack(MAGIC, VERSION, REPLY, data[i * CHUNK:(i + 1) * CHUNK], MORE if i < last else 0)
+            for i in range(last + 1)]
 
 
 def _chunks(obj: Any) -> list[bytes]:
