@@ -143,7 +143,7 @@ def bench_find(sizes: list[int], reps: int) -> list[dict]:
             for name, id_ in names:
                 find(name, id_)
             hash_ns.append(time.perf_counter_ns() - t0)
-        table._d.clear()  # the fds are fake numbers: forget them without closing
+        table.forget_all()  # the fds are fake numbers: forget them without closing
         lm, hm = statistics.median(list_ns), statistics.median(hash_ns)
         row = {"fds": n, "list_ns": int(lm), "hash_ns": int(hm), "ratio": round(lm / hm, 1), "reps": reps}
         if n in QEMU_FIND_NS:
@@ -350,7 +350,7 @@ def _memory_one(counts: dict[str, int], directory: str) -> dict:
         table = _fill(FdTable(), names, ids, fds)
         rss1 = proc.memory_info().rss
         dict_bytes = sys.getsizeof(table._d)
-        table._d.clear()  # forget the entries without closing: the array owns the fds
+        table.forget_all()  # forget the entries without closing: the array owns the fds
         del table
         gc.collect()
 
@@ -361,7 +361,7 @@ def _memory_one(counts: dict[str, int], directory: str) -> dict:
             t1 = tracemalloc.get_traced_memory()[0]
         finally:
             tracemalloc.stop()
-        table._d.clear()
+        table.forget_all()
     finally:
         for fd in fds:
             try:

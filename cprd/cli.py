@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -15,7 +17,7 @@ FLAGS = {"r": os.O_RDONLY, "w": os.O_WRONLY, "rw": os.O_RDWR, "a": os.O_WRONLY |
          "ra": os.O_RDWR | os.O_APPEND}
 
 
-def _uid_list(values: list[str] | None) -> tuple[int, ...]:
+def _uid_list(values: list[str] | None, option: str = "--allow-uid") -> tuple[int, ...]:
     out = []
     for v in values or []:
         try:
@@ -26,17 +28,26 @@ def _uid_list(values: list[str] | None) -> tuple[int, ...]:
             try:
                 out.append(pwd.getpwnam(v).pw_uid)
             except KeyError:
-                raise UsageError(f"--allow-uid {v!r}: no such user or uid") from None
+                raise UsageError(f"{option} {v!r}: no such user or uid") from None
     return tuple(out)
+
+
+def _shown(v: Any) -> str:
+    """A value for a terminal: names may hold characters that reorder or hide text (U+202E...),
+    shown escaped."""
+    text = str(v)
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 def _config(a: argparse.Namespace):
     from .daemon import Config
 
-    if a.idle_timeout <= 0 or a.max_clients < 1:
-        raise UsageError("--idle-timeout must be positive and --max-clients at least 1")
+    if a.idle_timeout <= 0 or a.max_clients < 1 or a.queue_timeout <= 0:
+        raise UsageError("--idle-timeout and --queue-timeout must be positive and --max-clients at least 1")
+    if not 0 < a.upgrade_timeout <= 3600:
+        raise UsageError(f"--upgrade-timeout {a.upgrade_timeout:g} must be more than 0 and at most 3600 seconds")
     return Config(allow_uids=_uid_list(a.allow_uid), idle_timeout=a.idle_timeout, max_clients=a.max_clients,
-                  own_args=_own_args())
+                  queue_timeout=a.queue_timeout, upgrade_timeout=a.upgrade_timeout, own_args=_own_args())
 
 
 def _print(obj: Any, as_json: bool, human: str) -> None:
@@ -90,20 +101,46 @@ def cmd_target(a: argparse.Namespace) -> int:
 
 
 # -- ctl -------------------------------------------------------------------------------------
-def _client(a: argparse.Namespace):
+def _trust(a: argparse.Namespace) -> tuple[int, ...] | None:
+    """--trust-uid values, or None to use CPRD_TRUST_UID."""
+    from .client import env_trust_uids
+
+    return (*env_trust_uids(), *_uid_list(a.trust_uid, "--trust-uid")) if a.trust_uid else None
+
+
+def _client(a: argparse.Namespace, **kw: Any):
     from .client import Client
 
-    return Client(a.control)
+    return Client(a.control, trust_uids=_trust(a), **kw)
+
+
+def _open_for_put(path: str, flags: str, create: bool) -> int:
+    """Open path for `ctl put` without waiting (a FIFO with no writer, a device) and without making
+    a file a typo names: only --create creates."""
+    mode = FLAGS[flags]
+    try:
+        fd = os.open(path, mode | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK | (os.O_CREAT if create else 0), 0o600)
+    except FileNotFoundError:
+        raise UsageError(f"cannot open {path}: no such file; check the path, or pass --create to create it") from None
+    except OSError as e:
+        if e.errno == errno.ENXIO:
+            raise UsageError(f"cannot open {path} for writing: it is a FIFO that nobody reads; open its read end "
+                             "first, or store it with --flags r") from None
+        raise UsageError(f"cannot open {path} ({flags}): {e.strerror}") from None
+    # O_NONBLOCK only kept the open from waiting; the stored fd behaves as opened normally
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    return fd
 
 
 def cmd_put(a: argparse.Namespace) -> int:
     if (a.path is None) == (a.fd is None):
         raise UsageError("ctl put needs exactly one of --path FILE or --fd N")
+    if a.path is None and (a.create or a.flags is not None):
+        raise UsageError("--create and --flags go with --path; an inherited --fd is stored as it is")
     if a.path is not None:
-        try:
-            fd = os.open(a.path, FLAGS[a.flags] | os.O_CLOEXEC | (os.O_CREAT if a.flags != "r" else 0), 0o600)
-        except OSError as e:
-            raise UsageError(f"cannot open {a.path} ({a.flags}): {e.strerror}") from None
+        if a.create and (a.flags or "rw") == "r":
+            raise UsageError("--create makes an empty file: open it for writing (--flags w, rw, a or ra)")
+        fd = _open_for_put(a.path, a.flags or "rw", a.create)
     else:
         fd = a.fd
         try:
@@ -121,13 +158,14 @@ def cmd_put(a: argparse.Namespace) -> int:
 
 
 def cmd_get(a: argparse.Namespace) -> int:
+    cmd = None
+    if a.exec is not None:
+        cmd = a.exec[1:] if a.exec[:1] == ["--"] else a.exec
+        if not cmd:
+            raise UsageError("--exec needs a command to run with the fd, e.g. ctl get NAME ID --exec cat /dev/fd/3")
     with _client(a) as c:
         info, fd = c.get(a.name, a.id)
-    if a.exec:
-        cmd = a.exec[1:] if a.exec[0] == "--" else a.exec
-        if not cmd:
-            os.close(fd)
-            raise UsageError("--exec needs a command")
+    if cmd:
         # Hand the fd over as systemd does: fd 3, LISTEN_FDS=1, LISTEN_FDNAMES, LISTEN_PID=our pid (exec keeps it).
         if fd != 3:
             os.dup2(fd, 3, inheritable=True)
@@ -140,7 +178,7 @@ def cmd_get(a: argparse.Namespace) -> int:
         except OSError as e:
             raise UsageError(f"cannot run {cmd[0]!r}: {e.strerror}") from None
     os.close(fd)
-    _print(info, a.json, "\n".join(f"{k}: {v}" for k, v in info.items()))
+    _print(info, a.json, "\n".join(f"{k}: {_shown(v)}" for k, v in info.items()))
     return 0
 
 
@@ -155,7 +193,7 @@ def cmd_ls(a: argparse.Namespace) -> int:
     with _client(a) as c:
         entries = c.ls()
     lines = [f"{'NAME':<24} {'ID':>11} {'KIND':<9} {'FD':>6}"]
-    lines += [f"{e['name']:<24} {e['id']:>11} {e['kind']:<9} {e['fd']:>6}" for e in entries]
+    lines += [f"{_shown(e['name']):<24} {e['id']:>11} {e['kind']:<9} {e['fd']:>6}" for e in entries]
     _print(entries, a.json, "\n".join(lines))
     return 0
 
@@ -169,8 +207,12 @@ def cmd_status(a: argparse.Namespace) -> int:
 
 
 def cmd_handoff(a: argparse.Namespace) -> int:
+    to = os.path.abspath(a.to)
+    if len(to.encode()) > 107:
+        raise UsageError(f"--to {to} is {len(to.encode())} bytes; UNIX socket paths are limited to 107: give the "
+                         "target a shorter --listen path")
     with _client(a) as c:
-        res = c.handoff(os.path.abspath(a.to), batch=a.batch, window=a.window)
+        res = c.handoff(to, batch=a.batch, window=a.window)
     human = (f"handed off {res['entries']} entries ({res['fds']} fds) to pid {res['target_pid']} in "
              f"{res['ms']:.1f} ms")
     _print(res, a.json, human)
@@ -178,10 +220,14 @@ def cmd_handoff(a: argparse.Namespace) -> int:
 
 
 def cmd_upgrade(a: argparse.Namespace) -> int:
-    from .client import Client
-
-    with Client(a.control, timeout=120, retry_for=0) as c:
-        res = c._call("upgrade", program=os.path.abspath(a.program) if a.program else "")
+    if a.timeout is not None and not 0 < a.timeout <= 3600:
+        raise UsageError(f"--timeout {a.timeout:g} must be more than 0 and at most 3600 seconds")
+    args: dict[str, Any] = {"program": os.path.abspath(a.program) if a.program else ""}
+    if a.timeout is not None:
+        args["timeout"] = a.timeout
+    # the answer comes once the new program confirmed, or after the rollback the deadline triggers
+    with _client(a, timeout=(a.timeout or 3600) + 60, retry_for=0) as c:
+        res = c._call("upgrade", **args)
     if res["rolled_back"]:
         human = (f"upgrade did not take: {res['reason']}; pid {res['pid']} serves {res['entries']} entries with the "
                  "previous program")
@@ -231,7 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--idle-timeout", type=float, default=60.0, metavar="S",
                         help="close a client connection after S seconds without a request (default 60)")
         sp.add_argument("--max-clients", type=int, default=256, metavar="N",
-                        help="serve at most N client connections at once (default 256)")
+                        help="serve at most N client connections at once; more wait (default 256)")
+        sp.add_argument("--queue-timeout", type=float, default=5.0, metavar="S",
+                        help="with --max-clients busy, a client waits at most S seconds for one to end before it "
+                             "is told Busy (default 5)")
+        sp.add_argument("--upgrade-timeout", type=float, default=30.0, metavar="S",
+                        help="a new program that has not confirmed an in-place upgrade after S seconds is killed and "
+                             "the previous one restored (default 30; ctl upgrade --timeout overrides)")
         sp.add_argument("--restore-fd", type=int, metavar="FD",
                         help="(used by an in-place upgrade) restore the daemon from the state in FD")
 
@@ -258,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     cp_ = csub.add_parser("put", help="store an fd (opened from --path, or inherited --fd)")
     key(cp_)
     cp_.add_argument("--path", help="open this file and store its fd")
-    cp_.add_argument("--flags", default="rw", choices=sorted(FLAGS), help="open mode for --path (default rw)")
+    cp_.add_argument("--flags", choices=sorted(FLAGS), help="open mode for --path (default rw)")
+    cp_.add_argument("--create", action="store_true", help="create --path (mode 0600) if it does not exist")
     cp_.add_argument("--fd", type=int, help="store this inherited fd")
     cp_.add_argument("--replace", action="store_true", help="replace an existing entry (its old fd is closed)")
     cp_.set_defaults(func=cmd_put)
@@ -279,11 +332,18 @@ def build_parser() -> argparse.ArgumentParser:
     ch.set_defaults(func=cmd_handoff)
     cu = csub.add_parser("upgrade", help="replace the daemon's program in place (same PID, every fd kept)")
     cu.add_argument("--program", metavar="PATH",
-                    help="the new program (default: the one running, i.e. the cprd now installed)")
+                    help="the new program (default: the one running, i.e. the cprd now installed); it and its "
+                         "directories must be writable only by the daemon's user or root")
+    cu.add_argument("--timeout", type=float, metavar="S",
+                    help="roll back if the new program has not confirmed after S seconds (default: the daemon's "
+                         "--upgrade-timeout, 30)")
     cu.set_defaults(func=cmd_upgrade)
     for sp in csub.choices.values():
         control_opt(sp)
         sp.add_argument("--json", action="store_true", help="print JSON for scripts")
+        sp.add_argument("--trust-uid", action="append", metavar="UID",
+                        help="talk to a daemon running as this uid too (besides yours and root); repeatable. "
+                             "Default: $CPRD_TRUST_UID")
 
     d = sub.add_parser("demo", help="populate a source, hand it to a target, prove every fd survived")
     d.add_argument("--fds", type=int, default=1000, help="about how many fds (default 1000)")

@@ -16,7 +16,14 @@ connection to the same path, for up to `retry_for` seconds. That is what makes a
 invisible to clients: the old owner hangs up on requests it will not apply, the new one answers.
 Mutations (put, del) carry a request id (`rid`); a daemon remembers its answers to recent ones
 (and hands them on with the table), so a retried mutation is applied exactly once. Handoff and
-upgrade requests are never retried.
+upgrade requests are never retried. A connect that finds the daemon's listen backlog full
+(EAGAIN: a burst of clients, or the moments of an upgrade) is tried again with backoff until
+`retry_for` has passed, even for a first connection.
+
+Trust: before anything is sent, the client checks with SO_PEERCRED who serves the socket. It
+must run as the client's own user or as root, or as a uid named in `trust_uids` (CLI
+``--trust-uid``, environment CPRD_TRUST_UID, comma-separated): an fd handed to a daemon is
+handed to whoever runs it.
 """
 
 from __future__ import annotations
@@ -31,22 +38,37 @@ from typing import Any
 import trio
 
 from . import scm
-from .errors import ControlError, error_from_code
+from .errors import ControlError, UntrustedPeer, UsageError, error_from_code
 from .fds import OwnedFds
-from .paths import control_path
+from .paths import connect_seqpacket, control_path, peer_cred, user_name
 from .protocol import control as cp
 
 MUTATIONS = ("put", "del")
 RETRY_FOR = 30.0
+ENV_TRUST = "CPRD_TRUST_UID"
+
+
+def env_trust_uids() -> tuple[int, ...]:
+    """The uids CPRD_TRUST_UID names (comma-separated numbers)."""
+    out = []
+    for v in os.environ.get(ENV_TRUST, "").split(","):
+        if v.strip():
+            try:
+                out.append(int(v))
+            except ValueError:
+                raise UsageError(f"{ENV_TRUST}={os.environ[ENV_TRUST]!r}: expected comma-separated uids") from None
+    return tuple(out)
 
 
 class _Session:
-    """State shared by the sync and async clients: request ids and the retry policy."""
+    """State shared by the sync and async clients: request ids, trust, and the retry policy."""
 
-    def __init__(self, path: str | None, timeout: float | None, retry_for: float) -> None:
+    def __init__(self, path: str | None, timeout: float | None, retry_for: float,
+                 trust_uids: tuple[int, ...] | None) -> None:
         self.path = control_path(path)
         self.timeout = timeout
         self.retry_for = retry_for
+        self.trusted = {os.geteuid(), 0, *(env_trust_uids() if trust_uids is None else trust_uids)}
         self._cid = uuid.uuid4().hex[:12]
         self._n = itertools.count(1)
         self._ever = False  # reached a daemon once: from then on, connection failures are retried
@@ -64,7 +86,19 @@ class _Session:
         if isinstance(e, (FileNotFoundError, ConnectionRefusedError)):
             return ControlError(f"no cprd serves {self.path} ({e.strerror}); start one with `cprd source` or point "
                                 "--control / CPRD_CONTROL at the right socket")
-        return ControlError(f"cannot connect to {self.path}: {e.strerror}")
+        if isinstance(e, BlockingIOError):
+            return ControlError(f"cannot connect to {self.path}: its listen backlog stayed full for "
+                                f"{self.retry_for:g} s; the daemon is overloaded or hung")
+        return ControlError(f"cannot connect to {self.path}: {e.strerror or e}")
+
+    def check_peer(self, sock: socket.socket) -> None:
+        """Refuse (before anything is sent) a socket served by a user we do not trust."""
+        pid, uid, _ = peer_cred(sock)
+        if uid not in self.trusted:
+            raise UntrustedPeer(
+                f"{self.path} is served by {user_name(uid)} (pid {pid}), not by you or root: another user may have "
+                f"put a socket there. Nothing was sent. If you trust that user's daemon, pass --trust-uid {uid} "
+                f"(or set {ENV_TRUST}={uid})")
 
 
 RETRYABLE = (scm.Closed, ControlError, ConnectionError)
@@ -91,9 +125,14 @@ def _request(sock: socket.socket, op: str, fds: list[int], args: dict[str, Any])
 
 
 def _exchange(sock: socket.socket, op: str, fds: list[int], args: dict[str, Any]) -> tuple[Any, OwnedFds]:
-    scm.send_sync(sock, cp.encode_request(op, **args), fds, f"control {op}")
     reader, got = cp.ReplyReader(), OwnedFds()
     try:
+        try:
+            scm.send_sync(sock, cp.encode_request(op, **args), fds, f"control {op}")
+        except scm.Closed:
+            # A daemon that refuses a connection (at its limits, or a uid it does not serve) answers
+            # and closes without waiting for the request: its answer may be queued for us.
+            got.close()
         while True:
             data, fds_in = scm.recv_sync(sock, cp.MAX_FRAME, 1, f"control {op} reply")
             reply = _reply_of(reader, data, got, fds_in)
@@ -110,9 +149,54 @@ def status_over(sock: socket.socket) -> dict[str, Any]:
     return result
 
 
+def describe_daemon(sock: socket.socket) -> str:
+    """Who serves a connected control or handoff socket, in words (for a refusal to take its path)."""
+    st = status_over(sock)
+    return f"cprd pid {st['pid']} ({st.get('role', '?')})"
+
+
+def _connect_sync(s: _Session) -> socket.socket:
+    """A connected, trusted socket; a full backlog (EAGAIN) is retried with backoff until retry_for."""
+    deadline, delay = time.monotonic() + s.retry_for, 0.001
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        sock.settimeout(s.timeout)
+        try:
+            sock.connect(s.path)
+            s.check_peer(sock)
+            return sock
+        except BlockingIOError as e:
+            sock.close()
+            if time.monotonic() >= deadline:
+                raise s.connect_error(e) from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        except OSError as e:
+            sock.close()
+            raise s.connect_error(e) from None
+        except BaseException:
+            sock.close()
+            raise
+
+
+async def _connect_async(s: _Session) -> Any:
+    """As _connect_sync, for trio."""
+    try:
+        sock = await connect_seqpacket(s.path, s.retry_for)
+    except OSError as e:
+        raise s.connect_error(e) from None
+    try:
+        s.check_peer(sock)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class Client:
-    def __init__(self, path: str | None = None, timeout: float | None = 60.0, retry_for: float = RETRY_FOR) -> None:
-        self._s = _Session(path, timeout, retry_for)
+    def __init__(self, path: str | None = None, timeout: float | None = 60.0, retry_for: float = RETRY_FOR,
+                 trust_uids: tuple[int, ...] | None = None) -> None:
+        self._s = _Session(path, timeout, retry_for, trust_uids)
         self._sock: socket.socket | None = None
 
     @property
@@ -124,14 +208,7 @@ class Client:
         return self._s.retries
 
     def connect(self) -> Client:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        s.settimeout(self._s.timeout)
-        try:
-            s.connect(self._s.path)
-        except OSError as e:
-            s.close()
-            raise self._s.connect_error(e) from None
-        self._sock = s
+        self._sock = _connect_sync(self._s)
         self._s._ever = True
         return self
 
@@ -205,8 +282,9 @@ def _one_fd(fds: OwnedFds, name: str, id: int) -> int:
 class AsyncClient:
     """The same client for trio programs (one request at a time per client)."""
 
-    def __init__(self, path: str | None = None, timeout: float | None = 60.0, retry_for: float = RETRY_FOR) -> None:
-        self._s = _Session(path, timeout, retry_for)
+    def __init__(self, path: str | None = None, timeout: float | None = 60.0, retry_for: float = RETRY_FOR,
+                 trust_uids: tuple[int, ...] | None = None) -> None:
+        self._s = _Session(path, timeout, retry_for, trust_uids)
         self._sock: Any = None
 
     @property
@@ -218,13 +296,7 @@ class AsyncClient:
         return self._s.retries
 
     async def connect(self) -> AsyncClient:
-        s = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        try:
-            await s.connect(self._s.path)
-        except OSError as e:
-            s.close()
-            raise self._s.connect_error(e) from None
-        self._sock = s
+        self._sock = await _connect_async(self._s)
         self._s._ever = True
         return self
 
@@ -242,9 +314,12 @@ class AsyncClient:
     async def _once(self, op: str, fds: list[int], args: dict[str, Any]) -> tuple[Any, OwnedFds]:
         if self._sock is None:
             await self.connect()
-        await scm.send(self._sock, cp.encode_request(op, **args), fds, f"control {op}")
         reader, got = cp.ReplyReader(), OwnedFds()
         try:
+            try:
+                await scm.send(self._sock, cp.encode_request(op, **args), fds, f"control {op}")
+            except scm.Closed:  # refused at once: the daemon's answer may be queued for us (see _exchange)
+                pass
             while True:
                 data, fds_in = await scm.recv(self._sock, cp.MAX_FRAME, 1, f"control {op} reply")
                 reply = _reply_of(reader, data, got, fds_in)

@@ -13,16 +13,24 @@ answered, mutations get a Busy error that says to retry. Just before Commit the 
 stops (the listening socket travels to the target, which accepts from then on; a client that
 connects meanwhile waits in the kernel's backlog, it is never refused).
 
-Each connection is bounded (Config): idle_timeout seconds without a request closes it,
-max_clients are served at once (more get an error reply and are closed), and frames are
-size-checked before parsing. A peer whose uid is neither ours, root, nor in --allow-uid is
-refused. At its fd limit the daemon still answers: a spare fd is given up to accept and refuse a
-connection (EMFILE), and a put that would leave fewer than FD_RESERVE fds free is refused.
+Each connection is bounded (Config): idle_timeout seconds without a request closes it, and so
+does a reply the client does not read within idle_timeout; replies are sent a frame at a time,
+and the reply to ``ls`` is built once per version of the table and shared, so a client that
+never reads costs a reference, not a copy. At most max_clients are served at once: more wait in
+the listening socket's backlog (as large as the system allows) until a connection ends, and are
+told Busy only if none ends within queue_timeout. Frames are size-checked before parsing. A peer
+whose uid is neither ours, root, nor in --allow-uid is refused; an allowed uid that is neither
+ours nor root may use the table (put, get, del, ls, status) but not hand it off or upgrade the
+daemon. At its fd limit the daemon still answers: a spare fd is given up to accept and refuse a
+connection (EMFILE) without waiting for the client, and a put is refused once the table holds as
+many entries as a target with the same fd limit could take over (handoff.table_limit) or the
+daemon would be left with fewer than FD_RESERVE free fds.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import resource
@@ -31,7 +39,7 @@ import socket
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,16 +49,20 @@ from . import __version__, scm, sdnotify
 from .errors import (BadFd, Busy, CapacityError, CprdError, Denied, HandoffError, KeyMissing, ProtocolError,
                      UsageError, error_from_code)
 from .fds import OwnedFds
-from .handoff import Result, SourceHooks, fd_capacity, send_table
+from .handoff import Result, SourceHooks, fd_capacity, send_table, table_limit
 from .kinds import classify
-from .paths import file_id, peer_cred, unlink_if_same
+from .paths import file_id, max_backlog, peer_cred, unlink_if_same, user_name
 from .protocol import control as cp
-from .table import FdTable, check_key
+from .table import Entry, FdTable, check_key, check_new_name
 
 log = logging.getLogger("cprd.daemon")
 
 FD_RESERVE = 16  # fds a daemon keeps free for accepting, answering and handing off
 RESULTS_KEPT = 4096  # answers to recent mutations, by request id, kept for exactly-once retries
+_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
+ADMIN_OPS = ("handoff", "upgrade")  # only the daemon's own uid and root may ask for these
 
 
 @dataclass(slots=True, frozen=True)
@@ -58,6 +70,8 @@ class Config:
     allow_uids: tuple[int, ...] = ()
     idle_timeout: float = 60.0
     max_clients: int = 256
+    queue_timeout: float = 5.0  # how long clients wait in the backlog for a free slot before Busy
+    upgrade_timeout: float = 30.0  # a new program that has not confirmed by then is killed and rolled back
     own_args: tuple[str, ...] = ()  # the command line after `cprd`, to exec again on an upgrade
 
 
@@ -89,7 +103,14 @@ class Daemon:
         self._accept_scope: trio.CancelScope | None = None
         self._accept_done: trio.Event | None = None
         self._conns = 0
+        self._slot_freed = trio.Event()  # set when a connection ends (a slot for one waiting in the backlog)
+        self._ls_cache: tuple[int, list[bytes]] | None = None  # (table version, frames of the reply to ls)
+        self._ls_json: dict[tuple[str, int], tuple[Entry, bytes]] = {}  # each entry's JSON, while it lives
         self._exit_after_reply = False
+        try:  # an inherited listener (a handoff from an older cprd, an upgrade) gets the largest backlog too
+            listener.listen(max_backlog())
+        except OSError:
+            pass
         self._tlistener = trio.socket.from_stdlib_socket(listener)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -128,7 +149,7 @@ class Daemon:
 
     async def _upgrade_logged(self) -> None:
         try:
-            await self._upgrade(None, None)
+            await self._upgrade(None, None, self.config.upgrade_timeout)
         except CprdError as e:
             log.error("event=upgrade_failed trigger=SIGHUP error=%r", str(e))
 
@@ -145,6 +166,7 @@ class Daemon:
         try:
             with scope:
                 while True:
+                    await self._wait_for_a_slot()
                     try:
                         conn, _ = await self._tlistener.accept()
                     except OSError as e:
@@ -152,15 +174,24 @@ class Daemon:
                             raise
                         await self._refuse_at_limit()
                         continue
-                    if self._conns >= self.config.max_clients:
-                        await self._refuse(conn, Busy(f"the daemon serves {self.config.max_clients} connections"
-                                                      " already; close idle clients and retry"))
+                    if self._conns >= self.config.max_clients:  # none ended within queue_timeout
+                        self._refuse(conn, Busy(f"the daemon serves {self.config.max_clients} connections already "
+                                                f"and none ended within {self.config.queue_timeout:g} s; close idle "
+                                                "clients and retry"))
                         continue
                     self._conns += 1
                     assert self._nursery is not None
                     self._nursery.start_soon(self._serve_conn, conn)
         finally:
             done.set()
+
+    async def _wait_for_a_slot(self) -> None:
+        """With max_clients connections served, leave new ones in the backlog until one ends, or for
+        at most queue_timeout (then the next one is told Busy)."""
+        with trio.move_on_after(self.config.queue_timeout):
+            while self._conns >= self.config.max_clients:
+                self._slot_freed = trio.Event()
+                await self._slot_freed.wait()
 
     async def _stop_accepting(self) -> None:
         if self._accept_scope is not None:
@@ -179,12 +210,13 @@ class Daemon:
         os.close(self._spare)
         self._spare = None
         try:
-            conn, _ = await self._tlistener.accept()
+            # Never wait here: a client that comes once fds are free again must be served, not refused.
+            conn, _ = self.listener.accept()  # the fd is non-blocking (trio): EAGAIN if none is queued
         except OSError:
             await trio.sleep(0.05)
         else:
             soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-            await self._refuse(conn, CapacityError(
+            self._refuse(conn, CapacityError(
                 f"the daemon is at its fd limit (RLIMIT_NOFILE {soft}) with {len(self.table)} entries and "
                 f"{self._conns} clients; close idle clients, delete entries or raise its limit (LimitNOFILE=, "
                 "ulimit -n)"))
@@ -194,20 +226,22 @@ class Daemon:
             except OSError:
                 self._spare = None
 
-    async def _refuse(self, conn: Any, err: CprdError) -> None:
-        """Answer a connection we will not serve with err, then close it. We drain what the client
-        sent first: closing a UNIX socket with unread data resets the peer, which would lose the
-        answer."""
+    @staticmethod
+    def _refuse(conn: Any, err: CprdError) -> None:
+        """Answer a connection we will not serve with err and close it at once, never waiting for the
+        client. What it already sent is read and dropped first (its fds closed), so that the close
+        does not reset the connection; a request that arrives after the close fails to send, and
+        cprd's client then reads this answer, which waits in its queue."""
         with conn:
-            with trio.move_on_after(2):
-                try:
-                    for f in cp.encode_error(err):
-                        await scm.send(conn, f, (), "control reply")
-                    while True:
-                        _, fds = await scm.recv(conn, cp.MAX_FRAME, 1, "control request")
-                        fds.close()
-                except (CprdError, OSError):
-                    pass
+            raw = socket.socket(fileno=conn.fileno())  # borrowed for a send that must not wait
+            try:
+                for f in cp.encode_error(err):
+                    raw.send(f, socket.MSG_DONTWAIT)
+            except OSError:
+                return
+            finally:
+                raw.detach()
+            scm.drop_queued(conn.fileno())
 
     # -- one connection ----------------------------------------------------------------------
     async def _serve_conn(self, conn: Any) -> None:
@@ -215,7 +249,7 @@ class Daemon:
             pid, uid, _ = peer_cred(conn)
             if uid not in self.allowed_uids:
                 log.warning("event=refused_peer pid=%d uid=%d", pid, uid)
-                await self._refuse(conn, Denied(
+                self._refuse(conn, Denied(
                     f"uid {uid} may not use this cprd (it serves uids {sorted(self.allowed_uids)}); ask its "
                     "operator to add --allow-uid"))
                 return
@@ -227,13 +261,17 @@ class Daemon:
                         except scm.Closed:
                             return
                         except CprdError as e:  # truncated fds (at our limit) or an oversize frame
-                            await self._reply(conn, cp.encode_error(e), [])
+                            if not await self._reply(conn, cp.encode_error(e), []):
+                                return
                             continue
                     if cs.cancelled_caught:
                         return
                     with fds:
                         try:
                             req = cp.decode_request(data, len(fds))
+                            if req.op in ADMIN_OPS and uid not in (os.geteuid(), 0):
+                                raise Denied(f"{user_name(uid)} may use this cprd's table but not {req.op} it: "
+                                             f"only {user_name(os.geteuid())} and root may; ask its operator")
                             frames, out_fds = await self._dispatch(req, fds, conn)
                         except _HandedOff:
                             # The table moved on while this request waited: hang up without an answer;
@@ -242,24 +280,33 @@ class Daemon:
                         except CprdError as e:
                             log.info("event=request_failed code=%s error=%r", e.code, str(e))
                             frames, out_fds = cp.encode_error(e), []
-                    await self._reply(conn, frames, out_fds)
+                    if not await self._reply(conn, frames, out_fds):
+                        return
                     if self._exit_after_reply and req.op == "handoff":
                         self.stop(0)
                         return
         finally:
             self._conns -= 1
+            self._slot_freed.set()
 
-    async def _reply(self, conn: Any, frames: list[bytes], fds: list[int]) -> bool:
+    async def _reply(self, conn: Any, frames: Iterable[bytes], fds: list[int]) -> bool:
+        """Send a reply a frame at a time (frames may be a generator that encodes as it goes). False,
+        and the connection should close, if it failed or the client did not read it within
+        idle_timeout."""
         try:
-            for i, f in enumerate(frames):
-                await scm.send(conn, f, fds if i == 0 else [], "control reply")
+            with trio.move_on_after(self.config.idle_timeout) as cs:
+                for i, f in enumerate(frames):
+                    await scm.send(conn, f, fds if i == 0 else [], "control reply")
+            if cs.cancelled_caught:
+                log.info("event=reply_dropped reason=client-not-reading seconds=%g", self.config.idle_timeout)
+                return False
         except (CprdError, OSError) as e:
             log.info("event=reply_failed error=%r", str(e))
             return False
         return True
 
     # -- requests ----------------------------------------------------------------------------
-    async def _dispatch(self, req: cp.Request, fds: OwnedFds, conn: Any = None) -> tuple[list[bytes], list[int]]:
+    async def _dispatch(self, req: cp.Request, fds: OwnedFds, conn: Any = None) -> tuple[Iterable[bytes], list[int]]:
         a = req.args
         if self.state == "handed-off":
             raise _HandedOff()
@@ -289,21 +336,44 @@ class Daemon:
                 raise KeyMissing(f"no entry ({a['name']!r}, {a['id']}); list entries with `cprd ctl ls`")
             return cp.encode_reply(entry.describe()), [entry.fd]
         if req.op == "ls":
-            entries = sorted(self.table, key=lambda e: (e.name, e.id))
-            return cp.encode_reply([e.describe() for e in entries]), []
+            return self._ls_frames(), []
         if req.op == "status":
             return cp.encode_reply(self.status()), []
         if req.op == "handoff":
             return cp.encode_reply(await self._handoff(a["to"], a["batch"], a["window"])), []
         if req.op == "upgrade":
             # On success this does not return: the new program answers on this very connection.
-            return cp.encode_reply(await self._upgrade(a["program"] or None, conn)), []
+            timeout = a["timeout"] or self.config.upgrade_timeout
+            if not 0 < timeout <= 3600:
+                raise UsageError(f"upgrade timeout {timeout:g} s is outside (0, 3600]")
+            return cp.encode_reply(await self._upgrade(a["program"] or None, conn, timeout)), []
         raise UsageError(f"unknown operation {req.op!r}")  # decode_request already refuses these
+
+    def _ls_frames(self) -> list[bytes]:
+        """The reply to `ls`, built once per version of the table and shared by every client that
+        asks meanwhile (a client that never reads its reply costs a reference, not a copy); each
+        entry is encoded once, as an Entry never changes (a replace makes a new one)."""
+        table = self.table
+        if self._ls_cache is not None and self._ls_cache[0] == table.version:
+            return self._ls_cache[1]
+        enc, parts = self._ls_json, []
+        for e in sorted(table, key=Entry.sort_key):
+            hit = enc.get((e.name, e.id))
+            if hit is None or hit[0] is not e:
+                hit = enc[(e.name, e.id)] = (e, _JSON.encode(e.describe()).encode())
+            parts.append(hit[1])
+        if len(enc) > 2 * len(table) + 64:  # many entries deleted since: forget what they encoded to
+            self._ls_json = {(e.name, e.id): enc[(e.name, e.id)] for e in table if (e.name, e.id) in enc}
+        frames = cp.encode_reply_parts(parts)
+        self._ls_cache = (table.version, frames)
+        return frames
 
     def _mutate(self, req: cp.Request, fds: OwnedFds) -> dict[str, Any]:
         """Apply a put or del (no awaits: atomic with respect to every other task)."""
         a = req.args
         if req.op == "put":
+            check_key(a["name"], a["id"])
+            check_new_name(a["name"])
             self._check_room()
             ident = classify(fds.fds[0])
             entry = self.table.save(a["name"], a["id"], fds.fds[0], ident, replace=a["replace"])
@@ -333,9 +403,15 @@ class Daemon:
         return out, self._results_base + len(self._results_log)
 
     def _check_room(self) -> None:
-        """Refuse a put that would leave the daemon fewer than FD_RESERVE free fds (counted exactly
-        only when the table is anywhere near the limit: listing /proc/self/fd costs ~1 ms)."""
+        """Refuse a put once the table holds as many entries as a target with the same fd limit could
+        take over, or when it would leave the daemon fewer than FD_RESERVE free fds (counted exactly
+        only when anywhere near the limit: listing /proc/self/fd costs ~1 ms)."""
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        most = table_limit(soft)
+        if len(self.table) >= most:
+            raise CapacityError(f"the table holds {len(self.table)} entries, as many as a target with the same fd "
+                                f"limit (RLIMIT_NOFILE {soft}) could take over in a handoff; delete entries or raise "
+                                "the limit (LimitNOFILE=, ulimit -n)")
         if len(self.table) + self._conns + 64 + FD_RESERVE < soft:
             return
         _, n_open, _ = fd_capacity(0)
@@ -361,6 +437,9 @@ class Daemon:
             raise Busy(f"a handoff is already {self.state}; wait for it to finish")
         if not os.path.isabs(to):
             raise UsageError(f"handoff target path {to!r} must be absolute")
+        if len(to.encode()) > 107:
+            raise UsageError(f"handoff target path {to} is {len(to.encode())} bytes; UNIX socket paths are limited "
+                             "to 107: give the target a shorter --listen path")
         self.state = "handing-off"
         stopped = False
 
@@ -375,7 +454,8 @@ class Daemon:
         try:
             res: Result = await send_table(
                 self.table, to, listener_fd=self.listener.fileno(), control_path=self.control_path, batch=batch,
-                window=window, hooks=SourceHooks(freeze, before_commit, self.results_since))
+                window=window, hooks=SourceHooks(freeze, before_commit, self.results_since),
+                allowed_uids=self.allowed_uids)
         except BaseException as e:
             self.state = "serving"
             self.committing = False
@@ -397,13 +477,22 @@ class Daemon:
         self._nursery.start_soon(self._exit_soon)
         return res.describe()
 
-    async def _upgrade(self, program: str | None, conn: Any) -> dict[str, Any]:
+    async def _upgrade(self, program: str | None, conn: Any, timeout: float) -> dict[str, Any]:
         """Exec a new program in this PID with the table (see upgrade.py). Returns only when the exec
         failed, with everything as it was."""
         from . import upgrade
+        from .paths import check_program
 
         if self.state != "serving":
             raise Busy(f"the daemon is {self.state}; retry the upgrade when it is done")
+        if program is not None:
+            if not os.path.isabs(program):
+                raise UsageError(f"upgrade program {program!r} must be an absolute path")
+            try:
+                check_program(program, "upgrade program")  # it will hold every fd of the table
+            except CprdError as e:
+                raise type(e)(f"{e}; the running daemon (pid {os.getpid()}) goes on serving, nothing changed") \
+                    from None
         self.state = "upgrading"
         self._frozen = trio.Event()
         t0 = upgrade.now_ms()
@@ -411,7 +500,7 @@ class Daemon:
         try:
             state = self.upgrade_state(t0, conn.fileno() if conn is not None else None)
             try:
-                prep = upgrade.prepare(state, program, list(self.config.own_args), self.program)
+                prep = upgrade.prepare(state, program, list(self.config.own_args), self.program, timeout)
             except OSError as e:  # a memfd, a pipe or the guardian could not be made (at the fd limit?)
                 raise upgrade.UpgradeError(f"cannot prepare the upgrade: {e}; the running daemon (pid "
                                            f"{os.getpid()}) goes on serving, nothing changed") from None
@@ -443,7 +532,8 @@ class Daemon:
                          e.ident.flags] for e in self.table],
             "results": [[rid, self.results[rid]] for rid in self.results],
             "config": {"allow_uids": list(self.config.allow_uids), "idle_timeout": self.config.idle_timeout,
-                       "max_clients": self.config.max_clients},
+                       "max_clients": self.config.max_clients, "queue_timeout": self.config.queue_timeout,
+                       "upgrade_timeout": self.config.upgrade_timeout},
             "handoffs": self.handoffs, "upgrades": self.upgrades, "salvage": self.salvage,
             "source_died": self.source_died, "pid": os.getpid(),
         }
@@ -488,30 +578,42 @@ __all__ = ["Daemon", "populate_table", "BadFd", "CapacityError", "ProtocolError"
 async def serve_source(control: str, *, spec: str = "", state_dir: str | None = None,
                        config: Config = Config()) -> int:
     """`cprd source`: create the control socket, populate the table, serve until handed off or stopped."""
+    from .client import describe_daemon
     from .handoff import raise_nofile
     from .kinds import parse_spec, populate, spec_fds
-    from .paths import bind_listener
+    from .paths import bind_listener, open_dir
 
     raise_nofile()
     counts = parse_spec(spec)
     need = spec_fds(counts)
     soft, n_open, capacity = fd_capacity()
-    if need > capacity:
-        raise CapacityError(f"--populate asks for {need} fds but this process can open {capacity} more "
-                            f"(RLIMIT_NOFILE {soft}, {n_open} open); ask for fewer or raise the limit")
+    most = table_limit(soft)
+    if need > min(capacity, most):
+        raise CapacityError(f"--populate asks for {need} fds but this process can open {capacity} more and a target "
+                            f"with the same fd limit could take over at most {most} (RLIMIT_NOFILE {soft}, {n_open} "
+                            "open); ask for fewer or raise the limit")
     listener = sdnotify.control_listener_from_env(control)  # socket activation (cprd.socket)
     if listener is not None:
         fid = None  # systemd's socket file: never ours to remove
         log.info("event=socket_activated fd=%d", listener.fileno())
     else:
-        listener = bind_listener(control, "control", shared=bool(config.allow_uids))
+        listener = bind_listener(control, "control", shared=bool(config.allow_uids), describe=describe_daemon)
         fid = file_id(control)
     table = FdTable()
     try:
         if need:
             t0 = time.perf_counter()
             directory = state_dir or os.path.join(os.path.dirname(control), f"state-{os.getpid()}")
-            populate_table(table, populate(counts, directory))
+            try:
+                if counts["files"]:  # regular files go into a checked private directory, opened relative to it
+                    with open_dir(os.path.abspath(directory), what="state directory", create=True,
+                                  private=True) as sd:
+                        populate_table(table, populate(counts, sd.fd))
+                else:
+                    populate_table(table, populate(counts, directory))
+            except OSError as e:
+                raise CprdError(f"cannot create the --populate fds ({e.filename or 'in ' + directory}): "
+                                f"{e.strerror or e}; a state file is never opened through a symlink") from None
             log.info("event=populated entries=%d ms=%.1f state_dir=%s", len(table),
                      (time.perf_counter() - t0) * 1e3, directory)
         d = Daemon(role="source", table=table, listener=listener, control_path=control, config=config)
@@ -528,11 +630,12 @@ async def serve_target(listen: str, *, config: Config = Config()) -> int:
     """`cprd target`: wait for one handoff on `listen`, then serve the received table on the source's
     control socket (which arrives with the Commit; if the source died before sending it, the target
     binds the control path itself)."""
+    from .client import describe_daemon
     from .handoff import accept_handoff, confirm, raise_nofile, receive_table
     from .paths import bind_listener
 
     raise_nofile()
-    hs = bind_listener(listen, "handoff", shared=bool(config.allow_uids))
+    hs = bind_listener(listen, "handoff", shared=bool(config.allow_uids), describe=describe_daemon)
     fid = file_id(listen)
     allowed = {os.geteuid(), 0, *config.allow_uids}
     log.info("event=waiting listen=%s pid=%d", listen, os.getpid())
@@ -553,7 +656,7 @@ async def serve_target(listen: str, *, config: Config = Config()) -> int:
         if lfds:
             listener = socket.socket(fileno=lfds[0])
         else:  # the source died before its Commit: its listening socket died with it
-            listener = bind_listener(control, "control", shared=bool(config.allow_uids))
+            listener = bind_listener(control, "control", shared=bool(config.allow_uids), describe=describe_daemon)
     except BaseException:
         received.table.close_all()
         inc.close()
@@ -624,7 +727,7 @@ def _rebuild(state: dict[str, Any], state_fd: int) -> tuple[FdTable, socket.sock
         ident = Identity(KIND_BY_CODE[kind], mode, dev, ino, flags)
         bad = verify(fd, ident)
         if bad is not None:
-            table._d.clear()  # the fds are not ours to close: the rollback takes them all back
+            table.forget_all()  # the fds are not ours to close: the rollback takes them all back
             raise upgrade.UpgradeError(f"entry ({name!r}, {id_}) fd {fd} does not verify: {bad}")
         table.insert_unchecked_entry(name, id_, fd, ident)
     return table, socket.socket(fileno=state["listener_fd"])
@@ -636,7 +739,8 @@ async def _serve_restored(state: dict[str, Any], state_fd: int, table: FdTable, 
 
     cfg = state.get("config", {})
     config = Config(allow_uids=tuple(cfg.get("allow_uids", ())), idle_timeout=cfg.get("idle_timeout", 60.0),
-                    max_clients=cfg.get("max_clients", 256), own_args=own_args)
+                    max_clients=cfg.get("max_clients", 256), queue_timeout=cfg.get("queue_timeout", 5.0),
+                    upgrade_timeout=cfg.get("upgrade_timeout", 30.0), own_args=own_args)
     d = Daemon(role=state["role"], table=table, listener=listener, control_path=state["control_path"],
                config=config, handoffs=state.get("handoffs", 0))
     d.control_fid = tuple(state["control_fid"]) if state.get("control_fid") else None
@@ -656,6 +760,10 @@ async def _serve_restored(state: dict[str, Any], state_fd: int, table: FdTable, 
                 pass
             os.close(gw)
             await _reap(gpid)
+        strays = upgrade.kill_strays(gpid)
+        if strays:
+            log.warning("event=upgrade_strays_killed pids=%s note=the-new-program-forked-before-it-became-cprd;"
+                        "they-held-copies-of-the-table", strays)
         os.close(state_fd)
         ms = upgrade.now_ms() - state["t_freeze_ms"]
         result = {"pid": os.getpid(), "entries": len(table), "ms": round(ms, 3),

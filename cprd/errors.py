@@ -91,9 +91,22 @@ class UsageError(CprdError):
     code = "usage"
 
 
+class UntrustedPeer(CprdError):
+    """The process at the other end of a socket runs as a user we do not trust with fds."""
+
+    code = "untrusted"
+
+
+class UnsafePath(UsageError):
+    """A path that another user could control (a directory it owns or may write to)."""
+
+    code = "unsafe-path"
+
+
 _BY_CODE = {cls.code: cls for cls in (
     CprdError, BadKey, KeyExists, KeyMissing, BadFd, ProtocolError, CapacityError, HandoffError,
-    VerifyError, Busy, ControlError, UsageError, Denied, UpgradeError,
+    VerifyError, Busy, ControlError, UsageError, Denied, UpgradeError, UnsafePath,
+    UntrustedPeer,
 )}
 _BY_CODE["closed"] = ProtocolError
 

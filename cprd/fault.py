@@ -24,6 +24,8 @@ import resource
 import signal
 import socket
 
+from . import scm
+
 _SPEC = os.environ.get("CPRD_FAULT", "")
 
 
@@ -56,20 +58,7 @@ def point(side: str, step: str, n: int | None = None, sock=None, last: int | Non
     elif action == "shutdown" and sock is not None:
         sock.shutdown(socket.SHUT_RDWR)
         if side == "source":
-            _drop_queued(sock.fileno())
+            scm.drop_queued(sock.fileno())
     elif action.startswith("rlimit="):
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (int(action[len("rlimit="):]), hard))
-
-
-def _drop_queued(fd: int) -> None:
-    """Read and drop every message queued on a shut-down socket (read() without a control buffer
-    makes the kernel close the fds a message carried), until it reports the end."""
-    while True:
-        try:
-            if not os.read(fd, 1 << 20):
-                return
-        except ConnectionResetError:  # reported once, ahead of what the peer had queued: drop that too
-            continue
-        except OSError:  # nothing queued (EAGAIN)
-            return

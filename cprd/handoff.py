@@ -39,7 +39,6 @@ import logging
 import os
 import resource
 import select
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -50,7 +49,7 @@ from . import fault, scm
 from .errors import CapacityError, CprdError, HandoffError, ProtocolError, UsageError, VerifyError
 from .fds import OwnedFds
 from .kinds import KIND_BY_CODE, MUTABLE_FLAGS, Identity, verify
-from .paths import peer_cred
+from .paths import connect_seqpacket, peer_cred, user_name
 from .protocol import handoff as hp
 from .table import Entry, FdTable
 
@@ -76,6 +75,16 @@ def raise_nofile() -> tuple[int, int]:
 
 def open_fd_count() -> int:
     return len(os.listdir("/proc/self/fd")) - 1  # minus the fd listdir itself opened
+
+
+TARGET_OWN_FDS = 32  # fds a target has open besides the table when it answers a hello (about 12), with room
+
+
+def table_limit(soft: int) -> int:
+    """The most entries a table may hold so that a target with the same RLIMIT_NOFILE soft limit can
+    take it over in a handoff (it keeps RESERVE_FDS free, has its own fds open, and receives the
+    listening socket too)."""
+    return max(0, soft - RESERVE_FDS - TARGET_OWN_FDS - 1)
 
 
 def fd_capacity(reserve: int = RESERVE_FDS) -> tuple[int, int, int]:
@@ -176,10 +185,12 @@ async def _status_pid(control_path: str) -> int | None:
     """The pid of whoever answers a status request on the control socket (None if nobody does)."""
     from .protocol import control as cp
 
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock = await connect_seqpacket(control_path, 1.0)
+    except OSError:
+        return None
     with sock:
         try:
-            await sock.connect(control_path)
             await scm.send(sock, cp.encode_request("status"), (), "status")
             reader = cp.ReplyReader()
             while True:
@@ -247,28 +258,35 @@ MAX_ROUNDS = 8  # pre-copy rounds before freezing anyway (churn faster than the 
 
 async def send_table(table: FdTable, to: str, *, listener_fd: int | None, control_path: str,
                      batch: int = hp.SCM_MAX_FD, window: int = 4, timeout: float = TIMEOUT,
-                     hooks: SourceHooks | None = None) -> Result:
+                     hooks: SourceHooks | None = None, allowed_uids: set[int] | None = None) -> Result:
     """Hand every entry of table (and the listening control socket) to the target at `to`.
 
     The table may change while this runs (pre-copy): the snapshot is taken and the table's journal
     started in one step (no other task runs in between); the caller stops the journal afterwards.
     Raises a CprdError when the handoff did not take; then the caller still owns everything. On
     success the target owns the table; the caller must not serve it any more and should close its
-    copies (exiting does that)."""
+    copies (exiting does that). With `allowed_uids`, a target running as any other uid is refused
+    before anything is sent (SO_PEERCRED): it would receive every fd of the table."""
     if not 1 <= batch <= hp.SCM_MAX_FD:
         raise UsageError(f"batch size {batch} is outside 1..{hp.SCM_MAX_FD} (the kernel's SCM_MAX_FD)")
     if window < 1:
         raise UsageError(f"window {window} must be at least 1")
     clock = _Clock()
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     pidfd = None
+    try:
+        sock = await connect_seqpacket(to, timeout)
+    except OSError as e:
+        raise HandoffError(f"cannot reach a target at {to}: {e.strerror or e}; start one with "
+                           f"`cprd target --listen {to}`") from None
     with sock:
-        try:
-            await sock.connect(to)
-        except OSError as e:
-            raise HandoffError(f"cannot reach a target at {to}: {e.strerror}; start one with "
-                               f"`cprd target --listen {to}`") from None
-        target_pid, _, _ = peer_cred(sock)
+        target_pid, target_uid, _ = peer_cred(sock)
+        if allowed_uids is not None and target_uid not in allowed_uids:
+            msg = (f"the target at {to} (pid {target_pid}) runs as {user_name(target_uid)}, whom this source does not "
+                   f"trust with its fds (it trusts {', '.join(user_name(u) for u in sorted(allowed_uids))}); run the "
+                   f"target as the same user, or start the source with --allow-uid {target_uid}. The source keeps "
+                   "every entry; nothing was sent")
+            await _try_send(sock, hp.Handoff("source"), hp.Abort(hp.AbortCode.GENERIC, msg))
+            raise HandoffError(msg)
         pidfd = _open_pidfd(target_pid)
         try:
             return await _Sender(sock, table, clock, target_pid, pidfd, listener_fd, control_path, batch, window,
@@ -550,6 +568,7 @@ async def accept_handoff(listener, allowed_uids: set[int], hello_timeout: float 
                 await _try_send(conn, hp.Handoff("target"), hp.Abort(
                     hp.AbortCode.GENERIC, f"uid {uid} may not hand off to this target; run the source as the "
                     "same user, or start the target with --allow-uid"))
+                scm.drop_queued(conn.fileno())  # a hello it sent first must not reset the connection
                 return
             m = hp.Handoff("target")
             try:

@@ -264,9 +264,14 @@ def _closing_on_error(fd: int, fill) -> int:
     return fd
 
 
-def make_file(directory: str, i: int) -> int:
-    path = os.path.join(directory, f"file-{i:05d}")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+def make_file(directory: str | int, i: int) -> int:
+    """A regular file file-NNNNN in directory (a path, or an open directory fd), never through a
+    symlink."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    if isinstance(directory, int):
+        fd = os.open(f"file-{i:05d}", flags, 0o600, dir_fd=directory)
+    else:
+        fd = os.open(os.path.join(directory, f"file-{i:05d}"), flags, 0o600)
     return _closing_on_error(fd, lambda fd: (os.write(fd, file_content(i)),
                                              os.lseek(fd, file_offset(i), os.SEEK_SET)))
 
@@ -314,6 +319,7 @@ def parse_spec(spec: str) -> dict[str, int]:
     out = dict.fromkeys(POPULATE_KEYS, 0)
     if not spec.strip():
         return out
+    seen: set[str] = set()
     for part in spec.split(","):
         key, eq, val = part.strip().partition("=")
         if key not in out or not eq:
@@ -321,6 +327,9 @@ def parse_spec(spec: str) -> dict[str, int]:
                 f"bad populate item {part!r}: expected KIND=COUNT with KIND one of {', '.join(POPULATE_KEYS)}"
                 " (example: files=500,eventfds=300,devices=10)"
             )
+        if key in seen:
+            raise UsageError(f"populate names {key} twice ({spec!r}); give each kind once")
+        seen.add(key)
         try:
             n = int(val)
         except ValueError:
@@ -346,11 +355,13 @@ def mixed_spec(total: int) -> dict[str, int]:
             "sockets": sockets, "devices": devices}
 
 
-def populate(counts: dict[str, int], directory: str) -> list[tuple[str, int, int]]:
-    """Create real fds; return (name, id, fd) triples. On error, closes what it made and re-raises."""
+def populate(counts: dict[str, int], directory: str | int) -> list[tuple[str, int, int]]:
+    """Create real fds; return (name, id, fd) triples. Regular files go into directory: a path
+    (created 0700 if missing), or an open directory fd that the caller has checked. On error,
+    closes what it made and re-raises."""
     made: list[tuple[str, int, int]] = []
     try:
-        if counts.get("files"):
+        if counts.get("files") and not isinstance(directory, int):
             os.makedirs(directory, mode=0o700, exist_ok=True)
         for i in range(counts.get("files", 0)):
             made.append(("file", i, make_file(directory, i)))

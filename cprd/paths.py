@@ -1,22 +1,52 @@
-"""Where sockets live, and how a listening UNIX socket is created safely.
+"""Where sockets and state live, and how cprd makes sure no other user controls a path it uses.
 
+Theory of operation
+-------------------
 The control socket defaults to $XDG_RUNTIME_DIR/cprd/control.sock, or /run/cprd/control.sock for
 root; ``--control PATH`` and the environment variable CPRD_CONTROL override it, for every
-command. A listening socket is created 0600 in a directory that is 0700 when cprd creates it and
-is never writable by other users. A socket file left by a crashed daemon is detected (nobody
-accepts on it) and replaced; a live one is never stolen.
+command.
+
+A daemon that runs as root beside other users must not let them decide what its paths mean. A
+path is *trusted* when every directory on the way to it, from "/", is
+
+- owned by this process's user or by root, and
+- not writable by group or others, unless it has the sticky bit (like /tmp: others may add
+  names there but cannot remove or rename ours);
+
+and the directory that holds the socket or the state files is also *private*: not writable by
+group or others at all. ``open_dir`` walks a path one component at a time with
+``openat(O_PATH | O_NOFOLLOW)`` from "/", checks each directory it opened (fstat of the open fd,
+so nothing can be swapped between the check and the use), and follows a symlink only when
+whoever could have made it is trusted (its owner is us, root or the owner of its directory: the
+rule the kernel's protected_symlinks applies in sticky directories). Missing directories are
+created one by one with mode 0700, whatever the umask. What it returns is an open directory fd:
+the socket is bound through /proc/self/fd/N/NAME and state files are opened with
+``openat(O_NOFOLLOW)`` relative to it.
+
+A listening socket is bound under a temporary name, set to mode 0600 (0666 with --allow-uid,
+where the daemon checks each peer's uid itself), and renamed into place, so that whoever sees
+the path can connect at once and a stale socket is replaced atomically; a socket on which a
+process still accepts is never stolen.
+
+What this module may know: paths, directory fds, sockets' credentials. It knows nothing of the
+protocols except ``socket_owner``, which asks a live socket who serves it.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import pwd
 import socket
 import stat
+import struct
+from collections.abc import Callable
 
-from .errors import ControlError
+from .errors import ControlError, UnsafePath, UsageError
 
 ENV_CONTROL = "CPRD_CONTROL"
+_MAX_SYMLINKS = 40  # as the kernel's path walk
+_PATH_MAX_UNIX = 107  # sockaddr_un.sun_path holds 108 bytes with the terminating NUL
 
 
 def default_control_path() -> str:
@@ -35,108 +65,296 @@ def control_path(arg: str | None) -> str:
     return os.path.abspath(arg or default_control_path())
 
 
-def ensure_private_dir(directory: str) -> None:
-    """Create directory 0700 if missing; refuse one that other users can write to."""
+def trusted_uids() -> set[int]:
+    """Who may own a directory on a trusted path: this process's user and root."""
+    return {os.geteuid(), 0}
+
+
+def user_name(uid: int) -> str:
     try:
-        os.makedirs(directory, mode=0o700, exist_ok=False)
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+# -- walking a path ----------------------------------------------------------------------------
+class Dir:
+    """An open directory on a trusted path (an O_PATH fd, or O_RDONLY for one cprd created)."""
+
+    __slots__ = ("fd", "path")
+
+    def __init__(self, fd: int, path: str) -> None:
+        self.fd, self.path = fd, path
+
+    def at(self, name: str) -> str:
+        """A path string that names `name` in this very directory (through /proc/self/fd), whatever
+        becomes of the path it was opened by; the real path when that would not fit a UNIX socket
+        address (then the directory's trust is what keeps it safe)."""
+        via = f"/proc/self/fd/{self.fd}/{name}"
+        return via if len(via.encode()) <= _PATH_MAX_UNIX else os.path.join(self.path, name)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Dir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _check_dir(st: os.stat_result, shown: str, what: str, private: bool) -> None:
+    if st.st_uid not in trusted_uids():
+        raise UnsafePath(
+            f"{what}: directory {shown} is owned by {user_name(st.st_uid)}, not by this user "
+            f"({user_name(os.geteuid())}) or root, so that user could replace what cprd puts there; use a "
+            "directory you own (cprd creates missing ones with mode 0700)")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022 and (private or not mode & stat.S_ISVTX):
+        raise UnsafePath(
+            f"{what}: directory {shown} is writable by other users (mode {mode:04o}), so another user could "
+            f"replace what cprd puts {'there' if private else 'below it'}; "
+            + ("use a private directory (not writable by group or others)" if private else
+               "use a path whose directories only you and root can write to")
+            + " (cprd creates missing ones with mode 0700)")
+
+
+def open_dir(path: str, *, what: str, create: bool = False, private: bool = True) -> Dir:
+    """Open directory `path` (absolute) after checking every directory on the way (see the module
+    docstring); create missing ones 0700 when `create`. UnsafePath names the directory that fails
+    the rule; UsageError a path that is not a directory or does not exist."""
+    if not os.path.isabs(path):
+        raise UsageError(f"{what}: {path!r} must be an absolute path")
+    todo = [p for p in path.split("/") if p][::-1]  # a stack: the next component last
+    fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    shown: list[str] = []
+    hops = 0
+    try:
+        _check_dir(os.fstat(fd), "/", what, private and not todo)
+        while todo:
+            name = todo.pop()
+            if name == ".":
+                continue
+            here = "/" + "/".join(shown)
+            if name == "..":
+                nfd = os.open("..", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+                if shown:
+                    shown.pop()
+                _check_dir(os.fstat(fd), "/" + "/".join(shown), what, private and not todo)
+                continue
+            shown_next = "/" + "/".join([*shown, name])
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                if not create:
+                    raise UsageError(f"{what}: directory {shown_next} does not exist; create it or choose "
+                                     "another path") from None
+                try:
+                    os.mkdir(name, 0o700, dir_fd=fd)
+                except FileExistsError:
+                    todo.append(name)  # made meanwhile by someone: look again
+                    continue
+                nfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                os.fchmod(nfd, 0o700)  # whatever the umask
+                os.close(fd)
+                fd = nfd
+                shown.append(name)
+                _check_dir(os.fstat(fd), shown_next, what, private and not todo)
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                dst = os.fstat(fd)
+                if st.st_uid not in trusted_uids() | {dst.st_uid}:
+                    raise UnsafePath(f"{what}: {shown_next} is a symlink made by {user_name(st.st_uid)}, who does "
+                                     f"not own {here}; cprd does not follow it: use the real path")
+                hops += 1
+                if hops > _MAX_SYMLINKS:
+                    raise UsageError(f"{what}: too many symlinks in {path}")
+                target = os.readlink(name, dir_fd=fd)
+                if target.startswith("/"):
+                    nfd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                    os.close(fd)
+                    fd = nfd
+                    shown = []
+                    _check_dir(os.fstat(fd), "/", what, private and not [p for p in todo if p != "."])
+                todo.extend([p for p in target.split("/") if p][::-1])
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                raise UsageError(f"{what}: {shown_next} exists and is not a directory; choose another path")
+            try:
+                nfd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except OSError as e:  # replaced by something else since the stat: look again
+                if e.errno in (errno.ENOTDIR, errno.ENOENT, errno.ELOOP):
+                    todo.append(name)
+                    continue
+                raise
+            os.close(fd)
+            fd = nfd
+            shown.append(name)
+            _check_dir(os.fstat(fd), shown_next, what, private and not todo)
+        return Dir(fd, "/" + "/".join(shown))
+    except BaseException:
+        os.close(fd)
+        raise
+    # PermissionError and other OSErrors propagate: the caller says what it was doing
+
+
+def check_program(path: str, what: str = "program", _hops: int = 0) -> None:
+    """UnsafePath unless the file at `path` (absolute), every directory on the way to it and, if it
+    is a symlink, what it points to are trusted: an in-place upgrade runs it with every fd of the
+    table (as root, for a root daemon)."""
+    d, name = os.path.split(path)
+    try:
+        with open_dir(d, what=what, private=False) as dd:
+            st = os.stat(name, dir_fd=dd.fd, follow_symlinks=False)
+            target = os.readlink(name, dir_fd=dd.fd) if stat.S_ISLNK(st.st_mode) else None
+            real_dir = dd.path
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path}: no such file") from None
+    if target is not None:  # made by a trusted user (open_dir checked its directory): check where it points
+        if _hops >= _MAX_SYMLINKS:
+            raise UsageError(f"{what} {path}: too many symlinks")
+        check_program(os.path.normpath(os.path.join(real_dir, target)), what, _hops + 1)
         return
-    except FileExistsError:
-        pass
-    except OSError as e:
-        raise ControlError(f"cannot create directory {directory}: {e.strerror}; choose another path") from None
-    st = os.stat(directory)
-    if not stat.S_ISDIR(st.st_mode):
-        raise ControlError(f"{directory} is not a directory; choose another socket path")
-    if st.st_mode & 0o022:
-        raise ControlError(
-            f"directory {directory} is writable by other users (mode {stat.S_IMODE(st.st_mode):o}), so another"
-            " user could replace the socket; put the socket in a private directory (cprd creates missing"
-            " ones with mode 0700)"
-        )
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"{what} {path} is not a regular file")
+    if st.st_uid not in trusted_uids() or stat.S_IMODE(st.st_mode) & 0o022:
+        raise UnsafePath(f"{what} {path} is owned by {user_name(st.st_uid)} with mode "
+                         f"{stat.S_IMODE(st.st_mode):04o}: only this user or root may be able to change a program "
+                         "that receives every fd of the table")
 
 
-def peer_pid(sock: socket.socket) -> int:
-    import struct
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", creds)[0]
-
-
+# -- sockets -------------------------------------------------------------------------------------
 def peer_cred(sock: socket.socket) -> tuple[int, int, int]:
-    import struct
+    """(pid, uid, gid) of the process at the other end of a connected UNIX socket (SO_PEERCRED:
+    the credentials it had when it connected or listened)."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", creds)
     return pid, uid, gid
 
 
-def _live_owner(path: str) -> str | None:
-    """If a process accepts on path, a description of it; None if the socket file is stale."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+async def connect_seqpacket(path: str, timeout: float) -> object:
+    """A trio SOCK_SEQPACKET socket connected to the UNIX socket at path. A full listen backlog
+    (EAGAIN) is tried again with backoff until `timeout`; then BlockingIOError. Other failures raise
+    their OSError at once. (trio's own connect() takes EAGAIN on a UNIX socket for a connect in
+    progress and returns an unconnected socket.)"""
+    import time
+
+    import trio
+
+    deadline, delay = time.monotonic() + timeout, 0.001
+    while True:
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        try:
+            raw.connect(path)
+        except BlockingIOError:
+            raw.close()
+            if time.monotonic() >= deadline:
+                raise
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+            continue
+        except BaseException:
+            raw.close()
+            raise
+        return trio.socket.from_stdlib_socket(raw)
+
+
+def max_backlog() -> int:
+    """The largest listen backlog the system allows (net.core.somaxconn caps any larger value)."""
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            return max(socket.SOMAXCONN, int(f.read()))
+    except (OSError, ValueError):
+        return socket.SOMAXCONN
+
+
+def _socket_owner(addr: str, describe: Callable[[socket.socket], str] | None) -> str | None:
+    """If a process accepts on the socket at addr, a description of it; None if the file is stale."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     s.settimeout(2)
     try:
-        s.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        return None
-    except OSError as e:
-        if e.errno == errno.EPROTOTYPE:
-            return "a process with a socket of another type"
-        return f"a process that cannot be reached ({e.strerror})"
-    try:
-        from .client import status_over  # lazy: client imports this module
-
-        st = status_over(s)
-        return f"cprd pid {st['pid']}"
-    except Exception:
-        return f"pid {peer_pid(s)}"
+        try:
+            s.connect(addr)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return None
+        except BlockingIOError:  # its backlog is full: alive and busy
+            return "a process whose listen backlog is full"
+        except OSError as e:
+            if e.errno == errno.EPROTOTYPE:
+                return "a process with a socket of another type"
+            return f"a process that cannot be reached ({e.strerror})"
+        if describe is not None:
+            try:
+                return describe(s)
+            except Exception:  # noqa: BLE001 - not a cprd, or not answering: say who it is
+                pass
+        pid, uid, _ = peer_cred(s)
+        return f"pid {pid}, {user_name(uid)}"
     finally:
         s.close()
 
 
-def bind_listener(path: str, what: str = "control", shared: bool = False) -> socket.socket:
-    """A listening SOCK_SEQPACKET socket at path, close-on-exec, blocking. Mode 0600, or 0666 when
-    `shared` (--allow-uid: other users must be able to connect; the daemon then checks each peer's
-    uid with SO_PEERCRED)."""
+def bind_listener(path: str, what: str = "control", shared: bool = False,
+                  describe: Callable[[socket.socket], str] | None = None) -> socket.socket:
+    """A listening SOCK_SEQPACKET socket at path, close-on-exec, blocking, with the largest backlog
+    the system allows. Mode 0600, or 0666 when `shared` (--allow-uid: other users must be able to
+    connect; the daemon then checks each peer's uid with SO_PEERCRED). The directory must be
+    trusted and private (missing ones are created 0700). `describe(sock)` names the daemon that
+    serves a live socket already there (in the refusal)."""
     path = os.path.abspath(path)
     # We bind a temporary name beside it first (see below), which must fit the 108-byte limit too,
     # whatever the pid (at most 7 digits): the same room for every cprd, source or target.
-    room = 107 - len(".4194304.tmp")
+    room = _PATH_MAX_UNIX - len(".4194304.tmp")
     if len(path.encode()) > room:
         raise ControlError(f"{what} socket path {path} is {len(path.encode())} bytes; cprd needs it to be at most "
                            f"{room} (UNIX socket paths are limited to 108 bytes): choose a shorter one")
-    ensure_private_dir(os.path.dirname(path))
-    if os.path.lexists(path):
-        st = os.lstat(path)
-        if not stat.S_ISSOCK(st.st_mode):
-            raise ControlError(f"{path} exists and is not a socket; remove it or choose another {what} path")
-        owner = _live_owner(path)
-        if owner is not None:
-            raise ControlError(f"another cprd serves {path}, {owner}; stop it or choose another {what} path")
-        # stale: left by a daemon that died; the rename below replaces it
-    # Bind and listen under a temporary name, then rename into place: whoever sees the path can
-    # connect at once, and a stale file is replaced atomically.
-    tmp = f"{path}.{os.getpid()}.tmp"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    old = os.umask(0o177)
-    try:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        sock.bind(tmp)
-        os.chmod(tmp, 0o666 if shared else 0o600)
-        sock.listen(128)
-        os.rename(tmp, path)
-    except OSError as e:
-        sock.close()
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        raise ControlError(f"cannot create {what} socket {path}: {e.strerror or e}") from None
-    finally:
-        os.umask(old)
+    directory, name = os.path.split(path)
+    with open_dir(directory, what=f"{what} socket {path}", create=True, private=True) as d:
+        try:
+            st = os.stat(name, dir_fd=d.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise ControlError(f"{path} exists and is not a socket; remove it or choose another {what} path")
+            owner = _socket_owner(d.at(name), describe)
+            if owner is not None:
+                raise ControlError(f"another cprd serves {path}, {owner}; stop it or choose another {what} path")
+            # stale: left by a daemon that died; the rename below replaces it
+        # Bind and listen under a temporary name, then rename into place: whoever sees the path can
+        # connect at once, and a stale file is replaced atomically.
+        tmp = f"{name}.{os.getpid()}.tmp"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)
+        try:
+            try:
+                os.unlink(tmp, dir_fd=d.fd)
+            except FileNotFoundError:
+                pass
+            sock.bind(d.at(tmp))
+            os.chmod(tmp, 0o666 if shared else 0o600, dir_fd=d.fd, follow_symlinks=False)
+            sock.listen(max_backlog())
+            os.rename(tmp, name, src_dir_fd=d.fd, dst_dir_fd=d.fd)
+        except OSError as e:
+            sock.close()
+            try:
+                os.unlink(tmp, dir_fd=d.fd)
+            except OSError:
+                pass
+            raise ControlError(f"cannot create {what} socket {path}: {e.strerror or e}") from None
+        finally:
+            os.umask(old)
     return sock
 
 
 def file_id(path: str) -> tuple[int, int] | None:
     """(st_dev, st_ino) of the socket file at path (not of the socket: sockfs has its own inodes)."""
     try:
-        st = os.stat(path)
+        st = os.stat(path, follow_symlinks=False)
     except OSError:
         return None
     return (st.st_dev, st.st_ino)

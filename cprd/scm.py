@@ -101,6 +101,28 @@ async def recv(sock: Any, max_bytes: int, max_fds: int, what: str = "recv") -> t
     raise AssertionError("unreachable")
 
 
+def drop_queued(fd: int) -> None:
+    """Read and drop every message already queued on a socket, never waiting: recv() has no room
+    for ancillary data, so the kernel closes the fds a message carried. Closing a UNIX socket with
+    unread messages resets the peer's connection; dropping them first lets a peer that spoke
+    first still read our last word."""
+    sock = socket.socket(fileno=fd)  # borrowed: detached below, never closed here
+    try:
+        reset_seen = False
+        while True:
+            try:
+                if not sock.recv(1 << 20, socket.MSG_DONTWAIT):
+                    return
+            except ConnectionResetError:  # reported once, ahead of what the peer had queued: drop that too
+                if reset_seen:
+                    return
+                reset_seen = True
+            except OSError:  # nothing (more) queued: EAGAIN
+                return
+    finally:
+        sock.detach()
+
+
 def send_sync(sock: socket.socket, data: bytes, fds: list[int] = (), what: str = "send") -> None:  # type: ignore[assignment]
     try:
         n = sock.sendmsg([data], ancillary(list(fds)))

@@ -8,13 +8,28 @@ backlog of the listening socket, which survives the exec), then:
 1. writes its state (every entry with its fd number and identity, the listening socket, the
    answers to recent mutations, its configuration, the argv to run the *previous* program again)
    as JSON into a memfd;
-2. forks a **guardian**: a child that keeps a copy of every fd and of the state, and waits on a
-   pipe. "C" (confirmed) or "A" (aborted) make it exit. End-of-file means the new program died
-   before it confirmed (the pipe's write end was inherited by the new program and is gone): the
-   guardian then runs the previous program from its copies, in its own PID, so nothing is lost;
-3. clears close-on-exec on exactly the fds that must cross (table, listener, state, pipe, and
+2. forks a **guardian**: a child, in a process group of its own, that keeps a copy of every fd
+   and of the state, and waits for one of three things, with a deadline (``ctl upgrade
+   --timeout``, default 30 s). "C" (confirmed) or "A" (aborted) on a pipe make it exit. The
+   daemon's pid exiting (its pidfd) or the pipe's end (the write end was inherited only by the
+   new program) mean the new program died before it confirmed. The deadline passing means it
+   hangs. In those two cases the guardian kills the new program's whole process group and runs
+   the previous program from its copies, in its own PID, so nothing is lost. A pipe alone would
+   not do: a child the new program forked keeps the write end open after the program dies;
+3. makes the daemon the leader of a process group of its own (it already is under systemd),
+   so that the new program and anything it forks before it confirms can be killed together
+   without touching the process that started cprd;
+4. clears close-on-exec on exactly the fds that must cross (table, listener, state, pipe, and
    the connection of the client that asked) only now, so no other fork ever inherits them, and
    execs the new program with the daemon's own arguments plus ``--restore-fd N``.
+
+The fds cross exec into the new program only, but a new program that is a wrapper (a shell
+script) and forks before it execs cprd hands copies of them to its children. Those children
+cannot keep the table alive: on a rollback the guardian kills the process group they are in, and
+once cprd has restored it kills every process the wrapper left behind (its own children and the
+members of its process group other than the guardian) and logs it, since a table has exactly
+one owner. A child that left the group and its parent (setsid and a double fork) escapes both;
+a new program should exec cprd without forking first.
 
 If exec itself fails (missing file, not executable, bad interpreter) nothing happened: close-on-
 exec is restored, the guardian told to abort, and the daemon goes on serving.
@@ -34,6 +49,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import signal
 import sys
 import time
@@ -46,6 +62,7 @@ log = logging.getLogger("cprd.upgrade")
 
 STATE_VERSION = 1
 CONFIRM, ABORT = b"C", b"A"
+DEFAULT_TIMEOUT = 30.0  # seconds a new program has to confirm before the guardian rolls back
 
 
 def max_state_version() -> int:
@@ -138,25 +155,33 @@ def rollback(state_fd: int, state: dict[str, Any], reason: str) -> None:
 def spawn_guardian(state: dict[str, Any], state_fd: int) -> tuple[int, int]:
     """Fork the guardian; returns (its pid, the write end of its pipe, still close-on-exec)."""
     r, w = os.pipe2(os.O_CLOEXEC)
-    keep = set(crossing_fds(state, state_fd)) | {r}
+    daemon_pid = os.getpid()
+    watch = os.pidfd_open(daemon_pid)  # the guardian's view of the daemon's pid (its parent)
+    keep = set(crossing_fds(state, state_fd)) | {r, watch}
     try:
         pid = os.fork()
     except BaseException:
-        os.close(r)
-        os.close(w)
+        for fd in (r, w, watch):
+            os.close(fd)
         raise
     if pid == 0:  # the guardian: no trio, no logging handlers that might lock; only fds and exec
         code = 1
         try:
+            os.setpgid(0, 0)  # out of the daemon's group, which it may kill
             os.close(w)
             _close_all_but(keep)
             for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
                 signal.signal(sig, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            code = _guard(r, state, state_fd)
+            code = _guard(r, watch, daemon_pid, state, state_fd)
         finally:
             os._exit(code)
     os.close(r)
+    os.close(watch)
+    try:
+        os.setpgid(pid, pid)  # the same from this side, so that it holds before either one runs on
+    except OSError:
+        pass
     return pid, w
 
 
@@ -170,24 +195,76 @@ def _close_all_but(keep: set[int]) -> None:
                 pass
 
 
-def _guard(r: int, state: dict[str, Any], state_fd: int) -> int:
-    while True:
-        try:
-            word = os.read(r, 1)
+def _guard(r: int, watch: int, daemon_pid: int, state: dict[str, Any], state_fd: int) -> int:
+    deadline = time.monotonic() + float(state.get("deadline_s") or DEFAULT_TIMEOUT)
+    poller = select.poll()
+    poller.register(r, select.POLLIN)
+    poller.register(watch, select.POLLIN)
+    why = ""
+    while not why:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            why = (f"the new program did not confirm within {float(state.get('deadline_s') or DEFAULT_TIMEOUT):g} s; "
+                   "the guardian killed its process group and")
             break
+        try:
+            ready = {fd for fd, _ in poller.poll(left * 1000)}
         except InterruptedError:
             continue
-    if word in (CONFIRM, ABORT):
-        return 0
-    # End of file: the new program died before it confirmed. Its fds died with it; ours did not.
+        if r in ready:
+            try:
+                word = os.read(r, 1)
+            except InterruptedError:
+                continue
+            if word in (CONFIRM, ABORT):
+                return 0
+            why = "the new program died before it confirmed; the guardian"
+        elif watch in ready:
+            why = "the new program died before it confirmed; the guardian"
+    # The new program is dead or hung: kill it and whatever it forked in its group (which may hold
+    # copies of the table), wait until its pid is gone, then restore from our own copies.
+    try:
+        os.killpg(daemon_pid, signal.SIGKILL)
+    except OSError:
+        pass
+    poller.unregister(r)
+    poller.poll(10_000)
     os.close(r)
+    os.close(watch)
     state = {**state, "guardian_fd": None, "guardian_pid": None}
     try:
-        rollback(state_fd, state, "the new program died before it confirmed; the guardian restored the "
-                 f"previous program in pid {os.getpid()}")
+        rollback(state_fd, state, f"{why} restored the previous program in pid {os.getpid()}")
     except OSError as e:
         print(f"cprd guardian: cannot run the previous program: {e}", file=sys.stderr)
     return 1
+
+
+def kill_strays(guardian_pid: int | None) -> list[int]:
+    """Kill what a new program forked before it became cprd (see the module docstring): our own
+    children other than the guardian, and the members of our process group. Returns their pids."""
+    me, strays = os.getpid(), []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in (me, guardian_pid):
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ppid, pgrp = int(fields[1]), int(fields[2])
+        if ppid == me or pgrp == me:
+            strays.append(int(name))
+    for pid in strays:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    for pid in strays:  # our children must be reaped; others are reaped by their parents
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+    return strays
 
 
 # -- the old program's side ---------------------------------------------------------------------
@@ -220,9 +297,10 @@ DEFAULT_PROGRAM = [sys.executable, "-m", "cprd"]
 
 
 def prepare(state: dict[str, Any], program: str | None, own_args: list[str],
-            running: list[str] | None = None) -> Prepared:
+            running: list[str] | None = None, timeout: float = DEFAULT_TIMEOUT) -> Prepared:
     """Write the state, fork the guardian: everything but the exec itself. `running` is the program
-    running now (what a rollback runs again); by default the cprd installed for this interpreter."""
+    running now (what a rollback runs again); by default the cprd installed for this interpreter.
+    The new program has `timeout` seconds to confirm."""
     new = DEFAULT_PROGRAM if program is None else [os.path.abspath(program)]
     argv = [*new, *own_args]
     if program is not None and not os.path.exists(argv[0]):
@@ -230,7 +308,9 @@ def prepare(state: dict[str, Any], program: str | None, own_args: list[str],
     prev = running or DEFAULT_PROGRAM
     state = {**state, "cprd_state": STATE_VERSION, "argv_new": argv, "program_new": new,
              "previous": [*prev, *own_args], "program_previous": prev, "env": dict(os.environ),
-             "rolled_back": None}
+             "rolled_back": None, "deadline_s": timeout}
+    if os.getpgid(0) != os.getpid():  # lead a process group of our own (see the module docstring)
+        os.setpgid(0, 0)
     state_fd = write_state({**state, "guardian_fd": None, "guardian_pid": None})
     try:
         gpid, gw = spawn_guardian(state, state_fd)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import resource
 import select
 import socket
 import stat
@@ -87,6 +89,13 @@ def test_user_errors_are_clear_and_change_nothing(cluster, tmp_path):
         (("put", "x", 1, "--path", str(tmp_path / "missing"), "--flags", "r"), 2, "cannot open"),
         (("handoff", "--to", str(tmp_path / "nobody.sock")), 1, "cannot reach a target"),
         (("handoff", "--to", str(tmp_path / "t.sock"), "--batch", "254"), 2, "1..253"),
+        (("handoff", "--to", "/" + "x" * 120), 2, "limited to 107"),
+        (("get", "eventfd", 0, "--exec"), 2, "--exec needs a command"),
+        (("put", "x", 1, "--path", str(tmp_path / "typo")), 2, "no such file; check the path, or pass --create"),
+        (("put", "x", 1, "--fd", "0", "--create"), 2, "go with --path"),
+        (("put", "x", 1, "--path", str(tmp_path / "new"), "--create", "--flags", "r"), 2, "--create makes"),
+        (("put", "evil\u202egnp.exe", 1, "--path", str(f)), 1, "U+202E"),
+        (("put", "zero\u200bwidth", 1, "--path", str(f)), 1, "U+200B"),
     ]
     for args, code, text in cases:
         r = cluster.ctl(*map(str, args))
@@ -97,6 +106,52 @@ def test_user_errors_are_clear_and_change_nothing(cluster, tmp_path):
     with cluster.client() as c:
         assert c.ls() == before
     assert settled_fds(src.pid, base) == base
+    assert not (tmp_path / "typo").exists() and not (tmp_path / "new").exists(), "no file made by a typo"
+
+
+def test_put_opens_without_waiting_and_creates_only_when_asked(cluster, tmp_path):
+    src = cluster.source()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    r = cluster.ctl("put", "fifo", 0, "--path", str(fifo), "--flags", "r")  # no writer: used to hang
+    assert r.returncode == 0, r.stderr
+    r = cluster.ctl("put", "fifo", 1, "--path", str(fifo), "--flags", "w")  # no reader (ours is in the daemon)
+    assert r.returncode == 0, r.stderr
+    other = tmp_path / "fifo2"
+    os.mkfifo(other)
+    r = cluster.ctl("put", "fifo", 2, "--path", str(other), "--flags", "w")
+    assert r.returncode == 2 and "a FIFO that nobody reads" in r.stderr
+    made = tmp_path / "made"
+    r = cluster.ctl("put", "made", 0, "--path", str(made), "--create")
+    assert r.returncode == 0 and stat.S_IMODE(os.stat(made).st_mode) == 0o600
+    with cluster.client() as c:
+        info, fd = c.get("fifo", 0)
+        try:  # stored as opened normally: blocking, read-only
+            assert not fcntl.fcntl(fd, fcntl.F_GETFL) & (os.O_NONBLOCK | os.O_WRONLY | os.O_RDWR)
+        finally:
+            os.close(fd)
+        assert {(e["name"], e["id"]) for e in c.ls()} == {("fifo", 0), ("fifo", 1), ("made", 0)}
+    assert src.poll() is None
+
+
+def test_populate_is_checked_before_anything_is_made(tmp_path):
+    control = str(tmp_path / "c.sock")
+    r = subprocess.run([sys.executable, "-m", "cprd", "source", "--control", control, "--populate",
+                        "files=5,files=6"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "names files twice" in r.stderr
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    r = subprocess.run([sys.executable, "-m", "cprd", "source", "--control", control, "--populate",
+                        f"eventfds={soft - 70}"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "a target with the same fd limit could take over at most" in r.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_names_that_hide_text_are_shown_escaped():
+    from cprd.cli import _shown
+
+    assert _shown("vfio/0001") == "vfio/0001"
+    assert _shown("evil\u202egnp.exe") == "evil\\u202egnp.exe"
+    assert _shown("tab\there") == "tab\\there"
 
 
 def test_epoll_fds_are_refused_with_a_reason(cluster):
@@ -227,7 +282,7 @@ def test_stale_socket_is_replaced_and_new_dirs_are_private(cluster, tmp_path):
     os.chmod(open_dir, 0o777)
     r = subprocess.run([sys.executable, "-m", "cprd", "source", "--control", str(open_dir / "c.sock")],
                        capture_output=True, text=True, timeout=30)
-    assert r.returncode == 1 and "writable by other users" in r.stderr
+    assert r.returncode == 2 and "writable by other users" in r.stderr
     # a missing directory is created 0700
     fresh = tmp_path / "fresh" / "control.sock"
     cluster.control = str(fresh)

@@ -6,6 +6,7 @@ import os
 import pwd
 import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -17,8 +18,10 @@ import pytest
 
 from cprd import scm
 from cprd.client import Client
-from cprd.errors import Busy, CapacityError, CprdError, HandoffError
+from cprd.errors import Busy, CapacityError, CprdError, HandoffError, UntrustedPeer
+from cprd.handoff import table_limit
 from cprd.procs import stop, wait_for_socket
+from cprd.protocol import control as cp
 from helpers import num_fds, settled_fds, snapshot
 
 NOBODY = pwd.getpwnam("nobody")
@@ -32,6 +35,17 @@ def nobody_dir():
     d = tempfile.mkdtemp(prefix="cprd-nobody-", dir="/tmp")
     os.chown(d, NOBODY.pw_uid, NOBODY.pw_gid)
     os.chmod(d, 0o700)
+    try:
+        yield Path(d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def reachable_dir():
+    """A directory of root's, mode 0711: other users may reach the sockets in it, not change it."""
+    d = tempfile.mkdtemp(prefix="cprd-open-", dir="/tmp")
+    os.chmod(d, 0o711)
     try:
         yield Path(d)
     finally:
@@ -161,37 +175,56 @@ def _limit(n: int):
 
 
 def test_daemon_at_its_fd_limit_refuses_puts_clearly(cluster):
-    src = cluster.spawn("source", "--control", cluster.control, preexec_fn=_limit(100))
+    """A table never grows past what a target with the same fd limit can take over; at its fd limit
+    the daemon answers every client clearly, at once, however many silent connections it refuses."""
+    limit = 300
+    src = cluster.spawn("source", "--control", cluster.control, preexec_fn=_limit(limit))
     wait_for_socket(cluster.control, src)
     stored = 0
     with cluster.client() as c:
         with pytest.raises(CapacityError, match="fd limit") as exc:
-            for i in range(200):
+            for i in range(limit):
                 ev = os.eventfd(i, os.EFD_CLOEXEC)
                 try:
                     c.put("ev", i, ev)
                 finally:
                     os.close(ev)
                 stored += 1
-        assert "RLIMIT_NOFILE 100" in str(exc.value)
-        assert 40 < stored < 100
+        assert f"RLIMIT_NOFILE {limit}" in str(exc.value) and "target with the same fd limit" in str(exc.value)
+        assert stored == table_limit(limit)
         assert len(c.ls()) == stored and c.status()["entries"] == stored
     base = num_fds(src.pid)
-    # more connections than fds: the daemon cannot accept, yet each client gets an answer
-    conns, refused = [], 0
-    for _ in range(40):
-        try:
-            c = Client(cluster.control, timeout=10).connect()
-            c.status()
-            conns.append(c)
-        except CapacityError:
-            refused += 1
-    assert refused > 0
-    for c in conns:
-        c.close()
+    # A target with the same limit takes that table whole.
+    tgt, listen = cluster.target(preexec_fn=_limit(limit))
+    with cluster.client() as c:
+        assert c.handoff(listen)["entries"] == stored
+    assert src.wait(30) == 0
+    base = num_fds(tgt.pid)
+    # More connections than fds: the daemon cannot accept, yet each client gets an answer; connections
+    # that never speak and never close do not hold up the answers to the others.
+    silent, conns, refused = [], [], 0
+    for _ in range(limit - base + 40):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.connect(cluster.control)
+        silent.append(s)
+    try:
+        for _ in range(5):
+            try:
+                c = Client(cluster.control, timeout=5, retry_for=0).connect()
+                c.status()
+                conns.append(c)
+            except CapacityError as e:
+                assert "at its fd limit" in str(e)
+                refused += 1
+        assert refused == 5
+    finally:
+        for s in silent:
+            s.close()
+        for c in conns:
+            c.close()
     with cluster.client() as c:
         assert c.status()["entries"] == stored
-    assert settled_fds(src.pid, base) == base
+    assert settled_fds(tgt.pid, base) == base
 
 
 @needs_root
@@ -213,8 +246,10 @@ def test_kernel_limits_fds_in_flight_for_unprivileged_senders():
 
 
 @needs_root
-def test_unprivileged_source_with_a_low_limit_hands_off(cluster, nobody_dir):
-    control, listen = str(nobody_dir / "control.sock"), str(nobody_dir / "handoff.sock")
+def test_unprivileged_source_with_a_low_limit_hands_off(cluster, nobody_dir, reachable_dir):
+    # The root target listens in a directory of root's that nobody may enter (a root daemon refuses
+    # a directory nobody owns); --allow-uid makes its socket 0666.
+    control, listen = str(nobody_dir / "control.sock"), str(reachable_dir / "handoff.sock")
     # The source (uid nobody) holds 1000 fds, then its limit drops to 300 (test hook, right after its
     # hello): 1000 fds in flight would be refused with ETOOMANYREFS; flow control keeps it under 150.
     src = subprocess.Popen([sys.executable, AS_USER, "nobody", "source", "--control", control, "--populate",
@@ -222,12 +257,15 @@ def test_unprivileged_source_with_a_low_limit_hands_off(cluster, nobody_dir):
                            env={**os.environ, "CPRD_FAULT": "source:hello::rlimit=300"})
     cluster.procs.append(src)
     wait_for_socket(control, src)
-    with Client(control) as c:
+    with pytest.raises(UntrustedPeer, match="served by uid 65534"):
+        Client(control).status()  # root does not talk to another user's daemon unless told to
+    nobody = (NOBODY.pw_uid,)
+    with Client(control, trust_uids=nobody) as c:
         before = snapshot(c)
     assert len(before) == 1000
     tgt = cluster.spawn("target", "--listen", listen, "--allow-uid", "nobody")
     wait_for_socket(listen, tgt)
-    with Client(control) as c:
+    with Client(control, trust_uids=nobody) as c:
         res = c.handoff(listen)
     assert res["entries"] == 1000
     assert src.wait(30) == 0
@@ -235,3 +273,166 @@ def test_unprivileged_source_with_a_low_limit_hands_off(cluster, nobody_dir):
         assert c.status()["pid"] == tgt.pid
         assert snapshot(c) == before
     assert b"batch=150 window=1" in src.stderr.read()
+
+
+# -- bursts and clients that never read ---------------------------------------------------------------
+BURST = 1000
+
+
+def _room_for(n: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < n + 200:
+        pytest.skip(f"this process may open {hard} fds; {n} clients need {n + 200} (ulimit -Hn)")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def _burst(path: str, n: int, during=None) -> tuple[int, list[str]]:
+    """n first-time clients connect at once and ask for status; `during` runs meanwhile once they
+    have all started. (answered, failures)."""
+    import trio
+
+    from cprd.client import AsyncClient
+
+    answered, failures = 0, []
+    started = trio.Event()
+    go = trio.Event()
+    waiting = n
+
+    async def one() -> None:
+        nonlocal answered, waiting
+        waiting -= 1
+        if not waiting:
+            started.set()
+        await go.wait()
+        try:
+            async with AsyncClient(path, timeout=120) as c:
+                await c.status()
+            answered += 1
+        except CprdError as e:
+            failures.append(repr(e))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(n):
+            nursery.start_soon(one)
+        await started.wait()
+        go.set()
+        if during is not None:
+            await during()
+    return answered, failures
+
+
+@pytest.mark.slow
+def test_a_burst_of_first_time_clients_is_answered_also_during_a_handoff_and_an_upgrade(cluster):
+    import trio
+
+    from cprd.client import AsyncClient
+
+    _room_for(BURST)
+    cluster.source("eventfds=5000")
+    assert trio.run(_burst, cluster.control, BURST) == (BURST, [])
+    tgt, listen = cluster.target()
+
+    async def handoff() -> None:
+        async with AsyncClient(cluster.control, retry_for=0) as c:
+            assert (await c.handoff(listen))["entries"] == 5000
+
+    assert trio.run(_burst, cluster.control, BURST, handoff) == (BURST, [])
+
+    async def upgrade() -> None:
+        async with AsyncClient(cluster.control, timeout=120, retry_for=0) as c:
+            res = await c._call("upgrade")
+            assert res["pid"] == tgt.pid and not res["rolled_back"]
+
+    assert trio.run(_burst, cluster.control, BURST, upgrade) == (BURST, [])
+    with cluster.client() as c:
+        st = c.status()
+        assert (st["pid"], st["entries"], st["upgrades"]) == (tgt.pid, 5000, 1)
+
+
+def test_clients_that_never_read_their_ls_cost_no_memory_and_are_dropped(cluster):
+    """250 clients ask for `ls` of a 10,000-entry table and never read: the reply is shared, not
+    copied per client, and each connection is dropped once it has not read for --idle-timeout."""
+    import psutil
+
+    src = cluster.spawn("source", "--control", cluster.control, "--populate", "eventfds=10000",
+                        "--idle-timeout", "2")
+    wait_for_socket(cluster.control, src)
+    with cluster.client() as c:
+        assert len(c.ls()) == 10000
+    proc = psutil.Process(src.pid)
+    base_fds, base_rss = num_fds(src.pid), proc.memory_info().rss
+    silent = []
+    try:
+        for _ in range(250):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            s.connect(cluster.control)
+            scm.send_sync(s, cp.encode_request("ls"))
+            silent.append(s)
+        peak = base_rss
+        deadline = time.monotonic() + 30
+        while num_fds(src.pid) > base_fds:  # dropped once the idle timeout passes, though never closed
+            peak = max(peak, proc.memory_info().rss)
+            assert time.monotonic() < deadline, "connections that never read are never dropped"
+            time.sleep(0.1)
+        assert all(s.recv(1, socket.MSG_PEEK) for s in silent), "each got the start of its reply"
+    finally:
+        for s in silent:
+            s.close()
+    # Before, each kept its own copy of a 1.2 MB reply: 250 of them took the daemon from 33 to 284 MB.
+    assert peak - base_rss < 20 * 2**20, (base_rss, peak)
+    assert proc.memory_info().rss - base_rss < 20 * 2**20
+    with cluster.client() as c:
+        assert len(c.ls()) == 10000
+    assert "event=reply_dropped reason=client-not-reading" in cluster.logs()
+
+
+def test_a_full_backlog_makes_clients_wait_not_fail(cluster):
+    """The listen backlog is as large as the system allows; when even that is full (here: the daemon
+    stopped while connections pile up), a client retries its connect until the daemon catches up."""
+    import threading
+
+    import trio
+
+    from cprd.client import AsyncClient
+    from cprd.paths import max_backlog
+
+    _room_for(max_backlog() + 100)
+    src = cluster.source("eventfds=10")
+    os.kill(src.pid, signal.SIGSTOP)
+    queued = []
+    try:
+        while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            s.setblocking(False)
+            try:
+                s.connect(cluster.control)
+            except BlockingIOError:
+                s.close()
+                break
+            queued.append(s)
+            assert len(queued) <= max_backlog() + 1, "more connections queued than the backlog holds"
+        assert len(queued) >= max_backlog(), f"a backlog of {len(queued)}, not the system's {max_backlog()}"
+        results: dict[str, object] = {}
+
+        def sync_client() -> None:
+            try:
+                results["sync"] = Client(cluster.control, timeout=60).status()["pid"]
+            except Exception as e:  # noqa: BLE001 - reported below
+                results["sync"] = e
+
+        async def async_client() -> None:
+            async with AsyncClient(cluster.control, timeout=60) as c:
+                results["async"] = (await c.status())["pid"]
+
+        threads = [threading.Thread(target=sync_client), threading.Thread(target=trio.run, args=(async_client,))]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)  # both are retrying EAGAIN now
+        assert not results
+    finally:
+        for s in queued:
+            s.close()
+        os.kill(src.pid, signal.SIGCONT)
+    for t in threads:
+        t.join(60)
+    assert results == {"sync": src.pid, "async": src.pid}

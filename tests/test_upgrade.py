@@ -208,3 +208,105 @@ def test_no_leftover_state_or_close_on_exec_slip(cluster):
             flags = int(info.split("flags:")[1].split()[0], 8)
             assert flags & 0o2000000, f"fd {fd} ({link}) is inheritable after the upgrade"
     assert stat.S_ISSOCK(os.stat(cluster.control).st_mode)
+
+
+def pids_holding(ident: dict) -> set[int]:
+    """Every process with an fd open on the inode of an entry (judged by the kernel: /proc)."""
+    out = set()
+    for pid in psutil.pids():
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    st = os.stat(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if (st.st_dev, st.st_ino) == (ident["dev"], ident["ino"]):
+                    out.add(pid)
+        except OSError:
+            continue
+    return out
+
+
+def _memfd_of(snap: dict) -> dict:
+    return next(v for (name, _), v in snap.items() if name == "memfd")
+
+
+def _stop_restored(pid: int | None) -> None:
+    if pid:
+        os.kill(pid, signal.SIGTERM)
+        psutil.Process(pid).wait(10)
+
+
+def test_new_program_that_never_confirms_is_killed_with_what_it_forked_and_rolled_back(cluster, tmp_path):
+    """A new program that hangs (here a script with a child in the background and one in the
+    foreground, both holding every fd of the table) is killed, its whole process group with it,
+    once the deadline passes, and the guardian restores the table."""
+    src = cluster.source(SPEC)
+    with cluster.client() as c:
+        before = snapshot(c)
+        copies = hold_copies(c)
+    hang = _program(tmp_path, "hanging-cprd", "#!/bin/sh\nsleep 100000 &\nsleep 100000\n")
+    restored = None
+    try:
+        code, res, err = _upgrade(cluster, "--program", hang, "--timeout", "2")
+        assert code == 1 and res["rolled_back"] is True, err
+        assert "did not confirm within 2 s" in res["reason"] and "killed its process group" in res["reason"]
+        restored = res["pid"]
+        assert restored != src.pid and src.wait(10) == -signal.SIGKILL
+        with cluster.client() as c:
+            assert c.status()["pid"] == restored and c.status()["state"] == "serving"
+            assert snapshot(c) == before
+        prove_same(cluster, copies)
+        assert pids_holding(_memfd_of(before)) == {restored, os.getpid()}, "no sleep is left holding the table"
+    finally:
+        close_copies(copies)
+        _stop_restored(restored)
+
+
+def test_new_program_that_dies_leaving_a_child_with_its_fds_is_rolled_back(cluster, tmp_path):
+    """The guardian watches the daemon's pid, not only its pipe: a child the new program forked
+    keeps the pipe's write end open after the program itself is gone."""
+    src = cluster.source(SPEC)
+    with cluster.client() as c:
+        before = snapshot(c)
+    dying = _program(tmp_path, "dying-cprd", "#!/bin/sh\nsleep 100000 &\nkill -9 $$\n")
+    restored = None
+    try:
+        code, res, err = _upgrade(cluster, "--program", dying, "--timeout", "60")
+        assert code == 1 and res["rolled_back"] is True, err
+        assert "died before it confirmed" in res["reason"]
+        restored = res["pid"]
+        assert src.wait(10) == -signal.SIGKILL
+        with cluster.client() as c:
+            assert c.status()["pid"] == restored
+            assert snapshot(c) == before
+        assert pids_holding(_memfd_of(before)) == {restored}
+    finally:
+        _stop_restored(restored)
+
+
+def test_a_wrapper_that_forks_before_it_execs_cprd_leaves_nobody_else_holding_the_table(cluster, tmp_path):
+    src = cluster.source(SPEC)
+    with cluster.client() as c:
+        before = snapshot(c)
+    wrapper = _program(tmp_path, "wrapper-cprd", '#!/bin/sh\nsleep 100000 &\nexec {python} -m cprd "$@"\n')
+    code, res, err = _upgrade(cluster, "--program", wrapper)
+    assert code == 0 and not res["rolled_back"] and res["pid"] == src.pid, err
+    with cluster.client() as c:
+        assert snapshot(c) == before
+    assert pids_holding(_memfd_of(before)) == {src.pid}
+    assert "event=upgrade_strays_killed" in cluster.logs()
+    assert not [p for p in psutil.Process(src.pid).children() if p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_upgrade_timeout_and_program_are_checked(cluster, tmp_path):
+    src = cluster.source("eventfds=3")
+    for bad in ("0", "-1", "7200"):
+        r = cluster.ctl("upgrade", "--timeout", bad)
+        assert r.returncode == 2 and "--timeout" in r.stderr, r.stderr
+    writable = _program(tmp_path, "writable-cprd", '#!/bin/sh\nexec {python} -m cprd "$@"\n', 0o777)
+    code, _, err = _upgrade(cluster, "--program", writable)
+    assert code == 2 and "mode 0777" in err and "goes on serving" in err
+    with cluster.client() as c:
+        st = c.status()
+        assert st["pid"] == src.pid and st["upgrades"] == 0 and st["state"] == "serving"
