@@ -382,6 +382,10 @@ def main(argv: list[str] | None = None) -> int:
 
         signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
+        if a.cmd in ("source", "target"):
+            from . import fault
+
+            fault.check()  # a test's fault spec that names nothing known must not pass unnoticed
         return a.func(a)
     except UsageError as e:
         print(f"cprd: error: {e}", file=sys.stderr)

@@ -16,15 +16,17 @@ connects meanwhile waits in the kernel's backlog, it is never refused).
 Each connection is bounded (Config): idle_timeout seconds without a request closes it, and so
 does a reply the client does not read within idle_timeout; replies are sent a frame at a time,
 and the reply to ``ls`` is built once per version of the table and shared, so a client that
-never reads costs a reference, not a copy. At most max_clients are served at once: more wait in
-the listening socket's backlog (as large as the system allows) until a connection ends, and are
-told Busy only if none ends within queue_timeout. Frames are size-checked before parsing. A peer
-whose uid is neither ours, root, nor in --allow-uid is refused; an allowed uid that is neither
-ours nor root may use the table (put, get, del, ls, status) but not hand it off or upgrade the
-daemon. At its fd limit the daemon still answers: a spare fd is given up to accept and refuse a
-connection (EMFILE) without waiting for the client, and a put is refused once the table holds as
-many entries as a target with the same fd limit could take over (handoff.table_limit) or the
-daemon would be left with fewer than FD_RESERVE free fds.
+never reads costs a reference, not a copy. At most max_clients are served at once, of which
+users other than ours and root (when --allow-uid lets them in at all) hold at most half, each at
+most a quarter (more of theirs are told Busy at once): more wait in the listening socket's
+backlog (as large as the system allows) until a connection ends, and are told Busy only if none
+ends within queue_timeout. Frames are size-checked before parsing. A peer whose uid is neither
+ours, root, nor in --allow-uid is refused; an allowed uid that is neither ours nor root may use
+the table (put, get, del, ls, status) but not hand it off or upgrade the daemon. At its fd limit
+the daemon still answers: a spare fd is given up to accept and refuse a connection (EMFILE)
+without waiting for the client, and a put is refused once the table holds as many entries as a
+target with the same fd limit could take over (handoff.table_limit) or the daemon would be left
+with fewer than FD_RESERVE free fds.
 """
 
 from __future__ import annotations
@@ -38,14 +40,14 @@ import signal
 import socket
 import sys
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 
-from . import __version__, scm, sdnotify
+from . import __version__, fault, scm, sdnotify
 from .errors import (BadFd, Busy, CapacityError, CprdError, Denied, HandoffError, KeyMissing, ProtocolError,
                      UsageError, error_from_code)
 from .fds import OwnedFds
@@ -98,11 +100,11 @@ class Daemon:
         self.committing = False  # the listening socket is (about to be) the target's: never unlink its path
         self._frozen: trio.Event | None = None
         self.upgrades = 0
-        self.program: list[str] | None = None  # the program running now, when an upgrade chose it
         self._nursery: trio.Nursery | None = None
         self._accept_scope: trio.CancelScope | None = None
         self._accept_done: trio.Event | None = None
         self._conns = 0
+        self._by_uid: Counter[int] = Counter()  # connections served, by the peer's uid
         self._slot_freed = trio.Event()  # set when a connection ends (a slot for one waiting in the backlog)
         self._ls_cache: tuple[int, list[bytes]] | None = None  # (table version, frames of the reply to ls)
         self._ls_json: dict[tuple[str, int], tuple[Entry, bytes]] = {}  # each entry's JSON, while it lives
@@ -174,16 +176,37 @@ class Daemon:
                             raise
                         await self._refuse_at_limit()
                         continue
-                    if self._conns >= self.config.max_clients:  # none ended within queue_timeout
-                        self._refuse(conn, Busy(f"the daemon serves {self.config.max_clients} connections already "
-                                                f"and none ended within {self.config.queue_timeout:g} s; close idle "
-                                                "clients and retry"))
+                    pid, uid, _ = peer_cred(conn)
+                    refusal = self._admission(uid)
+                    if refusal is not None:
+                        log.warning("event=refused_peer pid=%d uid=%d code=%s", pid, uid, refusal.code)
+                        self._refuse(conn, refusal)
                         continue
                     self._conns += 1
+                    self._by_uid[uid] += 1
                     assert self._nursery is not None
-                    self._nursery.start_soon(self._serve_conn, conn)
+                    self._nursery.start_soon(self._serve_conn, conn, uid)
         finally:
             done.set()
+
+    def _admission(self, uid: int) -> CprdError | None:
+        """Why a connection of `uid` is refused at once, or None to serve it. Users other than ours
+        and root, when allowed at all, share at most half of max_clients, and each has at most a
+        quarter: they can neither lock the daemon's own user out nor make its clients wait."""
+        if uid not in self.allowed_uids:
+            return Denied(f"uid {uid} may not use this cprd (it serves uids {sorted(self.allowed_uids)}); ask its "
+                          "operator to add --allow-uid")
+        most = self.config.max_clients
+        if self._conns >= most:  # none ended within queue_timeout
+            return Busy(f"the daemon serves {most} connections already and none ended within "
+                        f"{self.config.queue_timeout:g} s; close idle clients and retry")
+        if uid not in (os.geteuid(), 0):
+            others = sum(n for u, n in self._by_uid.items() if u not in (os.geteuid(), 0))
+            if others >= most // 2 or self._by_uid[uid] >= max(1, most // 4):
+                return Busy(f"{user_name(uid)} holds {self._by_uid[uid]} connections and other users "
+                            f"{others}: they may hold at most {max(1, most // 4)} each and {most // 2} together "
+                            "(a share of --max-clients); close idle clients and retry")
+        return None
 
     async def _wait_for_a_slot(self) -> None:
         """With max_clients connections served, leave new ones in the backlog until one ends, or for
@@ -244,15 +267,8 @@ class Daemon:
             scm.drop_queued(conn.fileno())
 
     # -- one connection ----------------------------------------------------------------------
-    async def _serve_conn(self, conn: Any) -> None:
+    async def _serve_conn(self, conn: Any, uid: int) -> None:
         try:
-            pid, uid, _ = peer_cred(conn)
-            if uid not in self.allowed_uids:
-                log.warning("event=refused_peer pid=%d uid=%d", pid, uid)
-                self._refuse(conn, Denied(
-                    f"uid {uid} may not use this cprd (it serves uids {sorted(self.allowed_uids)}); ask its "
-                    "operator to add --allow-uid"))
-                return
             with conn:
                 while self.state != "handed-off":
                     with trio.move_on_after(self.config.idle_timeout) as cs:
@@ -270,8 +286,9 @@ class Daemon:
                         try:
                             req = cp.decode_request(data, len(fds))
                             if req.op in ADMIN_OPS and uid not in (os.geteuid(), 0):
+                                who = "root" if os.geteuid() == 0 else f"{user_name(os.geteuid())} and root"
                                 raise Denied(f"{user_name(uid)} may use this cprd's table but not {req.op} it: "
-                                             f"only {user_name(os.geteuid())} and root may; ask its operator")
+                                             f"only {who} may; ask its operator")
                             frames, out_fds = await self._dispatch(req, fds, conn)
                         except _HandedOff:
                             # The table moved on while this request waited: hang up without an answer;
@@ -287,6 +304,7 @@ class Daemon:
                         return
         finally:
             self._conns -= 1
+            self._by_uid[uid] -= 1
             self._slot_freed.set()
 
     async def _reply(self, conn: Any, frames: Iterable[bytes], fds: list[int]) -> bool:
@@ -455,7 +473,7 @@ class Daemon:
             res: Result = await send_table(
                 self.table, to, listener_fd=self.listener.fileno(), control_path=self.control_path, batch=batch,
                 window=window, hooks=SourceHooks(freeze, before_commit, self.results_since),
-                allowed_uids=self.allowed_uids)
+                allowed_uids={os.geteuid(), 0})  # the table goes only to our own user or root
         except BaseException as e:
             self.state = "serving"
             self.committing = False
@@ -489,7 +507,7 @@ class Daemon:
             if not os.path.isabs(program):
                 raise UsageError(f"upgrade program {program!r} must be an absolute path")
             try:
-                check_program(program, "upgrade program")  # it will hold every fd of the table
+                program = check_program(program, "upgrade program")  # it will hold every fd of the table
             except CprdError as e:
                 raise type(e)(f"{e}; the running daemon (pid {os.getpid()}) goes on serving, nothing changed") \
                     from None
@@ -500,7 +518,7 @@ class Daemon:
         try:
             state = self.upgrade_state(t0, conn.fileno() if conn is not None else None)
             try:
-                prep = upgrade.prepare(state, program, list(self.config.own_args), self.program, timeout)
+                prep = upgrade.prepare(state, program, list(self.config.own_args), timeout)
             except OSError as e:  # a memfd, a pipe or the guardian could not be made (at the fd limit?)
                 raise upgrade.UpgradeError(f"cannot prepare the upgrade: {e}; the running daemon (pid "
                                            f"{os.getpid()}) goes on serving, nothing changed") from None
@@ -635,9 +653,11 @@ async def serve_target(listen: str, *, config: Config = Config()) -> int:
     from .paths import bind_listener
 
     raise_nofile()
-    hs = bind_listener(listen, "handoff", shared=bool(config.allow_uids), describe=describe_daemon)
+    # Only a source of our own user or root may hand us a table: it hands us its listening control
+    # socket too, which another user could still hold a copy of (and accept our clients on).
+    hs = bind_listener(listen, "handoff", describe=describe_daemon)
     fid = file_id(listen)
-    allowed = {os.geteuid(), 0, *config.allow_uids}
+    allowed = {os.geteuid(), 0}
     log.info("event=waiting listen=%s pid=%d", listen, os.getpid())
     sdnotify.ready(f"waiting for a handoff on {listen}")
     try:
@@ -700,7 +720,8 @@ def restore_main(state_fd: int, own_args: tuple[str, ...]) -> int:
         return 1
     try:
         upgrade.read_state(state_fd)  # a version this program does not know: roll back (below)
-        if os.environ.get("CPRD_FAULT") == "restore:raise":
+        if fault.armed("restore", "raise"):
+            log.warning("event=fault_fired side=restore step=raise n=None action=raise")
             raise RuntimeError("test fault: restore raises")
         table, listener = _rebuild(state, state_fd)
     except Exception as e:  # noqa: BLE001 - whatever went wrong, the previous program takes over again
@@ -747,7 +768,6 @@ async def _serve_restored(state: dict[str, Any], state_fd: int, table: FdTable, 
     d.salvage = state.get("salvage")
     d.source_died = bool(state.get("source_died"))
     d.upgrades = state.get("upgrades", 0) + (0 if state.get("rolled_back") else 1)
-    d.program = state.get("program_previous") if state.get("rolled_back") else state.get("program_new")
     for rid, reply in state.get("results", []):
         d._remember(rid, reply)
 
@@ -760,7 +780,7 @@ async def _serve_restored(state: dict[str, Any], state_fd: int, table: FdTable, 
                 pass
             os.close(gw)
             await _reap(gpid)
-        strays = upgrade.kill_strays(gpid)
+        strays = upgrade.kill_strays(gpid, state_fd)
         if strays:
             log.warning("event=upgrade_strays_killed pids=%s note=the-new-program-forked-before-it-became-cprd;"
                         "they-held-copies-of-the-table", strays)

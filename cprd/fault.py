@@ -1,15 +1,26 @@
 """Test-only fault points. Never set CPRD_FAULT in production.
 
-``CPRD_FAULT=<side>:<step>[:<n>[:<action>]]`` makes a daemon act when it reaches that step of a
-handoff:
+``CPRD_FAULT=<side>:<step>[:<n>[:<action>]][,...]`` makes a daemon act when it reaches that step of
+a handoff (several specs, comma-separated, act in the order given when they name the same point):
 
-- side: ``source`` or ``target``;
-- step: ``hello`` (after its hello), ``batch`` (after batch n), ``end`` (after End), ``ready``
-  (after Ready), ``commit`` (after Commit), ``confirm`` (after Confirm);
-- n: for ``batch``, a batch number, or ``first``, ``middle``, ``last``; empty or ``*`` for any;
+- side: ``source`` or ``target``; or ``restore:raise``, which makes the new program of an in-place
+  upgrade fail while it restores (to test the rollback);
+- step: ``hello`` (after its hello), ``batch`` (after snapshot batch n; on the target, after any
+  batch with sequence number n), ``delta`` (after pre-copy delta message n: a batch of replaced
+  entries or a Delete, counted from 0 by each side), ``delete`` (after the n-th Delete message),
+  ``results`` (after the n-th Results message), ``freeze`` (source: once mutations are frozen),
+  ``end`` (after End), ``ready`` (after Ready), ``commit`` (after Commit), ``confirm`` (after
+  Confirm) (STEPS);
+- n: a number, or ``first``, ``middle``, ``last`` (for ``batch``: of the snapshot batches);
+  empty or ``*`` for any;
 - action: ``kill`` (default: SIGKILL itself), ``shutdown`` (shut the handoff socket down, a broken
   connection while both processes live), ``rlimit=N`` (lower its RLIMIT_NOFILE soft limit to N,
-  to run out of fds mid-transfer).
+  to run out of fds mid-transfer), ``sleep=S`` (stop for S seconds: for ``freeze``, mutations
+  wait that long, so that clients meet the freeze and the handoff).
+
+Every fault that fires logs ``event=fault_fired`` first, so a test can tell that its fault
+happened. A spec that names an unknown side, step or action is refused when the daemon starts
+(``check``), never ignored.
 
 A source that shuts down also drops what the target had already queued for it, as if the target's
 sends had failed: otherwise whether, say, a Confirm raced ahead of the shutdown would decide the
@@ -19,40 +30,88 @@ knows (a Commit above all), so the target still reads it, as a live target would
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import signal
 import socket
+import time
 
 from . import scm
+from .errors import UsageError
 
+log = logging.getLogger("cprd.fault")
+
+STEPS = {  # the fault points of each side
+    "source": ("hello", "batch", "delta", "delete", "results", "freeze", "end", "ready", "commit", "confirm"),
+    "target": ("hello", "batch", "delta", "delete", "results", "end", "ready", "commit", "confirm"),
+    "restore": ("raise",),  # restore:raise: the new program of an upgrade fails while it restores
+}
 _SPEC = os.environ.get("CPRD_FAULT", "")
 
 
-def armed(side: str, step: str, n: int | None = None, last: int | None = None) -> str | None:
-    """The action if the fault point (side, step, n) is armed, else None."""
-    if not _SPEC:
-        return None
-    parts = _SPEC.split(":")
-    if parts[:2] != [side, step]:
-        return None
-    want = parts[2] if len(parts) > 2 else ""
-    if want not in ("", "*") and n is not None:
-        if want == "first":
-            want = "0"
-        elif want in ("last", "middle"):
-            if last is None:
-                return None
-            want = str(last if want == "last" else last // 2)
-        if int(want) != n:
-            return None
-    return parts[3] if len(parts) > 3 and parts[3] else "kill"
+def _parse(spec: str) -> tuple[str, str, str, str]:
+    parts = spec.split(":")
+    if len(parts) < 2 or len(parts) > 4:
+        raise UsageError(f"CPRD_FAULT={spec!r}: expected SIDE:STEP[:N[:ACTION]]")
+    side, step = parts[0], parts[1]
+    n = parts[2] if len(parts) > 2 else ""
+    action = parts[3] if len(parts) > 3 and parts[3] else "kill"
+    if side not in STEPS:
+        raise UsageError(f"CPRD_FAULT={spec!r}: unknown side {side!r}; one of {', '.join(STEPS)}")
+    steps = STEPS[side]
+    if step not in steps:
+        raise UsageError(f"CPRD_FAULT={spec!r}: unknown step {step!r} for {side}; one of {', '.join(steps)}")
+    if n not in ("", "*", "first", "middle", "last") and not n.isdigit():
+        raise UsageError(f"CPRD_FAULT={spec!r}: N must be a number, first, middle, last, * or empty")
+    name, _, value = action.partition("=")
+    try:
+        ok = (action in ("kill", "shutdown") or (name == "rlimit" and int(value) > 0)
+              or (name == "sleep" and 0 <= float(value) <= 3600))
+    except ValueError:
+        ok = False
+    if not ok:
+        raise UsageError(f"CPRD_FAULT={spec!r}: unknown action {action!r}; one of kill, shutdown, rlimit=N, sleep=S")
+    return side, step, n, action
+
+
+def _specs() -> list[tuple[str, str, str, str]]:
+    return [_parse(one) for one in _SPEC.split(",")] if _SPEC else []
+
+
+def check() -> None:
+    """UsageError if CPRD_FAULT is set to something this module does not know."""
+    _specs()
+
+
+def armed(side: str, step: str, n: int | None = None, last: int | None = None) -> list[str]:
+    """The actions armed at fault point (side, step, n), in order; [] when none is."""
+    out = []
+    for want_side, want_step, want, action in _specs():
+        if (want_side, want_step) != (side, step):
+            continue
+        if want not in ("", "*") and n is not None:
+            if want == "first":
+                want = "0"
+            elif want in ("last", "middle"):
+                if last is None:
+                    continue
+                want = str(last if want == "last" else last // 2)
+            if int(want) != n:
+                continue
+        out.append(action)
+    return out
 
 
 def point(side: str, step: str, n: int | None = None, sock=None, last: int | None = None) -> None:
-    action = armed(side, step, n, last)
-    if action is None:
-        return
+    for action in armed(side, step, n, last):
+        _act(side, step, n, action, sock)
+
+
+def _act(side: str, step: str, n: int | None, action: str, sock) -> None:
+    log.warning("event=fault_fired side=%s step=%s n=%s action=%s", side, step, n, action)
+    for h in logging.getLogger().handlers:  # the line must be out before a SIGKILL
+        h.flush()
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "shutdown" and sock is not None:
@@ -62,3 +121,18 @@ def point(side: str, step: str, n: int | None = None, sock=None, last: int | Non
     elif action.startswith("rlimit="):
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (int(action[len("rlimit="):]), hard))
+    elif action.startswith("sleep="):
+        time.sleep(float(action[len("sleep="):]))  # blocks the whole daemon, as a stalled process would
+
+
+async def apoint(side: str, step: str, n: int | None = None, sock=None, last: int | None = None) -> None:
+    """point() for a trio task: ``sleep`` waits without blocking the other tasks (the daemon goes on
+    serving while, say, mutations wait in the freeze or change the table during pre-copy)."""
+    for action in armed(side, step, n, last):
+        if action.startswith("sleep="):
+            import trio
+
+            log.warning("event=fault_fired side=%s step=%s n=%s action=%s", side, step, n, action)
+            await trio.sleep(float(action[len("sleep="):]))
+        else:
+            _act(side, step, n, action, sock)

@@ -155,6 +155,8 @@ async def peer_fate(pidfd: int | None, peer_pid: int, control_path: str, timeout
     Two proofs race. A SIGKILLed process resets its sockets while it closes its files, a moment
     *before* its pidfd says it exited, so we wait for the pidfd rather than peek at it."""
     fate = "alive"
+    if pidfd == GONE:
+        return "dead"
 
     async def died(scope: trio.CancelScope) -> None:
         nonlocal fate
@@ -203,9 +205,17 @@ async def _status_pid(control_path: str) -> int | None:
             return None
 
 
+GONE = -1  # what _open_pidfd returns for a peer whose pid no longer exists: proof that it died
+
+
 def _open_pidfd(pid: int) -> int | None:
+    """A pidfd of the peer that connected (pid from SO_PEERCRED), opened as soon as possible; GONE if
+    that pid no longer exists (the peer exited and was reaped: dead, whoever reaped it); None if the
+    kernel will not say."""
     try:
         return os.pidfd_open(pid)
+    except ProcessLookupError:
+        return GONE
     except OSError:
         return None
 
@@ -282,9 +292,9 @@ async def send_table(table: FdTable, to: str, *, listener_fd: int | None, contro
         target_pid, target_uid, _ = peer_cred(sock)
         if allowed_uids is not None and target_uid not in allowed_uids:
             msg = (f"the target at {to} (pid {target_pid}) runs as {user_name(target_uid)}, whom this source does not "
-                   f"trust with its fds (it trusts {', '.join(user_name(u) for u in sorted(allowed_uids))}); run the "
-                   f"target as the same user, or start the source with --allow-uid {target_uid}. The source keeps "
-                   "every entry; nothing was sent")
+                   f"trust with its table (it hands it only to {', '.join(user_name(u) for u in sorted(allowed_uids))}"
+                   "); run the target as the same user as the source, or as root. The source keeps every entry; "
+                   "nothing was sent")
             await _try_send(sock, hp.Handoff("source"), hp.Abort(hp.AbortCode.GENERIC, msg))
             raise HandoffError(msg)
         pidfd = _open_pidfd(target_pid)
@@ -297,7 +307,7 @@ async def send_table(table: FdTable, to: str, *, listener_fd: int | None, contro
             raise HandoffError(f"handoff to {to} (target pid {target_pid}) failed: {e}; the source keeps"
                                " every entry") from None
         finally:
-            if pidfd is not None:
+            if pidfd is not None and pidfd >= 0:
                 os.close(pidfd)
 
 
@@ -334,6 +344,7 @@ class _Sender:
         self.seq = 0
         self.rounds = 0
         self.delta_ops = 0
+        self.deltas = self.deletes = self.results_sent = 0  # messages of each kind so far (fault points)
 
     async def _send(self, ev: hp.Event, fds: list[int] = (), what: str = "handoff") -> None:  # type: ignore[assignment]
         with trio.move_on_after(self.timeout) as cs:
@@ -380,6 +391,10 @@ class _Sender:
                 await self._batch(run, replace=True)  # type: ignore[arg-type]
             else:
                 await self._send(hp.Delete.of(run), (), "handoff delete")  # type: ignore[arg-type]
+                fault.point("source", "delete", self.deletes, sock=self.sock)
+                self.deletes += 1
+            fault.point("source", "delta", self.deltas, sock=self.sock)
+            self.deltas += 1
             i = j
 
     async def _settle(self) -> None:
@@ -395,6 +410,8 @@ class _Sender:
         results, nxt = self.hooks.results(since)
         for chunk in _results_chunks(results):
             await self._send(hp.Results(tuple(chunk)), (), "handoff results")
+            fault.point("source", "results", self.results_sent, sock=self.sock)
+            self.results_sent += 1
         return nxt
 
     async def run(self) -> Result:
@@ -423,7 +440,7 @@ class _Sender:
         last = (n - 1) // self.batch if n else -1
         for i in range(0, n, self.batch):
             await self._batch(entries[i:i + self.batch], replace=False)
-            fault.point("source", "batch", self.seq - 1, sock=self.sock, last=last)
+            await fault.apoint("source", "batch", self.seq - 1, sock=self.sock, last=last)
         clock.mark("snapshot")
         # Pre-copy: while the table changed during the last round, send what changed, as long as
         # that shrinks; then freeze and send the rest.
@@ -441,6 +458,7 @@ class _Sender:
         t_freeze = time.perf_counter()
         if self.hooks.freeze is not None:
             await self.hooks.freeze()
+        await fault.apoint("source", "freeze", sock=self.sock)
         if table.journal is not None:
             ops += table.take_journal()
         await self._ops(ops)
@@ -450,7 +468,7 @@ class _Sender:
         while not isinstance(await self._recv("handoff verify"), hp.Ready):
             pass
         clock.mark("final_delta")
-        fault.point("source", "ready", sock=self.sock)
+        await fault.apoint("source", "ready", sock=self.sock)
         if self.hooks.before_commit is not None:
             await self.hooks.before_commit()
         await self._send(hp.Commit(self.listener_fd is not None),
@@ -514,9 +532,9 @@ class Incoming:
 
     def close(self) -> None:
         self.sock.close()
-        if self.pidfd is not None:
+        if self.pidfd is not None and self.pidfd >= 0:
             os.close(self.pidfd)
-            self.pidfd = None
+        self.pidfd = None
 
 
 @dataclass(slots=True)
@@ -558,16 +576,16 @@ async def accept_handoff(listener, allowed_uids: set[int], hello_timeout: float 
     SourceHello; refuse the rest (Abort PROTOCOL for garbage, BUSY once one is chosen)."""
     chosen: Incoming | None = None
 
-    async def one(conn) -> None:
+    async def one(conn, pid: int, uid: int, pidfd: int | None) -> None:
         nonlocal chosen
         keep = False
         try:
-            pid, uid, _ = peer_cred(conn)
             if uid not in allowed_uids:
                 log.warning("event=refused_peer pid=%d uid=%d", pid, uid)
                 await _try_send(conn, hp.Handoff("target"), hp.Abort(
-                    hp.AbortCode.GENERIC, f"uid {uid} may not hand off to this target; run the source as the "
-                    "same user, or start the target with --allow-uid"))
+                    hp.AbortCode.GENERIC, f"uid {uid} may not hand off to this target: a target takes a table (and "
+                    "the control socket that comes with it) only from a source of its own user or root; run both "
+                    "as the same user"))
                 scm.drop_queued(conn.fileno())  # a hello it sent first must not reset the connection
                 return
             m = hp.Handoff("target")
@@ -583,17 +601,22 @@ async def accept_handoff(listener, allowed_uids: set[int], hello_timeout: float 
             if chosen is not None:
                 await _try_send(conn, m, hp.Abort(hp.AbortCode.BUSY, "this target already receives a handoff"))
                 return
-            chosen = Incoming(conn, m, ev, pid, _open_pidfd(pid))
+            chosen = Incoming(conn, m, ev, pid, pidfd)
             keep = True
             nursery.cancel_scope.cancel()
         finally:
             if not keep:
                 conn.close()
+                if pidfd is not None and pidfd >= 0:
+                    os.close(pidfd)
 
     async with trio.open_nursery() as nursery:
         while True:
             conn, _ = await listener.accept()
-            nursery.start_soon(one, conn)
+            pid, uid, _ = peer_cred(conn)
+            # The source's pidfd is opened at once: if it dies right after its hello and is reaped
+            # before we would get to it, its pid (or another process's) could no longer tell.
+            nursery.start_soon(one, conn, pid, uid, _open_pidfd(pid) if uid in allowed_uids else None)
     assert chosen is not None
     return chosen
 
@@ -623,6 +646,7 @@ async def receive_table(inc: Incoming, *, reserve: int = RESERVE_FDS, timeout: f
     results: list[tuple[str, object]] = []
     deleted: set[tuple[str, int]] = set()  # keys the source deleted during the copy (not lost if it dies)
     ended = committed = False
+    deltas = deletes = len_results = 0  # messages of each kind so far (fault points)
 
     async def tsend(ev: hp.Event) -> None:
         """Send to the source; if it is gone, keep reading what it queued before it went (a dead
@@ -681,6 +705,8 @@ async def receive_table(inc: Incoming, *, reserve: int = RESERVE_FDS, timeout: f
                         if ev.replace:
                             await settle()
                             _apply_delta(ev, fds, table)
+                            fault.point("target", "delta", deltas, sock=sock)
+                            deltas += 1
                         else:
                             bfds = _take_batch(ev, fds, table, verifier)
                             if bfds is not None:
@@ -699,8 +725,13 @@ async def receive_table(inc: Incoming, *, reserve: int = RESERVE_FDS, timeout: f
                             raise ProtocolError(f"handoff delete: the source deletes {key!r}, which it never sent")
                         table.delete(*key)
                         deleted.add(key)
+                    fault.point("target", "delete", deletes, sock=sock)
+                    fault.point("target", "delta", deltas, sock=sock)
+                    deletes, deltas = deletes + 1, deltas + 1
                 elif isinstance(ev, hp.Results):
                     results.extend(ev.results)
+                    fault.point("target", "results", len_results, sock=sock)
+                    len_results += 1
                 elif isinstance(ev, hp.End):
                     await settle()
                     if ev.entries != len(table):
@@ -715,7 +746,7 @@ async def receive_table(inc: Incoming, *, reserve: int = RESERVE_FDS, timeout: f
             await tsend(hp.Ready(len(table), m.digest))
             if verifier is not None:  # idle since End: join its helper while the source commits, not after
                 verifier.close()
-            fault.point("target", "ready", sock=sock)
+            await fault.apoint("target", "ready", sock=sock)
             ev, fds = await _recv_event(sock, m, timeout, "handoff commit")
             if isinstance(ev, hp.Abort):
                 fds.close()

@@ -202,29 +202,48 @@ def open_dir(path: str, *, what: str, create: bool = False, private: bool = True
     # PermissionError and other OSErrors propagate: the caller says what it was doing
 
 
-def check_program(path: str, what: str = "program", _hops: int = 0) -> None:
-    """UnsafePath unless the file at `path` (absolute), every directory on the way to it and, if it
-    is a symlink, what it points to are trusted: an in-place upgrade runs it with every fd of the
-    table (as root, for a root daemon)."""
+def check_program(path: str, what: str = "program", _hops: int = 0) -> str:
+    """The real path of the program at `path` (absolute), once it, every directory on the way, every
+    symlink that leads to it and the interpreter its #! line names are trusted (UnsafePath
+    otherwise): an in-place upgrade runs it with every fd of the table (as root, for a root daemon).
+    The caller execs the returned path, so nothing is looked up again between the check and the
+    exec. (A #! interpreter that searches PATH, like /usr/bin/env, is checked, not what it finds.)"""
+    if _hops > _MAX_SYMLINKS:
+        raise UsageError(f"{what} {path}: too many symlinks or interpreters")
     d, name = os.path.split(path)
     try:
         with open_dir(d, what=what, private=False) as dd:
             st = os.stat(name, dir_fd=dd.fd, follow_symlinks=False)
-            target = os.readlink(name, dir_fd=dd.fd) if stat.S_ISLNK(st.st_mode) else None
-            real_dir = dd.path
+            real = os.path.join(dd.path, name)
+            if stat.S_ISLNK(st.st_mode):
+                if st.st_uid not in trusted_uids():  # its directory is trusted: owned by us or root
+                    raise UnsafePath(f"{what} {path}: {real} is a symlink made by {user_name(st.st_uid)}, who could "
+                                     "point it at another program at any moment; name the program itself")
+                target = os.readlink(name, dir_fd=dd.fd)
+                return check_program(os.path.normpath(os.path.join(dd.path, target)), what, _hops + 1)
+            if not stat.S_ISREG(st.st_mode):
+                raise UsageError(f"{what} {path} is not a regular file")
+            if st.st_uid not in trusted_uids() or stat.S_IMODE(st.st_mode) & 0o022:
+                raise UnsafePath(f"{what} {path} is owned by {user_name(st.st_uid)} with mode "
+                                 f"{stat.S_IMODE(st.st_mode):04o}: only this user or root may be able to change a "
+                                 "program that receives every fd of the table")
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dd.fd)
+            except PermissionError:  # executable but not readable: no #! line we could check
+                return real
+            try:
+                head = os.read(fd, 256)
+            finally:
+                os.close(fd)
     except FileNotFoundError:
         raise UsageError(f"{what} {path}: no such file") from None
-    if target is not None:  # made by a trusted user (open_dir checked its directory): check where it points
-        if _hops >= _MAX_SYMLINKS:
-            raise UsageError(f"{what} {path}: too many symlinks")
-        check_program(os.path.normpath(os.path.join(real_dir, target)), what, _hops + 1)
-        return
-    if not stat.S_ISREG(st.st_mode):
-        raise UsageError(f"{what} {path} is not a regular file")
-    if st.st_uid not in trusted_uids() or stat.S_IMODE(st.st_mode) & 0o022:
-        raise UnsafePath(f"{what} {path} is owned by {user_name(st.st_uid)} with mode "
-                         f"{stat.S_IMODE(st.st_mode):04o}: only this user or root may be able to change a program "
-                         "that receives every fd of the table")
+    if head.startswith(b"#!"):
+        words = head[2:].split(b"\n", 1)[0].split()
+        interpreter = os.fsdecode(words[0]) if words else ""
+        if not interpreter.startswith("/"):
+            raise UsageError(f"{what} {path}: its #! line names no absolute interpreter")
+        check_program(interpreter, f"interpreter of {what} {path}", _hops + 1)
+    return real
 
 
 # -- sockets -------------------------------------------------------------------------------------
@@ -310,8 +329,8 @@ def bind_listener(path: str, what: str = "control", shared: bool = False,
     # whatever the pid (at most 7 digits): the same room for every cprd, source or target.
     room = _PATH_MAX_UNIX - len(".4194304.tmp")
     if len(path.encode()) > room:
-        raise ControlError(f"{what} socket path {path} is {len(path.encode())} bytes; cprd needs it to be at most "
-                           f"{room} (UNIX socket paths are limited to 108 bytes): choose a shorter one")
+        raise UsageError(f"{what} socket path {path} is {len(path.encode())} bytes; cprd needs it to be at most "
+                         f"{room} (UNIX socket paths are limited to 108 bytes): choose a shorter one")
     directory, name = os.path.split(path)
     with open_dir(directory, what=f"{what} socket {path}", create=True, private=True) as d:
         try:

@@ -26,10 +26,11 @@ backlog of the listening socket, which survives the exec), then:
 The fds cross exec into the new program only, but a new program that is a wrapper (a shell
 script) and forks before it execs cprd hands copies of them to its children. Those children
 cannot keep the table alive: on a rollback the guardian kills the process group they are in, and
-once cprd has restored it kills every process the wrapper left behind (its own children and the
+once cprd has restored it kills every process the wrapper left behind (its own children, the
 members of its process group other than the guardian) and logs it, since a table has exactly
-one owner. A child that left the group and its parent (setsid and a double fork) escapes both;
-a new program should exec cprd without forking first.
+one owner. A child that left both (setsid and a double fork) still holds the state memfd, which
+exists for this upgrade only: both the guardian and the restored cprd kill whatever holds it.
+A rollback runs this interpreter's cprd module again, never a program an earlier upgrade named.
 
 If exec itself fails (missing file, not executable, bad interpreter) nothing happened: close-on-
 exec is restored, the guardian told to abort, and the daemon goes on serving.
@@ -229,6 +230,8 @@ def _guard(r: int, watch: int, daemon_pid: int, state: dict[str, Any], state_fd:
         pass
     poller.unregister(r)
     poller.poll(10_000)
+    st = os.fstat(state_fd)
+    _kill_holders((st.st_dev, st.st_ino), {os.getpid()})  # what escaped the group still holds the state
     os.close(r)
     os.close(watch)
     state = {**state, "guardian_fd": None, "guardian_pid": None}
@@ -239,10 +242,30 @@ def _guard(r: int, watch: int, daemon_pid: int, state: dict[str, Any], state_fd:
     return 1
 
 
-def kill_strays(guardian_pid: int | None) -> list[int]:
+def _holds(pid: str, ident: tuple[int, int]) -> bool:
+    """Whether process `pid` has an fd open on the inode `ident` (st_dev, st_ino)."""
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for n in names:
+        try:
+            st = os.stat(f"/proc/{pid}/fd/{n}")
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == ident:
+            return True
+    return False
+
+
+def kill_strays(guardian_pid: int | None, state_fd: int) -> list[int]:
     """Kill what a new program forked before it became cprd (see the module docstring): our own
-    children other than the guardian, and the members of our process group. Returns their pids."""
+    children other than the guardian, the members of our process group, and any other process
+    that holds the state memfd of this upgrade (made for it, inherited only through the exec: a
+    process that escaped both by setsid and a double fork still holds it). Returns their pids."""
     me, strays = os.getpid(), []
+    st = os.fstat(state_fd)
+    state = (st.st_dev, st.st_ino)
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) in (me, guardian_pid):
             continue
@@ -252,7 +275,7 @@ def kill_strays(guardian_pid: int | None) -> list[int]:
         except OSError:
             continue
         ppid, pgrp = int(fields[1]), int(fields[2])
-        if ppid == me or pgrp == me:
+        if ppid == me or pgrp == me or _holds(name, state):
             strays.append(int(name))
     for pid in strays:
         try:
@@ -265,6 +288,17 @@ def kill_strays(guardian_pid: int | None) -> list[int]:
         except ChildProcessError:
             pass
     return strays
+
+
+def _kill_holders(ident: tuple[int, int], exclude: set[int]) -> None:
+    """SIGKILL every process but `exclude` that holds the inode `ident` (the guardian, before it
+    restores: whatever the new program started that still holds the state)."""
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) not in exclude and _holds(name, ident):
+            try:
+                os.kill(int(name), signal.SIGKILL)
+            except OSError:
+                pass
 
 
 # -- the old program's side ---------------------------------------------------------------------
@@ -297,15 +331,16 @@ DEFAULT_PROGRAM = [sys.executable, "-m", "cprd"]
 
 
 def prepare(state: dict[str, Any], program: str | None, own_args: list[str],
-            running: list[str] | None = None, timeout: float = DEFAULT_TIMEOUT) -> Prepared:
-    """Write the state, fork the guardian: everything but the exec itself. `running` is the program
-    running now (what a rollback runs again); by default the cprd installed for this interpreter.
-    The new program has `timeout` seconds to confirm."""
+            timeout: float = DEFAULT_TIMEOUT) -> Prepared:
+    """Write the state, fork the guardian: everything but the exec itself. `program` (checked by the
+    caller, a real path) or, when None, this interpreter with -m cprd is the new program; a rollback
+    runs this interpreter with -m cprd again, never a program an earlier upgrade named (a wrapper
+    would run again, unchecked, with every fd). The new program has `timeout` seconds to confirm."""
     new = DEFAULT_PROGRAM if program is None else [os.path.abspath(program)]
     argv = [*new, *own_args]
     if program is not None and not os.path.exists(argv[0]):
         raise UpgradeError(f"cannot run {program}: no such file; the running daemon goes on serving")
-    prev = running or DEFAULT_PROGRAM
+    prev = DEFAULT_PROGRAM
     state = {**state, "cprd_state": STATE_VERSION, "argv_new": argv, "program_new": new,
              "previous": [*prev, *own_args], "program_previous": prev, "env": dict(os.environ),
              "rolled_back": None, "deadline_s": timeout}

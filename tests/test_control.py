@@ -252,6 +252,7 @@ def test_put_with_the_wrong_number_of_fds(cluster):
 
 
 def test_control_socket_is_private_and_never_stolen(cluster, tmp_path):
+    cluster.control = str(tmp_path / "made-by-cprd" / "control.sock")  # a directory cprd creates itself
     src = cluster.source()
     st = os.stat(cluster.control)
     assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
@@ -315,7 +316,7 @@ def test_socket_path_too_long_is_a_clear_error(tmp_path):
     path = str(tmp_path / ("a" * (100 - len(str(tmp_path)))))
     r = subprocess.run([sys.executable, "-m", "cprd", "source", "--control", path], capture_output=True, text=True,
                        timeout=30)
-    assert r.returncode == 1 and "at most 95" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "at most 95" in r.stderr and "Traceback" not in r.stderr
     assert not os.listdir(tmp_path)
 
 

@@ -246,12 +246,11 @@ def test_kernel_limits_fds_in_flight_for_unprivileged_senders():
 
 
 @needs_root
-def test_unprivileged_source_with_a_low_limit_hands_off(cluster, nobody_dir, reachable_dir):
-    # The root target listens in a directory of root's that nobody may enter (a root daemon refuses
-    # a directory nobody owns); --allow-uid makes its socket 0666.
-    control, listen = str(nobody_dir / "control.sock"), str(reachable_dir / "handoff.sock")
+def test_unprivileged_source_with_a_low_limit_hands_off(cluster, nobody_dir):
+    control, listen = str(nobody_dir / "control.sock"), str(nobody_dir / "handoff.sock")
     # The source (uid nobody) holds 1000 fds, then its limit drops to 300 (test hook, right after its
     # hello): 1000 fds in flight would be refused with ETOOMANYREFS; flow control keeps it under 150.
+    # Its target runs as nobody too: a table goes only to its own user or root.
     src = subprocess.Popen([sys.executable, AS_USER, "nobody", "source", "--control", control, "--populate",
                             "eventfds=500,files=300,sockets=100"], cwd=nobody_dir, stderr=subprocess.PIPE,
                            env={**os.environ, "CPRD_FAULT": "source:hello::rlimit=300"})
@@ -263,13 +262,15 @@ def test_unprivileged_source_with_a_low_limit_hands_off(cluster, nobody_dir, rea
     with Client(control, trust_uids=nobody) as c:
         before = snapshot(c)
     assert len(before) == 1000
-    tgt = cluster.spawn("target", "--listen", listen, "--allow-uid", "nobody")
+    tgt = subprocess.Popen([sys.executable, AS_USER, "nobody", "target", "--listen", listen], cwd=nobody_dir,
+                           stderr=subprocess.DEVNULL)
+    cluster.procs.append(tgt)
     wait_for_socket(listen, tgt)
     with Client(control, trust_uids=nobody) as c:
         res = c.handoff(listen)
     assert res["entries"] == 1000
     assert src.wait(30) == 0
-    with Client(control) as c:
+    with Client(control, trust_uids=nobody) as c:
         assert c.status()["pid"] == tgt.pid
         assert snapshot(c) == before
     assert b"batch=150 window=1" in src.stderr.read()

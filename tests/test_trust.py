@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from cprd.client import Client
-from cprd.errors import Denied, UntrustedPeer
+from cprd.errors import CprdError, Denied, UntrustedPeer
 from cprd.procs import wait_for_socket
 from helpers import num_fds, settled_fds, snapshot
 
@@ -224,7 +224,7 @@ def test_source_refuses_a_target_another_user_runs(cluster, tmp):
     tgt_base = num_fds(tgt.pid)
     r = cluster.ctl("handoff", "--to", listen)
     assert r.returncode == 1 and f"runs as uid {NOBODY.pw_uid} (nobody)" in r.stderr, r.stderr
-    assert "--allow-uid" in r.stderr and "keeps every entry" in r.stderr
+    assert "same user as the source, or as root" in r.stderr and "keeps every entry" in r.stderr
     assert tgt.poll() is None and settled_fds(tgt.pid, tgt_base) == tgt_base, "the target received nothing"
     with cluster.client() as c:
         assert c.status()["pid"] == src.pid and c.status()["state"] == "serving"
@@ -270,7 +270,10 @@ SPEAKS_FIRST = textwrap.dedent("""
     import socket, sys, time
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     s.connect(sys.argv[1])
-    s.send(b"CPRH" + bytes(60))  # a frame it sends before reading anything
+    try:
+        s.send(b"CPRH" + bytes(60))  # a frame it sends before reading anything
+    except BrokenPipeError:  # the daemon was quicker: it refused and closed before this was sent
+        pass
     time.sleep(0.5)  # the daemon has refused and closed by now
     try:
         print(s.recv(65536)[:4].decode(errors="replace"))
@@ -284,14 +287,114 @@ def test_a_refused_peer_that_speaks_first_reads_why(cluster, tmp, kind):
     """The daemon drops what a refused peer sent before it closes, so the close does not reset the
     connection and the peer reads the refusal (the control error, or the handoff Abort)."""
     path = str(tmp / f"{kind}.sock")
-    # --allow-uid of another user makes the socket reachable (0666) for nobody, who is still refused
-    if kind == "control":
+    if kind == "control":  # --allow-uid of another user makes the socket 0666; nobody is still refused
         p = cluster.spawn("source", "--control", path, "--allow-uid", "daemon")
-    else:
-        p = cluster.spawn("target", "--listen", path, "--allow-uid", "daemon")
+    else:  # a handoff socket is always 0600; were it reachable, SO_PEERCRED would still refuse nobody
+        p = cluster.spawn("target", "--listen", path)
     wait_for_socket(path, p)
+    os.chmod(path, 0o666)
     base = num_fds(p.pid)
     r = subprocess.run([*AS_NOBODY, SYSTEM_PYTHON, "-c", SPEAKS_FIRST, path], capture_output=True, text=True,
                        timeout=30)
     assert r.stdout.strip() == ("CPRC" if kind == "control" else "CPRH"), (r.stdout, r.stderr)
     assert p.poll() is None and settled_fds(p.pid, base) == base
+
+
+def test_an_upgrade_program_another_user_could_change_is_refused(cluster, tmp):
+    """Found by a hostile probe: a symlink nobody made (and could re-point between the check and the
+    exec), or a #! interpreter nobody owns, is refused like a program nobody owns."""
+    src = cluster.source("eventfds=3")
+    good = tmp / "good-cprd"
+    good.write_text(f'#!/bin/sh\nexec {sys.executable} -m cprd "$@"\n')
+    good.chmod(0o755)
+    sticky = tmp / "sticky"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)
+    r = subprocess.run([*AS_NOBODY, SYSTEM_PYTHON, "-c", f"import os; os.symlink({str(good)!r}, "
+                        f"{str(sticky / 'link')!r})"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    r = cluster.ctl("upgrade", "--program", str(sticky / "link"))
+    assert r.returncode == 2 and f"symlink made by uid {NOBODY.pw_uid} (nobody)" in r.stderr, r.stderr
+    theirs = nobodys(tmp / "Y", 0o755)
+    interp = theirs / "sh"
+    shutil.copy("/bin/sh", interp)
+    os.chown(interp, NOBODY.pw_uid, NOBODY.pw_gid)
+    script = tmp / "script-cprd"
+    script.write_text(f'#!{interp}\nexec {sys.executable} -m cprd "$@"\n')
+    script.chmod(0o755)
+    r = cluster.ctl("upgrade", "--program", str(script))
+    assert r.returncode == 2 and f"interpreter of upgrade program {script}" in r.stderr, r.stderr
+    assert f"owned by uid {NOBODY.pw_uid}" in r.stderr
+    # a root symlink to the good program is followed, and the program found is what runs
+    (tmp / "root-link").symlink_to(good)
+    r = cluster.ctl("upgrade", "--program", str(tmp / "root-link"), "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["pid"] == src.pid and res["program"][0] == str(good)
+
+
+def test_a_target_takes_a_table_only_from_its_own_user_or_root(cluster, tmp):
+    """Found by a hostile probe: a root target given --allow-uid took a table from nobody's source,
+    with nobody's listening socket, on which nobody could then accept root's clients."""
+    tgt = cluster.spawn("target", "--listen", str(tmp / "handoff.sock"), "--allow-uid", "nobody")
+    listen = str(tmp / "handoff.sock")
+    wait_for_socket(listen, tgt)
+    os.chmod(listen, 0o666)  # reachable, as a careless operator might make it: SO_PEERCRED still refuses
+    theirs = nobodys(tmp / "Y", 0o755)
+    control = str(theirs / "control.sock")
+    as_user = str(Path(__file__).parent / "as_user.py")
+    src = subprocess.Popen([sys.executable, as_user, "nobody", "source", "--control", control, "--populate",
+                            "eventfds=5"], cwd=theirs, stderr=subprocess.PIPE)
+    cluster.procs.append(src)
+    wait_for_socket(control, src)
+    nobody = (NOBODY.pw_uid,)
+    with Client(control, trust_uids=nobody) as c:
+        before = snapshot(c)
+        with pytest.raises(CprdError, match="only from a source of its own user or root"):
+            c.handoff(listen)
+        assert c.status()["pid"] == src.pid and snapshot(c) == before
+    assert tgt.poll() is None  # still waiting, with nothing received
+    root_control = str(tmp / "control.sock")
+    root_src = cluster.spawn("source", "--control", root_control, "--populate", "eventfds=7")
+    wait_for_socket(root_control, root_src)
+    with Client(root_control) as c:
+        assert c.handoff(listen)["target_pid"] == tgt.pid
+
+
+def test_an_allowed_user_cannot_crowd_out_the_daemons_own_user(cluster, tmp):
+    """Other users share at most half of --max-clients, each a quarter; their surplus is told Busy at
+    once, so the daemon's own user is answered at once however many connections they hold."""
+    control = str(tmp / "control.sock")
+    src = cluster.spawn("source", "--control", control, "--max-clients", "40", "--allow-uid", "nobody")
+    wait_for_socket(control, src)
+    base = num_fds(src.pid)
+    hog = textwrap.dedent("""
+        import socket, sys, time
+        held, refused = [], 0
+        for _ in range(200):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            s.connect(sys.argv[1])
+            s.settimeout(0.2)
+            try:
+                if s.recv(65536):  # an unsolicited answer: refused
+                    refused += 1
+                    s.close()
+                    continue
+            except OSError:
+                pass
+            held.append(s)
+        print(len(held), refused, flush=True)
+        sys.stdin.read()  # hold them until told
+    """)
+    p = subprocess.Popen([*AS_NOBODY, SYSTEM_PYTHON, "-c", hog, control], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        held, refused = map(int, p.stdout.readline().split())
+        assert held == 10 and refused == 190, (held, refused)  # a quarter of 40
+        for _ in range(20):  # the daemon's own user: answered, with no wait for a slot
+            with Client(control, timeout=5, retry_for=0) as c:
+                assert c.status()["pid"] == src.pid
+    finally:
+        p.stdin.close()
+        p.wait(30)
+    assert settled_fds(src.pid, base) == base
