@@ -50,6 +50,12 @@ def _speedups() -> bool:
     return handoff.speedups()
 
 
+def _kcmp() -> bool:
+    from proof import kcmp_works
+
+    return kcmp_works()
+
+
 def _tool(name: str) -> Callable[[], bool]:
     return lambda: shutil.which(name) is not None
 
@@ -63,6 +69,8 @@ FEATURES: dict[str, tuple[Callable[[], bool], str]] = {
     "speedups": (_speedups, "the C speedup is not built (there was no C compiler when cprd was installed): "
                             "install gcc and the Python headers, then pip install -e '.[test]' again"),
     "cc": (_tool("cc"), "no C compiler (cc): " + APT.format("gcc", "gcc")),
+    "kcmp": (_kcmp, "kcmp(KCMP_FILE) or pidfd_getfd is refused here (a seccomp profile, or no ptrace permission), "
+                    "and only kcmp proves the same open file description of every kind: run where it is allowed"),
     "root": (lambda: os.geteuid() == 0, "needs root, to act as another uid (nobody)"),
     "wrk": (_tool("wrk"), "wrk is missing: " + APT.format("wrk", "wrk")),
     "strace": (_tool("strace"), "strace is missing: " + APT.format("strace", "strace")),
@@ -125,7 +133,23 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 
 
 # -- real daemons ---------------------------------------------------------------------------------
-from helpers import Cluster  # noqa: E402
+from helpers import FIRED, Cluster  # noqa: E402
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """In CI, when the whole suite ran, every fault point of cprd/fault.py must have fired in some
+    test (the daemons log each one): a fault point no test reaches proves nothing."""
+    from cprd.fault import STEPS
+
+    o = session.config.option
+    narrowed = any(getattr(o, k, None) for k in ("keyword", "markexpr", "lf", "exitfirst", "deselect"))
+    whole = session.config.args in ([], ["tests"], [str(session.config.rootpath / "tests")]) and not narrowed
+    if not (in_ci() and whole and session.testsfailed == 0 and session.testscollected):
+        return
+    missing = sorted({(side, step) for side, steps in STEPS.items() for step in steps} - FIRED)
+    if missing:
+        session.config.get_terminal_writer().line(f"fault points no test fired: {missing}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture

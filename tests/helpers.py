@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -14,6 +15,9 @@ from cprd.errors import ControlError
 from cprd.procs import cprd_cmd, quiet_fds, stop, wait_for_socket
 
 
+FIRED: set[tuple[str, str]] = set()  # (side, step) of every fault point that fired in a cluster's daemons
+
+
 class Cluster:
     """Sources and targets started in one private directory; all stopped at teardown."""
 
@@ -22,7 +26,13 @@ class Cluster:
         os.chmod(directory, 0o700)
         self.control = str(directory / "control.sock")
         self.procs: list[subprocess.Popen] = []
+        self._kept: list = []
         self._n = 0
+
+    def keep(self, closable):
+        """Close `closable` (copies of fds, say) when the cluster closes."""
+        self._kept.append(closable)
+        return closable
 
     def spawn(self, *args: str, env: dict[str, str] | None = None, preexec_fn=None) -> subprocess.Popen:
         log = open(self.dir / f"daemon-{len(self.procs)}.log", "wb")
@@ -68,8 +78,11 @@ class Cluster:
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.dir.glob("daemon-*.log")))
 
     def close(self) -> None:
+        for k in self._kept:
+            k.close()
         for p in self.procs:
             stop(p)
+        FIRED.update(re.findall(r"event=fault_fired side=(\w+) step=(\w+)", self.logs()))
 
 
 def num_fds(pid: int) -> int:

@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import trio
 
 from cprd import scm
 from cprd.client import AsyncClient, Client
-from cprd.errors import HandoffError, KeyExists
+from cprd.errors import CprdError, HandoffError, KeyExists
 from cprd.protocol import control as cp
 from helpers import num_fds, settled_fds, snapshot
+from proof import Copies, kcmp_file
+
+pytestmark = pytest.mark.requires("kcmp")
 
 
 @pytest.mark.slow
@@ -29,40 +34,74 @@ def test_stress_model_check_across_a_chain_of_handoffs():
     assert all(h["freeze_ms"] > 0 for h in res["handoffs"])
 
 
-async def _hammer(control: str, i: int, stop: trio.Event, acked: dict, failures: list) -> None:
-    """Put new keys and delete some, remembering exactly what was acknowledged."""
-    n = 0
-    async with AsyncClient(control) as c:
-        while not stop.is_set():
-            key = (f"hammer/{i}", n)
-            n += 1
-            ev = os.eventfd(n, os.EFD_CLOEXEC)
-            try:
-                res = await c.put(*key, ev)
-                acked[key] = (res["dev"], res["ino"])
-                if n % 3 == 0:
-                    gone = (f"hammer/{i}", n - 2)
-                    await c.delete(*gone)
-                    acked.pop(gone)
-            except Exception as e:  # noqa: BLE001 - every failure is a test failure
-                failures.append(repr(e))
-            finally:
-                os.close(ev)
-            await trio.sleep(0)
+class Hammer:
+    """Clients that put new keys (an eventfd whose counter is unique to the key) and delete some,
+    remembering exactly what was acknowledged: our own copy of each fd that is in the table, so that
+    kcmp can tell at the end whether the owner holds that very eventfd (all eventfds share an inode,
+    so no fstat could). Each acknowledgement is timed, to show it happened during a handoff."""
+
+    def __init__(self, control: str) -> None:
+        self.control = control
+        self.acked: dict[tuple[str, int], int] = {}  # key -> our copy of the fd the daemon holds
+        self.gone: dict[tuple[str, int], int] = {}  # key -> our copy of the fd an acknowledged delete dropped
+        self.acked_at: list[float] = []
+        self.failures: list[str] = []
+        self.retries = 0
+        self.stop = trio.Event()
+
+    async def run(self, i: int) -> None:
+        n = 0
+        async with AsyncClient(self.control) as c:
+            while not self.stop.is_set():
+                key = (f"hammer/{i}", n)
+                n += 1
+                ev = os.eventfd(i * 1_000_000 + n, os.EFD_CLOEXEC)
+                try:
+                    await c.put(*key, ev)
+                    self.acked[key], ev = ev, -1
+                    self.acked_at.append(time.monotonic())
+                    if n % 3 == 0:
+                        gone = (f"hammer/{i}", n - 2)
+                        await c.delete(*gone)
+                        self.gone[gone] = self.acked.pop(gone)
+                        self.acked_at.append(time.monotonic())
+                except Exception as e:  # noqa: BLE001 - every failure is reported by the test
+                    self.failures.append(repr(e))
+                finally:
+                    if ev >= 0:
+                        os.close(ev)
+                await trio.sleep(0)
+            self.retries += c.retries
+
+    def during(self, t0: float, t1: float) -> int:
+        return sum(1 for t in self.acked_at if t0 <= t <= t1)
+
+    def prove(self, cluster, pid: int) -> None:
+        """The owner serves exactly the acknowledged hammer keys, each the very fd we put (kcmp)."""
+        with cluster.client() as c:
+            served = {(e["name"], e["id"]): e["fd"] for e in c.ls() if e["name"].startswith("hammer/")}
+        assert set(served) == set(self.acked), "every acknowledged put is there, once; every delete is gone"
+        me = os.getpid()
+        wrong = [k for k in sorted(served) if not kcmp_file(pid, served[k], me, self.acked[k])]
+        assert not wrong, f"not the fd that was put: {wrong[:10]}"
+
+    def close(self) -> None:
+        for fd in [*self.acked.values(), *self.gone.values()]:
+            os.close(fd)
+        self.acked, self.gone = {}, {}
 
 
 @pytest.mark.slow
 async def test_handoffs_while_clients_hammer(cluster):
-    await trio.to_thread.run_sync(cluster.source, "files=300,eventfds=300")
+    src = await trio.to_thread.run_sync(cluster.source, "files=300,eventfds=300")
     with cluster.client() as c:
         initial = snapshot(c)
-    acked: dict = {}
-    failures: list = []
-    stop = trio.Event()
+    originals = cluster.keep(Copies(cluster.control, src.pid))
+    h = cluster.keep(Hammer(cluster.control))
     targets = []
     async with trio.open_nursery() as n:
         for i in range(4):
-            n.start_soon(_hammer, cluster.control, i, stop, acked, failures)
+            n.start_soon(h.run, i)
         for _ in range(3):
             await trio.sleep(0.3)
             tgt, listen = await trio.to_thread.run_sync(cluster.target)
@@ -71,44 +110,119 @@ async def test_handoffs_while_clients_hammer(cluster):
                 res = await c.handoff(listen)
             assert res["target_pid"] == tgt.pid
         await trio.sleep(0.3)
-        stop.set()
-    assert failures == []
+        h.stop.set()
+    assert h.failures == []
     with cluster.client() as c:
         st = c.status()
         final = snapshot(c)
     assert st["pid"] == targets[-1].pid
-    hammered = {k: (v["dev"], v["ino"]) for k, v in final.items() if k[0].startswith("hammer/")}
-    assert hammered == acked, "every acknowledged put is there, once; every acknowledged delete is gone"
     assert {k: v for k, v in final.items() if not k[0].startswith("hammer/")} == initial
+    assert originals.prove(cluster.control, st["pid"]) == 600
+    h.prove(cluster, st["pid"])
     for t in targets[:-1]:
         assert t.wait(10) == 0
 
 
-async def test_target_killed_mid_precopy_leaves_every_mutation_at_the_source(cluster):
-    src = await trio.to_thread.run_sync(cluster.source, "files=500,eventfds=500")
-    acked: dict = {}
-    failures: list = []
-    stop = trio.Event()
-    tgt, listen = await trio.to_thread.run_sync(lambda: cluster.target(env={"CPRD_FAULT": "target:batch:last"}))
+async def test_mutations_that_meet_the_freeze_are_retried_at_the_target_exactly_once(cluster):
+    """The source holds its freeze for 0.3 s (a test fault), so mutations certainly arrive while it
+    lasts: they wait, the source hangs up on them after the commit, and the clients retry them at the
+    target, which applies each exactly once."""
+    src = await trio.to_thread.run_sync(lambda: cluster.source("files=200,eventfds=200",
+                                                               env={"CPRD_FAULT": "source:freeze::sleep=0.3"}))
+    originals = cluster.keep(Copies(cluster.control, src.pid))
+    h = cluster.keep(Hammer(cluster.control))
+    tgt, listen = await trio.to_thread.run_sync(cluster.target)
+    async with trio.open_nursery() as n:
+        for i in range(4):
+            n.start_soon(h.run, i)
+        await trio.sleep(0.2)
+        t0 = time.monotonic()
+        async with AsyncClient(cluster.control, retry_for=0) as c:
+            res = await c.handoff(listen)
+        t1 = time.monotonic()
+        await trio.sleep(0.2)
+        h.stop.set()
+    assert "event=fault_fired side=source step=freeze" in cluster.logs()
+    assert res["freeze_ms"] >= 300 and res["delta_ops"] > 0
+    assert h.failures == []
+    assert h.during(t0, t1) > 0, "mutations were acknowledged while the handoff ran"
+    assert h.retries > 0, "mutations that waited in the freeze were retried at the target"
+    assert await trio.to_thread.run_sync(src.wait, 10) == 0
+    assert originals.prove(cluster.control, tgt.pid) == 400
+    h.prove(cluster, tgt.pid)
+
+
+# The source pauses after its last snapshot batch (mutations meanwhile become pre-copy deltas:
+# replaced entries, deletes, answers); then one side dies at the first such message.
+PRECOPY = "source:batch:last:sleep=0.3"
+
+
+@pytest.mark.parametrize("step", ["delta", "delete", "results"])
+async def test_target_killed_mid_precopy_leaves_every_mutation_at_the_source(cluster, step):
+    src = await trio.to_thread.run_sync(lambda: cluster.source("files=500,eventfds=500",
+                                                               env={"CPRD_FAULT": PRECOPY}))
+    originals = cluster.keep(Copies(cluster.control, src.pid))
+    h = cluster.keep(Hammer(cluster.control))
+    tgt, listen = await trio.to_thread.run_sync(lambda: cluster.target(env={"CPRD_FAULT": f"target:{step}:first"}))
     async with trio.open_nursery() as n:
         for i in range(3):
-            n.start_soon(_hammer, cluster.control, i, stop, acked, failures)
-        await trio.sleep(0.2)
+            n.start_soon(h.run, i)
+        await trio.sleep(0.1)
         async with AsyncClient(cluster.control, retry_for=0) as c:
-            try:
+            with pytest.raises(HandoffError):
                 await c.handoff(listen)
-                raise AssertionError("the handoff should have failed")
-            except HandoffError:
-                pass
         await trio.sleep(0.2)
-        stop.set()
-    assert failures == []
-    assert await trio.to_thread.run_sync(tgt.wait, 10) != 0
+        h.stop.set()
+    assert await trio.to_thread.run_sync(tgt.wait, 10) == -signal.SIGKILL
+    logs = cluster.logs()
+    assert "event=fault_fired side=source step=batch" in logs and f"side=target step={step}" in logs
+    assert h.failures == []
     with cluster.client() as c:
         assert c.status()["pid"] == src.pid and c.status()["state"] == "serving"
-        final = snapshot(c)
-    assert {k: (v["dev"], v["ino"]) for k, v in final.items() if k[0].startswith("hammer/")} == acked
-    assert len([k for k in final if not k[0].startswith("hammer/")]) == 1000
+    assert originals.prove(cluster.control, src.pid) == 1000
+    h.prove(cluster, src.pid)
+
+
+@pytest.mark.parametrize("step", ["delta", "delete", "results"])
+async def test_source_killed_mid_precopy_leaves_the_target_only_genuine_fds(cluster, step):
+    """The source dies while it sends pre-copy deltas: the target salvages what arrived, the whole
+    snapshot and the deltas that came before the death, each entry the very fd the source had or a
+    client put, and names nothing lost (the snapshot was whole)."""
+    src = await trio.to_thread.run_sync(lambda: cluster.source(
+        "files=500,eventfds=500", env={"CPRD_FAULT": f"{PRECOPY},source:{step}:first"}))
+    originals = cluster.keep(Copies(cluster.control, src.pid))
+    h = cluster.keep(Hammer(cluster.control))
+    tgt, listen = await trio.to_thread.run_sync(cluster.target)
+    async with trio.open_nursery() as n:
+        for i in range(3):
+            n.start_soon(h.run, i)
+        await trio.sleep(0.1)
+        async with AsyncClient(cluster.control, retry_for=0) as c:
+            with pytest.raises(CprdError):
+                await c.handoff(listen)
+        await trio.sleep(0.2)
+        h.stop.set()
+    assert await trio.to_thread.run_sync(src.wait, 10) == -signal.SIGKILL
+    assert f"event=fault_fired side=source step={step}" in cluster.logs()
+    # A mutation the source applied but answered only in a Results message that died with it is not
+    # protected (docs/protocol.md 5.6): its retry at the target may find its own effect.
+    assert all("KeyExists" in f or "KeyMissing" in f for f in h.failures), h.failures
+    with cluster.client() as c:
+        st = c.status()
+        served = {(e["name"], e["id"]): e["fd"] for e in c.ls()}
+    salvage = st["salvage"]
+    assert st["pid"] == tgt.pid and salvage["lost"] == 0 and salvage["received"] == salvage["announced"] > 1000
+    assert originals.prove(cluster.control, tgt.pid) == 1000
+    # A hammer key is served because its put reached the target, or because its delete did not (a
+    # delete the source acknowledged after its last delta dies with it); either way the very fd put.
+    me = os.getpid()
+    hammered = {k for k in served if k[0].startswith("hammer/")}
+    for key in hammered:
+        mine = h.acked.get(key, h.gone.get(key))
+        if mine is None:  # its put was refused on its retry (above): we no longer hold that fd
+            continue
+        assert kcmp_file(tgt.pid, served[key], me, mine), key
+    assert len(hammered - set(h.acked) - set(h.gone)) <= sum("KeyExists" in f for f in h.failures)
 
 
 def _raw_put(path: str, rid: str, fd: int) -> dict:
@@ -168,3 +282,29 @@ def test_stress_against_a_running_daemon_touches_only_its_own_keys(cluster):
     assert st["pid"] == res["handoffs"][0]["target_pid"], "the target stress started serves the table now"
     os.kill(st["pid"], signal.SIGTERM)
     psutil.Process(st["pid"]).wait(10)
+
+
+@pytest.mark.slow
+def test_stress_notices_a_table_that_differs_from_its_model(cluster):
+    """cprd stress's own checker is not trusted blindly: with someone replacing some of its entries
+    behind its back, it must report violations and exit non-zero."""
+    cluster.source("eventfds=10")
+    p = subprocess.Popen([sys.executable, "-m", "cprd", "stress", "--control", cluster.control, "--rate", "300",
+                          "--handoffs", "0", "--duration", "3", "--json"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    time.sleep(2.2)
+    sabotaged = 0
+    with cluster.client() as c:
+        for e in c.ls():
+            if e["name"].startswith("stress/") and sabotaged < 40:
+                ev = os.eventfd(0, os.EFD_CLOEXEC)
+                try:
+                    c.put(e["name"], e["id"], ev, replace=True)  # another fd under its key
+                    sabotaged += 1
+                finally:
+                    os.close(ev)
+    out, err = p.communicate(timeout=60)
+    assert sabotaged == 40, "stress had keys to sabotage"
+    res = json.loads(out)
+    assert p.returncode != 0 and res["violations"] > 0, (res, err[-2000:])
+    assert any("differs from the model" in v for v in res["violation_details"]), res["violation_details"]

@@ -7,9 +7,11 @@ after the start: a handoff's commit stops accepting, and a failed one starts it 
 from __future__ import annotations
 
 import os
+import socket
 
 import psutil
 import trio
+import trio.testing
 
 from cprd.daemon import Daemon
 from cprd.handoff import _status_pid
@@ -17,11 +19,25 @@ from cprd.paths import bind_listener
 from cprd.table import FdTable
 
 
-async def _answers(path: str) -> int | None:
-    """The pid that answers a status request at path within a moment, or None."""
-    with trio.move_on_after(0.3):
-        return await _status_pid(path)
-    return None
+def _pending(path: str) -> socket.socket:
+    """A connection that waits in the listening socket's backlog until somebody accepts it."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK)
+    s.connect(path)
+    return s
+
+
+async def _accepted_while_idle(d: Daemon, path: str) -> bool:
+    """Whether the daemon accepts a pending connection when it has every chance to: once every
+    other task is blocked, an accept loop that runs has taken it (a deterministic test, not a
+    timeout: a slow machine cannot make it pass)."""
+    before = d._conns
+    s = _pending(path)
+    try:
+        await trio.testing.wait_all_tasks_blocked()
+        return d._conns > before
+    finally:
+        s.close()
+        await trio.testing.wait_all_tasks_blocked()  # let a served connection see the close
 
 
 async def test_stop_accepting_before_the_loop_ran_then_start_again(tmp_path):
@@ -36,14 +52,16 @@ async def test_stop_accepting_before_the_loop_ran_then_start_again(tmp_path):
             with trio.fail_after(5):
                 await d._stop_accepting()  # the accept task has not run yet
             assert d._accept_scope is None
-            assert await _answers(path) is None  # the connection waits in the backlog, unanswered
+            assert not await _accepted_while_idle(d, path)  # the connection waits in the backlog
             d._start_accepting()
-            assert await _answers(path) == os.getpid()
+            assert await _accepted_while_idle(d, path)
             with trio.fail_after(5):
+                assert await _status_pid(path) == os.getpid()  # and it answers
                 await d._stop_accepting()
-            assert await _answers(path) is None
+            assert not await _accepted_while_idle(d, path)
             d._start_accepting()
-            assert await _answers(path) == os.getpid()
+            with trio.fail_after(5):
+                assert await _status_pid(path) == os.getpid()
             nursery.cancel_scope.cancel()
     finally:
         d.listener.close()

@@ -1,6 +1,7 @@
 """The fault matrix: SIGKILL (or a shut-down connection) on either side at every step of a
 handoff, with real processes. After each case exactly one process owns every surviving entry,
-with its original identity, and no fd leaked."""
+each the very open file description the source had (kcmp against copies taken out of the source
+before the handoff), and no fd leaked. Each case checks that its fault fired."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import pytest
 
 from cprd.errors import CprdError, HandoffError
 from helpers import num_fds, settled_fds, snapshot
+from proof import Copies
+
+pytestmark = pytest.mark.requires("kcmp")
 
 SPEC = "files=400,eventfds=300,memfds=20,pipes=10,sockets=10,devices=4"  # 780 fds: batches 0..3
 N = 780
@@ -35,7 +39,13 @@ def _start(cluster, side, step, action=""):
     with cluster.client() as c:
         before = snapshot(c)
     assert len(before) == N
-    return src, tgt, listen, before, num_fds(src.pid), num_fds(tgt.pid)
+    copies = cluster.keep(Copies(cluster.control, src.pid))
+    return src, tgt, listen, before, copies, num_fds(src.pid), num_fds(tgt.pid)
+
+
+def fired(cluster, side: str, step: str) -> None:
+    """The fault under test did happen (a test whose fault never fired proves nothing)."""
+    assert f"event=fault_fired side={side} step={step.split(':')[0]}" in cluster.logs(), cluster.logs()[-3000:]
 
 
 def wait_serving(cluster, pid: int, timeout: float = 30) -> None:
@@ -63,9 +73,10 @@ def _handoff(cluster, listen):
 
 @pytest.mark.parametrize("step", STEPS)
 def test_target_killed(cluster, step):
-    src, tgt, listen, before, src_fds, _ = _start(cluster, "target", step)
+    src, tgt, listen, before, copies, src_fds, _ = _start(cluster, "target", step)
     res = _handoff(cluster, listen)
     assert tgt.wait(30) == -signal.SIGKILL
+    fired(cluster, "target", step)
     if step == "confirm":
         # The target confirmed: the handoff was complete and the target the only owner when it died,
         # like any daemon that crashes. The source had already let go (it exits 0).
@@ -77,18 +88,21 @@ def test_target_killed(cluster, step):
     with cluster.client() as c:
         assert c.status()["pid"] == src.pid and c.status()["state"] == "serving"
         assert snapshot(c) == before
+    assert copies.prove(cluster.control, src.pid) == N
     assert settled_fds(src.pid, src_fds) == src_fds
     tgt2, listen2 = cluster.target()
     with cluster.client() as c:
         assert c.handoff(listen2)["entries"] == N
     assert src.wait(30) == 0
+    assert copies.prove(cluster.control, tgt2.pid) == N
 
 
 @pytest.mark.parametrize("step", STEPS)
 def test_source_killed(cluster, step):
-    src, tgt, listen, before, _, tgt_fds = _start(cluster, "source", step)
+    src, tgt, listen, before, copies, _, tgt_fds = _start(cluster, "source", step)
     res = _handoff(cluster, listen)
     assert src.wait(30) == -signal.SIGKILL
+    fired(cluster, "source", step)
     assert not isinstance(res, dict) or step in ("confirm",)
     assert tgt.poll() is None, "the target survives its source"
     wait_serving(cluster, tgt.pid)  # a dead source's socket refuses until the target binds the path
@@ -99,6 +113,7 @@ def test_source_killed(cluster, step):
     got = _received_after(step)
     assert st["entries"] == got == len(after)
     assert all(before[k] == v for k, v in after.items()), "every surviving entry keeps its identity"
+    assert copies.prove(cluster.control, tgt.pid, keys=set(after)) == got, "and is the very same open file"
     if step in ("hello",) or step.startswith("batch:"):
         salvage = st["salvage"]
         assert salvage["announced"] == N and salvage["received"] == got and salvage["lost"] == N - got
@@ -120,22 +135,32 @@ def test_source_killed(cluster, step):
 def test_connection_broken_while_both_live(cluster, side, step):
     """A shut-down connection is not a death: the source keeps everything, the target closes all it
     received and exits non-zero; it never serves a partial table while its source lives."""
-    src, tgt, listen, before, src_fds, _ = _start(cluster, side, step, "shutdown")
+    src, tgt, listen, before, copies, src_fds, _ = _start(cluster, side, step, "shutdown")
     res = _handoff(cluster, listen)
     assert isinstance(res, HandoffError), res
     assert tgt.wait(30) not in (0, None) and tgt.returncode != -signal.SIGKILL
+    fired(cluster, side, step)
     with cluster.client() as c:
         assert c.status()["pid"] == src.pid
         assert snapshot(c) == before
+    assert copies.prove(cluster.control, src.pid) == N
     assert settled_fds(src.pid, src_fds) == src_fds
 
 
-def test_source_connection_broken_after_commit_leaves_the_target_owning(cluster):
-    src, tgt, listen, before, _, tgt_fds = _start(cluster, "source", "commit", "shutdown")
+@pytest.mark.parametrize("side,step", [("source", "commit"), ("target", "commit"), ("source", "confirm"),
+                                       ("target", "confirm")])
+def test_connection_broken_after_commit_leaves_the_target_owning(cluster, side, step):
+    """Once the target has read Commit it owns the table, whichever side's connection breaks then:
+    the source learns the target serves (it asks at the control socket) and exits 0."""
+    src, tgt, listen, before, copies, _, tgt_fds = _start(cluster, side, step, "shutdown")
     res = _handoff(cluster, listen)
-    assert isinstance(res, dict) and res["target_pid"] == tgt.pid and not res["confirmed"]
+    assert isinstance(res, dict) and res["target_pid"] == tgt.pid, res
+    # only a Confirm lost in the shutdown leaves the source unsure: it then proves the target serves
+    assert res["confirmed"] == (step == "confirm")
     assert src.wait(30) == 0
+    fired(cluster, side, step)
     with cluster.client() as c:
         assert c.status()["pid"] == tgt.pid
         assert snapshot(c) == before
+    assert copies.prove(cluster.control, tgt.pid) == N
     assert settled_fds(tgt.pid, tgt_fds + N + 1) == tgt_fds + N + 1

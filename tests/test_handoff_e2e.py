@@ -1,4 +1,5 @@
-"""Source -> target handoffs between real processes, with real fds of every kind."""
+"""Source -> target handoffs between real processes, with real fds of every kind, each proved the
+same open file description by kcmp; the target verifies with the C loops and with the Python ones."""
 
 from __future__ import annotations
 
@@ -13,6 +14,13 @@ from cprd.errors import CapacityError, HandoffError
 from cprd.kinds import Kind, check_populated, same_open_file
 from cprd.protocol import handoff as hp
 from helpers import close_copies, hold_copies, num_fds, settled_fds, snapshot
+from proof import Copies, kcmp_file
+
+pytestmark = pytest.mark.requires("kcmp")
+
+# How the target verifies what arrives: the optional C module's loops, or the Python reference.
+VERIFY = [pytest.param({}, id="c-verify", marks=pytest.mark.requires("speedups")),
+          pytest.param({"CPRD_NO_SPEEDUPS": "1"}, id="python-verify")]
 
 SPECS = {
     "files": "files=20",
@@ -33,15 +41,17 @@ def prove_same(cluster, copies) -> None:
             try:
                 ok, method = same_open_file(mine, theirs, Kind.from_label(kind))
                 assert ok, f"({name!r}, {id_}) is not the same open file ({method})"
+                assert method.startswith("kcmp"), f"({name!r}, {id_}) proved only by {method}"
                 assert check_populated(name, id_, theirs) is None
             finally:
                 os.close(theirs)
 
 
+@pytest.mark.parametrize("verify", VERIFY)
 @pytest.mark.parametrize("kind", sorted(SPECS))
-def test_each_kind_is_handed_off_as_the_same_open_file(cluster, kind):
+def test_each_kind_is_handed_off_as_the_same_open_file(cluster, kind, verify):
     src = cluster.source(SPECS[kind])
-    tgt, listen = cluster.target()
+    tgt, listen = cluster.target(env=verify)
     with cluster.client() as c:
         before = snapshot(c)
         copies = hold_copies(c)
@@ -61,16 +71,20 @@ def test_each_kind_is_handed_off_as_the_same_open_file(cluster, kind):
     assert not os.path.exists(listen), "the target removes its handoff socket once it owns the table"
 
 
-def test_7530_mixed_fds(cluster):
+@pytest.mark.parametrize("verify", VERIFY)
+def test_7530_mixed_fds(cluster, verify):
     from cprd.kinds import mixed_spec, spec_string
 
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # we hold a copy of each of the 7530
     spec = mixed_spec(7530)
     src = cluster.source(spec_string(spec))
-    tgt, listen = cluster.target()
+    tgt, listen = cluster.target(env=verify)
     with cluster.client() as c:
         before = snapshot(c)
         st0 = c.status()
     assert len(before) == 7530
+    copies = cluster.keep(Copies(cluster.control, src.pid))
     base = num_fds(tgt.pid)
     with cluster.client() as c:
         res = c.handoff(listen)
@@ -80,6 +94,7 @@ def test_7530_mixed_fds(cluster):
         st = c.status()
         assert snapshot(c) == before
     assert st["by_kind"] == st0["by_kind"] and st["entries"] == 7530
+    assert copies.prove(cluster.control, tgt.pid) == 7530, "each the very open file description (kcmp)"
     # The target holds exactly the table, the received listener (its handoff socket is closed) and
     # the spare fd a serving daemon keeps to answer clients at its fd limit.
     assert settled_fds(tgt.pid, base + 7530 + 1) == base + 7530 + 1
@@ -153,23 +168,34 @@ def test_target_lost_mid_transfer_leaves_source_whole(cluster, fault):
     assert src.wait(30) == 0
 
 
-def test_connection_shut_down_after_ready_leaves_exactly_one_owner(cluster):
-    """The target shuts its socket down right after Ready. Depending on whether the source's Commit
-    was already queued, either the source keeps the table or the target owns it: never both,
-    never neither."""
-    src = cluster.source("files=100,eventfds=100")
-    tgt, listen = cluster.target(env={"CPRD_FAULT": "target:ready::shutdown"})
+@pytest.mark.parametrize("commit_queued", [False, True], ids=["before-commit", "commit-queued"])
+def test_connection_shut_down_after_ready_leaves_exactly_one_owner(cluster, commit_queued):
+    """The target shuts its socket down right after Ready. Whether the source's Commit was already
+    queued decides who owns the table: the source if not (it cannot send it), the target if so (a
+    live target reads what was queued). Never both, never neither. Each branch is forced with a
+    pause (a test fault) on one side, so both are taken every run."""
+    src_fault = None if commit_queued else {"CPRD_FAULT": "source:ready::sleep=0.5"}
+    tgt_fault = "target:ready::sleep=0.5,target:ready::shutdown" if commit_queued else "target:ready::shutdown"
+    src = cluster.source("files=100,eventfds=100", env=src_fault)
+    copies = cluster.keep(Copies(cluster.control, src.pid))
+    tgt, listen = cluster.target(env={"CPRD_FAULT": tgt_fault})
     with cluster.client() as c:
         before = snapshot(c)
-        try:
-            c.handoff(listen)
-            owner, other = tgt, src
-        except HandoffError:
+        if commit_queued:
+            res = c.handoff(listen)
+            assert res["target_pid"] == tgt.pid and not res["confirmed"]
+            owner, other, other_exit = tgt, src, 0  # the source learns the target serves, and exits 0
+        else:
+            with pytest.raises(HandoffError):
+                c.handoff(listen)
             owner, other = src, tgt
-    other.wait(30)
+    code = other.wait(30)
+    assert code == other_exit if commit_queued else code not in (0, None)
+    assert "event=fault_fired side=target step=ready n=None action=shutdown" in cluster.logs()
     with cluster.client() as c:
         assert c.status()["pid"] == owner.pid
         assert snapshot(c) == before
+    assert copies.prove(cluster.control, owner.pid) == 200
 
 
 def test_garbage_on_the_handoff_socket(cluster):
@@ -205,15 +231,16 @@ def test_garbage_on_the_handoff_socket(cluster):
     assert src.wait(30) == 0
 
 
+@pytest.mark.parametrize("verify", VERIFY)
 @pytest.mark.parametrize("bad_batch", [0, 2, 3])
-def test_target_refuses_an_fd_that_is_not_what_its_record_says(cluster, tmp_path, bad_batch):
+def test_target_refuses_an_fd_that_is_not_what_its_record_says(cluster, tmp_path, bad_batch, verify):
     """A source whose record describes another file than the fd it attaches: the target (which
     verifies on a helper thread while later batches arrive) aborts with VERIFY naming the entry,
     acknowledges no batch from the bad one on, closes all it received and exits non-zero; none of
     our fds changes."""
     from cprd.kinds import classify
 
-    tgt, listen = cluster.target()
+    tgt, listen = cluster.target(env=verify)
     mine = num_fds(os.getpid())
     fds = [os.open(tmp_path / f"f{i}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600) for i in range(200)]
     try:
@@ -260,3 +287,37 @@ def test_any_batch_size_and_window(cluster, batch, window):
     assert src.wait(30) == 0
     with cluster.client() as c:
         assert c.status()["pid"] == tgt.pid and snapshot(c) == before
+
+
+@pytest.mark.parametrize("verify", VERIFY)
+def test_every_kind_a_client_can_put_is_handed_off_as_the_same_open_file(cluster, tmp_path, verify):
+    """Beyond what --populate makes: directories, devices, timerfd, signalfd, pidfd, inotify, odd
+    sockets and flags, each put by a client, handed off, and found by kcmp to be the very fd."""
+    from test_kinds import MAKERS
+
+    src = cluster.source()
+    made: list[int] = []
+    mine: dict[tuple[str, int], int] = {}
+    try:
+        with cluster.client() as c:
+            for label, (kind, make) in sorted(MAKERS.items()):
+                fds = make(str(tmp_path))
+                made += fds
+                info = c.put(label, 0, fds[0])
+                assert info["kind"] == kind.label, label
+                mine[(label, 0)] = fds[0]
+        tgt, listen = cluster.target(env=verify)
+        with cluster.client() as c:
+            assert c.handoff(listen)["entries"] == len(MAKERS)
+        assert src.wait(30) == 0
+        with cluster.client() as c:
+            served = {(e["name"], e["id"]): e for e in c.ls()}
+        assert set(served) == set(mine)
+        me = os.getpid()
+        for key, fd in mine.items():
+            assert kcmp_file(tgt.pid, served[key]["fd"], me, fd), f"{key} is not the fd that was put"
+        assert {e["kind"] for e in served.values()} >= {"dir", "chardev", "blockdev", "timerfd", "signalfd",
+                                                        "pidfd", "inotify"}
+    finally:
+        for fd in made:
+            os.close(fd)

@@ -974,6 +974,7 @@ def test_reply_reader_reassembles_a_large_reply():
 @pytest.mark.parametrize("cls", [errors.BadKey, errors.KeyExists, errors.KeyMissing, errors.BadFd,
                                  errors.ProtocolError, errors.CapacityError, errors.HandoffError,
                                  errors.VerifyError, errors.Busy, errors.ControlError, errors.UsageError,
+                                 errors.Denied, errors.UpgradeError, errors.UnsafePath, errors.UntrustedPeer,
                                  errors.CprdError])
 def test_error_replies_rebuild_the_same_class(cls):
     frames = control.encode_error(cls("what happened; what to do"))

@@ -10,12 +10,12 @@ import socket
 import stat
 import sys
 import threading
+import time
 
 import psutil
 import pytest
 
 from cprd.client import Client
-from cprd.errors import CprdError
 from helpers import close_copies, hold_copies, num_fds, settled_fds, snapshot
 from test_handoff_e2e import prove_same
 
@@ -35,28 +35,32 @@ def _upgrade(cluster, *args):
 
 
 class Hammer:
-    """Clients that connect afresh for every request during an upgrade: none may be refused."""
+    """Clients that connect afresh for every request during an upgrade: none may be refused or fail,
+    and some must have waited through the exec (each request's start and end are kept)."""
 
     def __init__(self, path: str) -> None:
-        self.path, self.stop, self.refused, self.failed, self.ok = path, threading.Event(), 0, [], 0
+        self.path, self.stop, self.failed = path, threading.Event(), []
+        self.done: list[tuple[float, float]] = []
         self.t = threading.Thread(target=self.run)
 
     def run(self) -> None:
         while not self.stop.is_set():
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            try:
-                s.connect(self.path)
-            except ConnectionRefusedError:
-                self.refused += 1
-                continue
-            finally:
-                s.close()
+            t0 = time.monotonic()
             try:
                 with Client(self.path, timeout=30) as c:
                     c.status()
-                    self.ok += 1
-            except CprdError as e:
+                self.done.append((t0, time.monotonic()))
+            except Exception as e:  # noqa: BLE001 - any failure at all is a failure of the test
                 self.failed.append(repr(e))
+
+    @property
+    def ok(self) -> int:
+        return len(self.done)
+
+    def waited_through(self, t0: float, t1: float, gap_ms: float) -> int:
+        """Requests that started in [t0, t1] and took more than half the upgrade's dark gap: they
+        were in flight while the exec happened and were answered by the new program."""
+        return sum(1 for a, b in self.done if t0 <= a <= t1 and (b - a) * 1e3 > gap_ms / 2)
 
     def __enter__(self) -> Hammer:
         self.t.start()
@@ -65,6 +69,7 @@ class Hammer:
     def __exit__(self, *exc) -> None:
         self.stop.set()
         self.t.join(30)
+        assert not self.t.is_alive()
 
 
 def test_upgrade_in_place_keeps_pid_fds_and_clients(cluster):
@@ -76,11 +81,14 @@ def test_upgrade_in_place_keeps_pid_fds_and_clients(cluster):
     try:
         with Hammer(cluster.control) as h:
             for _ in range(3):
+                t0 = time.monotonic()
                 code, res, err = _upgrade(cluster)
+                t1 = time.monotonic()
                 assert code == 0, err
                 assert res["pid"] == src.pid and not res["rolled_back"] and res["entries"] == len(before)
                 assert res["ms"] > 0
-        assert h.refused == 0 and h.failed == [] and h.ok > 0
+                assert h.waited_through(t0, t1, res["ms"]) > 0, "no request was in flight across the exec"
+        assert h.failed == [] and h.ok > 0
         with cluster.client() as c:
             st = c.status()
             assert st["pid"] == src.pid and st["upgrades"] == 3
@@ -245,7 +253,8 @@ def test_new_program_that_never_confirms_is_killed_with_what_it_forked_and_rolle
     with cluster.client() as c:
         before = snapshot(c)
         copies = hold_copies(c)
-    hang = _program(tmp_path, "hanging-cprd", "#!/bin/sh\nsleep 100000 &\nsleep 100000\n")
+    hang = _program(tmp_path, "hanging-cprd",
+                    "#!/bin/sh\n( setsid sleep 100000 & )\nsleep 100000 &\nsleep 100000\n")  # one escapes
     restored = None
     try:
         code, res, err = _upgrade(cluster, "--program", hang, "--timeout", "2")
@@ -310,3 +319,41 @@ def test_upgrade_timeout_and_program_are_checked(cluster, tmp_path):
     with cluster.client() as c:
         st = c.status()
         assert st["pid"] == src.pid and st["upgrades"] == 0 and st["state"] == "serving"
+
+
+def test_a_rollback_runs_the_cprd_module_not_a_program_an_earlier_upgrade_named(cluster, tmp_path):
+    """Found by a hostile probe: a rollback ran the last --program again (a wrapper, unchecked, with
+    every fd); it runs the interpreter's cprd module, as docs/protocol.md 6.2 says."""
+    src = cluster.source(SPEC)
+    with cluster.client() as c:
+        before = snapshot(c)
+    runs = tmp_path / "wrapper-runs"
+    wrapper = _program(tmp_path, "wrapper-cprd", f'#!/bin/sh\necho run >> {runs}\nexec {{python}} -m cprd "$@"\n')
+    code, res, err = _upgrade(cluster, "--program", wrapper)
+    assert code == 0 and res["pid"] == src.pid, err
+    hang = _program(tmp_path, "hanging-cprd", "#!/bin/sh\nsleep 100000\n")
+    restored = None
+    try:
+        code, res, err = _upgrade(cluster, "--program", hang, "--timeout", "1")
+        assert code == 1 and res["rolled_back"], err
+        restored = res["pid"]
+        with cluster.client() as c:
+            assert c.status()["pid"] == restored and snapshot(c) == before
+        assert runs.read_text() == "run\n", "the wrapper ran once, for its own upgrade"
+        assert psutil.Process(restored).cmdline()[1:3] == ["-m", "cprd"]
+    finally:
+        _stop_restored(restored)
+
+
+def test_a_wrapper_child_that_escapes_its_group_and_parent_is_found_by_the_state_it_holds(cluster, tmp_path):
+    """setsid and a double fork leave both the process group and the parent: the child still holds
+    the upgrade's state memfd, which nothing else can, and cprd kills it once it has restored."""
+    src = cluster.source(SPEC)
+    with cluster.client() as c:
+        before = snapshot(c)
+    wrapper = _program(tmp_path, "escaping-cprd",
+                       '#!/bin/sh\n( setsid sleep 100000 & )\nexec {python} -m cprd "$@"\n')
+    code, res, err = _upgrade(cluster, "--program", wrapper)
+    assert code == 0 and res["pid"] == src.pid, err
+    assert pids_holding(_memfd_of(before)) == {src.pid}
+    assert "event=upgrade_strays_killed" in cluster.logs()
