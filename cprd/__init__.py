@@ -1,3 +1,3 @@
 """cprd: hand a live table of open fds from one process to another, losing and duplicating none."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
