@@ -1,4 +1,9 @@
-"""`cprd` command line: source, target, ctl, demo, bench."""
+"""`cprd` command line: source, target, ctl, demo, stress, bench.
+
+Each subcommand parses its arguments (argparse), checks what it can before contacting anything, and
+hands on to the daemon (daemon/), the client (client.py) or a tool (tools/). Exit status: 0 on
+success, 2 for a usage error (UsageError), 1 for a refused or failed operation.
+"""
 
 from __future__ import annotations
 
@@ -241,19 +246,19 @@ def cmd_upgrade(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .tools.demo import run_demo
 
     return run_demo(fds=a.fds, as_json=a.json)
 
 
 def cmd_stress(a: argparse.Namespace) -> int:
-    from . import stress
+    from .tools import stress
 
     return stress.main(a)
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
-    from . import bench
+    from .tools import bench
 
     return bench.main(a)
 
@@ -364,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(func=cmd_stress)
 
     b = sub.add_parser("bench", help="benchmarks")
-    from . import bench
+    from .tools import bench
 
     bench.add_parser(b)
     b.set_defaults(func=cmd_bench)

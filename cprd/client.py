@@ -24,6 +24,13 @@ Trust: before anything is sent, the client checks with SO_PEERCRED who serves th
 must run as the client's own user or as root, or as a uid named in `trust_uids` (CLI
 ``--trust-uid``, environment CPRD_TRUST_UID, comma-separated): an fd handed to a daemon is
 handed to whoever runs it.
+
+The status probe (``probe_status``, ``status_over``) is the one way any part of cprd asks a
+control socket who serves it: a daemon asks it of its peer's socket during a handoff, and of a
+socket it finds in its way at start.
+
+What this module may know: the control protocol, sockets, paths' trust rules. Nothing of tables,
+handoffs or the daemon.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from typing import Any
 import trio
 
 from . import scm
-from .errors import ControlError, UntrustedPeer, UsageError, error_from_code
+from .errors import ControlError, CprdError, UntrustedPeer, UsageError, error_from_code
 from .fds import OwnedFds
 from .paths import connect_seqpacket, control_path, peer_cred, user_name
 from .protocol import control as cp
@@ -147,6 +154,31 @@ def status_over(sock: socket.socket) -> dict[str, Any]:
     result, fds = _request(sock, "status", [], {})
     fds.close()
     return result
+
+
+async def probe_status(path: str, timeout: float = 1.0) -> dict[str, Any] | None:
+    """The status of whoever serves the control socket at path, or None if nobody answers within
+    timeout (no retries, no trust check: a daemon asks this of its peer's socket during a handoff,
+    where only the pid in the answer matters)."""
+    with trio.move_on_after(timeout):
+        try:
+            sock = await connect_seqpacket(path, timeout)
+        except OSError:
+            return None
+        with sock:
+            try:
+                await scm.send(sock, cp.encode_request("status"), (), "status")
+                reader = cp.ReplyReader()
+                while True:
+                    data, fds = await scm.recv(sock, cp.MAX_FRAME, 1, "status")
+                    fds.close()
+                    reply = reader.feed(data)
+                    if reply is not None:
+                        result = reply.get("result") if reply.get("ok") else None
+                        return result if isinstance(result, dict) else None
+            except (CprdError, OSError):
+                return None
+    return None
 
 
 def describe_daemon(sock: socket.socket) -> str:

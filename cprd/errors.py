@@ -43,6 +43,12 @@ class ProtocolError(CprdError):
     code = "protocol"
 
 
+class Closed(ProtocolError):
+    """The peer closed the connection (EOF) or it broke."""
+
+    code = "closed"
+
+
 class CapacityError(CprdError):
     """Not enough room for fds (RLIMIT_NOFILE) in the process that would receive them."""
 
@@ -108,7 +114,7 @@ _BY_CODE = {cls.code: cls for cls in (
     VerifyError, Busy, ControlError, UsageError, Denied, UpgradeError, UnsafePath,
     UntrustedPeer,
 )}
-_BY_CODE["closed"] = ProtocolError
+_BY_CODE["closed"] = ProtocolError  # a daemon never sends it; a reply that does is a protocol error
 
 
 def error_from_code(code: str, message: str) -> CprdError:

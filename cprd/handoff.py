@@ -1,23 +1,26 @@
-"""Drive the handoff protocol (protocol/handoff.py) over SOCK_SEQPACKET with trio and scm.py.
+"""The two sides of a handoff over trio: thin drivers of the sessions in protocol/session.py.
 
 Theory of operation
 -------------------
-``send_table`` runs in the source. Its table is frozen while it runs (the daemon refuses
-mutations). Until it has sent Commit, any failure leaves the source owning everything: it only
-ever sent duplicates (SCM_RIGHTS copies) and closes nothing. After Commit the target owns the
-table. If the connection breaks before Confirm, the source learns the target's fate
-(``peer_fate``): dead (its pidfd, opened at connect with the pid from SO_PEERCRED, turns
-readable) means it never served, so the source takes the table back; serving (it answers a
-status request on the control socket) or merely alive means it owns the table.
+The rules of a handoff (what to send when, what each message must agree with, who owns the table
+after which message, what a salvage keeps) are the sessions'. What is here is what they leave to
+I/O: the SOCK_SEQPACKET socket and SCM_RIGHTS (scm.py), timeouts, the kernel's limits on fds in
+flight, verifying what arrives (fstat, in C on a helper thread when the optional module is built),
+learning a peer's fate, the clock of each phase, gc, and the test-only fault points.
+
+``send_table`` runs in the source. Its table may change while it runs (pre-copy: the daemon
+journals mutations, and freezes them for the last delta only). Until it has sent Commit, any
+failure leaves the source owning everything: it only ever sent duplicates (SCM_RIGHTS copies) and
+closes nothing. After Commit the target owns the table. If the connection breaks before Confirm,
+the source learns the target's fate (``peer_fate``): dead (its pidfd, opened at connect with the
+pid from SO_PEERCRED, turns readable) means it never served, so the source takes the table back;
+serving (it answers a status request on the control socket) or merely alive means it owns it.
 
 ``accept_handoff`` + ``receive_table`` run in the target. Connections are served concurrently
 until one sends a valid hello (a silent or garbage connection cannot block a real source). Every
 fd that arrives is owned at once (OwnedFds), verified against the identity the source sent, and
-moved into a fresh FdTable. When the connection breaks the target asks the same question about
-its source: if the source lives, the target closes everything it received and fails (a target
-never serves a partial table while its source lives); if the source died, the fds that reached
-the target exist nowhere else, so it keeps them: the whole table after End, a *salvaged* part
-before End, naming the keys lost with the source (from the Manifest).
+moved into the session's table. When the connection breaks the target learns its source's fate
+the same way and lets its session decide: give everything up, or keep it.
 
 Speed: the receiving hot loop (build the entries, one fstat and one fcntl an fd) is in C when the
 optional speedup is built (cprd/_speedups.c). Then the target verifies on a helper thread (the
@@ -28,13 +31,15 @@ instead of sleeping.
 Flow control: the target acknowledges each batch and the source keeps at most `window` batches
 unacknowledged. A non-root sender also keeps the fds in flight under half its RLIMIT_NOFILE,
 since the kernel refuses more (ETOOMANYREFS).
+
+What this module may know: sockets, fds, trio, the sessions and codec, the control client's
+status probe (to learn whether a peer serves). Not the daemon.
 """
 
 from __future__ import annotations
 
 import fcntl
 import gc
-import json
 import logging
 import os
 import resource
@@ -46,12 +51,18 @@ from dataclasses import dataclass, field
 import trio
 
 from . import fault, scm
+from .client import probe_status
 from .errors import CapacityError, CprdError, HandoffError, ProtocolError, UsageError, VerifyError
 from .fds import OwnedFds
 from .kinds import KIND_BY_CODE, MUTABLE_FLAGS, Identity, verify
 from .paths import connect_seqpacket, peer_cred, user_name
 from .protocol import handoff as hp
+from .protocol.session import Result, Salvage, Send, SourceSession, TargetSession, abort_for
+from .speedups import C as _c
 from .table import Entry, FdTable
+
+__all__ = ["Result", "Salvage", "Received", "Incoming", "SourceHooks", "send_table", "accept_handoff",
+           "receive_table", "confirm", "peer_fate", "fd_capacity", "raise_nofile", "table_limit", "speedups"]
 
 log = logging.getLogger("cprd.handoff")
 
@@ -94,24 +105,6 @@ def fd_capacity(reserve: int = RESERVE_FDS) -> tuple[int, int, int]:
     return soft, n, max(0, soft - n - reserve)
 
 
-@dataclass(slots=True)
-class Result:
-    entries: int
-    fds: int
-    ms: float
-    target_pid: int
-    confirmed: bool
-    phases: dict[str, float] = field(default_factory=dict)
-    freeze_ms: float = 0.0  # mutations waited this long: from the freeze to the target's confirmation
-    rounds: int = 0  # pre-copy rounds after the snapshot
-    delta_ops: int = 0  # mutations sent as deltas (pre-copy rounds and the frozen last one)
-
-    def describe(self) -> dict:
-        return {"entries": self.entries, "fds": self.fds, "ms": round(self.ms, 3), "target_pid": self.target_pid,
-                "confirmed": self.confirmed, "freeze_ms": round(self.freeze_ms, 3), "rounds": self.rounds,
-                "delta_ops": self.delta_ops, "phases_ms": {k: round(v, 3) for k, v in self.phases.items()}}
-
-
 class _Clock:
     def __init__(self) -> None:
         self.t0 = self.last = time.perf_counter()
@@ -127,24 +120,41 @@ class _Clock:
         return (time.perf_counter() - self.t0) * 1e3
 
 
-async def _recv_event(sock, m: hp.Handoff, timeout: float, what: str) -> tuple[hp.Event, OwnedFds]:
+async def _recv(sock, decode: Callable[[bytes, int], hp.Event], timeout: float,
+                what: str) -> tuple[hp.Event, OwnedFds]:
+    """One message from the peer, decoded by its session (which raises on an Abort or a breach of
+    the protocol, after we close the fds that came with it)."""
     with trio.move_on_after(timeout) as cs:
         data, fds = await scm.recv(sock, MAX_MSG, hp.SCM_MAX_FD, what)
     if cs.cancelled_caught:
         raise HandoffError(f"{what}: no answer from the peer within {timeout:.0f} s; is it hung?")
     try:
-        ev = m.receive(data, len(fds))
+        ev = decode(data, len(fds))
     except BaseException:
         fds.close()
         raise
     return ev, fds
 
 
-def _abort_error(ev: hp.Abort, who: str) -> CprdError:
-    cls = {hp.AbortCode.CAPACITY: CapacityError, hp.AbortCode.VERIFY: VerifyError,
-           hp.AbortCode.PROTOCOL: ProtocolError}.get(ev.code, HandoffError)
-    return cls(f"the {who} aborted the handoff: {ev.message}")
+# -- a peer's fate -----------------------------------------------------------------------------
+GONE = -1  # what _open_pidfd returns for a peer whose pid no longer exists: proof that it died
 
+
+def _open_pidfd(pid: int) -> int | None:
+    """A pidfd of the peer that connected (pid from SO_PEERCRED), opened as soon as possible; GONE if
+    that pid no longer exists (the peer exited and was reaped: dead, whoever reaped it); None if the
+    kernel will not say."""
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        return GONE
+    except OSError:
+        return None
+
+
+def _close_pidfd(pidfd: int | None) -> None:
+    if pidfd is not None and pidfd >= 0:
+        os.close(pidfd)
 
 
 async def peer_fate(pidfd: int | None, peer_pid: int, control_path: str, timeout: float) -> str:
@@ -167,11 +177,11 @@ async def peer_fate(pidfd: int | None, peer_pid: int, control_path: str, timeout
     async def serves(scope: trio.CancelScope) -> None:
         nonlocal fate
         while True:
-            with trio.move_on_after(1):
-                if await _status_pid(control_path) == peer_pid:
-                    fate = "serving"
-                    scope.cancel()
-                    return
+            st = await probe_status(control_path, 1.0)
+            if st is not None and st.get("pid") == peer_pid:
+                fate = "serving"
+                scope.cancel()
+                return
             await trio.sleep(0.02)
 
     with trio.move_on_after(timeout) as scope:
@@ -183,43 +193,7 @@ async def peer_fate(pidfd: int | None, peer_pid: int, control_path: str, timeout
     return fate
 
 
-async def _status_pid(control_path: str) -> int | None:
-    """The pid of whoever answers a status request on the control socket (None if nobody does)."""
-    from .protocol import control as cp
-
-    try:
-        sock = await connect_seqpacket(control_path, 1.0)
-    except OSError:
-        return None
-    with sock:
-        try:
-            await scm.send(sock, cp.encode_request("status"), (), "status")
-            reader = cp.ReplyReader()
-            while True:
-                data, fds = await scm.recv(sock, cp.MAX_FRAME, 1, "status")
-                fds.close()
-                reply = reader.feed(data)
-                if reply is not None:
-                    return int(reply["result"]["pid"]) if reply.get("ok") else None
-        except (CprdError, OSError, KeyError, TypeError, ValueError):
-            return None
-
-
-GONE = -1  # what _open_pidfd returns for a peer whose pid no longer exists: proof that it died
-
-
-def _open_pidfd(pid: int) -> int | None:
-    """A pidfd of the peer that connected (pid from SO_PEERCRED), opened as soon as possible; GONE if
-    that pid no longer exists (the peer exited and was reaped: dead, whoever reaped it); None if the
-    kernel will not say."""
-    try:
-        return os.pidfd_open(pid)
-    except ProcessLookupError:
-        return GONE
-    except OSError:
-        return None
-
-
+# -- flow control --------------------------------------------------------------------------------
 def _exempt_from_inflight_limit() -> bool:
     """CAP_SYS_RESOURCE or CAP_SYS_ADMIN lift the kernel's limit on fds in flight."""
     try:
@@ -247,6 +221,27 @@ def flow_limits(batch: int, window: int) -> tuple[int, int]:
     return batch, max(1, min(window, inflight // batch))
 
 
+async def _try_send(sock, m: hp.Handoff, ev: hp.Event | None) -> None:
+    if ev is None:
+        return
+    try:
+        await scm.send(sock, m.send(ev), (), "handoff abort")
+    except (CprdError, OSError):
+        pass
+
+
+async def _drain(sock, timeout: float = 2.0) -> None:
+    """Read and drop what the peer still sends (closing any fds) until it closes: closing a UNIX
+    socket with unread data resets the peer, which would then never read our Abort."""
+    with trio.move_on_after(timeout):
+        try:
+            while True:
+                _, fds = await scm.recv(sock, MAX_MSG, hp.SCM_MAX_FD, "handoff drain")
+                fds.close()
+        except (CprdError, OSError):
+            pass
+
+
 # -- the source side ----------------------------------------------------------------------------
 @dataclass(slots=True)
 class SourceHooks:
@@ -260,10 +255,6 @@ class SourceHooks:
     freeze: Callable[[], Awaitable[None]] | None = None
     before_commit: Callable[[], Awaitable[None]] | None = None
     results: Callable[[int], tuple[list[tuple[str, object]], int]] | None = None
-
-
-FREEZE_OPS = 4  # freeze once at most this many ops are left to send (each costs the freeze ~0.05 ms)
-MAX_ROUNDS = 8  # pre-copy rounds before freezing anyway (churn faster than the copy)
 
 
 async def send_table(table: FdTable, to: str, *, listener_fd: int | None, control_path: str,
@@ -282,7 +273,6 @@ async def send_table(table: FdTable, to: str, *, listener_fd: int | None, contro
     if window < 1:
         raise UsageError(f"window {window} must be at least 1")
     clock = _Clock()
-    pidfd = None
     try:
         sock = await connect_seqpacket(to, timeout)
     except OSError as e:
@@ -299,224 +289,126 @@ async def send_table(table: FdTable, to: str, *, listener_fd: int | None, contro
             raise HandoffError(msg)
         pidfd = _open_pidfd(target_pid)
         try:
-            return await _Sender(sock, table, clock, target_pid, pidfd, listener_fd, control_path, batch, window,
-                                 timeout, hooks or SourceHooks()).run()
+            session = SourceSession(table, pid=os.getpid(), control_path=control_path, listener_fd=listener_fd,
+                                    batch=batch, window=window)
+            return await _SourceDriver(sock, session, clock, target_pid, pidfd, timeout,
+                                       hooks or SourceHooks()).run()
         except (HandoffError, CapacityError):
             raise
         except (CprdError, OSError) as e:
             raise HandoffError(f"handoff to {to} (target pid {target_pid}) failed: {e}; the source keeps"
                                " every entry") from None
         finally:
-            if pidfd is not None and pidfd >= 0:
-                os.close(pidfd)
+            _close_pidfd(pidfd)
 
 
-def _results_chunks(results: list[tuple[str, object]], limit: int = hp.MAX_PAYLOAD - 1024) -> list[list]:
-    """Split answers into Results messages that each fit the payload limit (an answer too large to
-    travel alone is left out: its client, if it retries, has the mutation applied a second time
-    only if it was a put that replaced; keys, names and ids are at most a few hundred bytes)."""
-    chunks: list[list] = [[]]
-    size = 2
-    for rid, answer in results:
-        n = len(json.dumps([rid, answer], separators=(",", ":")).encode()) + 1
-        if n > limit:
-            log.warning("event=result_too_large rid=%r bytes=%d", rid, n)
-            continue
-        if size + n > limit:
-            chunks.append([])
-            size = 2
-        chunks[-1].append((rid, answer))
-        size += n
-    return [c for c in chunks if c]
+class _SourceDriver:
+    """Sockets, timeouts, the kernel's limits and fault points for one SourceSession."""
 
+    def __init__(self, sock, session: SourceSession, clock: _Clock, target_pid: int, pidfd: int | None,
+                 timeout: float, hooks: SourceHooks) -> None:
+        self.sock, self.s, self.clock = sock, session, clock
+        self.target_pid, self.pidfd, self.timeout, self.hooks = target_pid, pidfd, timeout, hooks
 
-class _Sender:
-    """One source-side handoff: snapshot, pre-copy rounds, freeze, last delta, commit."""
+    async def _points(self, send: Send) -> None:
+        for step, n, last in send.points:
+            await fault.apoint("source", step, n, sock=self.sock, last=last)
 
-    def __init__(self, sock, table: FdTable, clock: _Clock, target_pid: int, pidfd: int | None,
-                 listener_fd: int | None, control_path: str, batch: int, window: int, timeout: float,
-                 hooks: SourceHooks) -> None:
-        self.sock, self.table, self.clock = sock, table, clock
-        self.target_pid, self.pidfd, self.listener_fd = target_pid, pidfd, listener_fd
-        self.control_path, self.batch, self.timeout, self.hooks = control_path, batch, timeout, hooks
-        self.m = hp.Handoff("source", window)
-        self.window = window
-        self.seq = 0
-        self.rounds = 0
-        self.delta_ops = 0
-        self.deltas = self.deletes = self.results_sent = 0  # messages of each kind so far (fault points)
+    async def send(self, send: Send, what: str = "handoff") -> None:
+        """Send one message (a batch when the window allows: acknowledgements are read meanwhile)."""
+        if isinstance(send.event, hp.Batch):
+            await self._batch(send)
+        else:
+            with trio.move_on_after(self.timeout) as cs:
+                await scm.send(self.sock, self.s.m.send(send.event), send.fds, what)
+            if cs.cancelled_caught:
+                raise HandoffError(f"{what}: the target has not read for {self.timeout:.0f} s; is it hung?")
+        await self._points(send)
 
-    async def _send(self, ev: hp.Event, fds: list[int] = (), what: str = "handoff") -> None:  # type: ignore[assignment]
-        with trio.move_on_after(self.timeout) as cs:
-            await scm.send(self.sock, self.m.send(ev), fds, what)
-        if cs.cancelled_caught:
-            raise HandoffError(f"{what}: the target has not read for {self.timeout:.0f} s; is it hung?")
-
-    async def _recv(self, what: str) -> hp.Event:
-        ev, _ = await _recv_event(self.sock, self.m, self.timeout, what)
-        if isinstance(ev, hp.Abort):
-            raise _abort_error(ev, "target")
+    async def recv(self, what: str) -> hp.Event:
+        ev, fds = await _recv(self.sock, self.s.receive, self.timeout, what)
+        fds.close()  # the target attaches none
         return ev
 
-    async def _batch(self, entries: list[Entry], replace: bool) -> None:
-        while not self.m.can_send_batch():
-            await self._recv("handoff transfer")
-        ev = hp.Batch.of(self.seq, entries, replace)  # an Entry has a Record's name, id and ident
-        data, fds = self.m.send(ev), [e.fd for e in entries]
+    async def _batch(self, send: Send) -> None:
+        while not self.s.can_send():
+            self.s.on_ack(await self.recv("handoff transfer"))
+        data = self.s.m.send(send.event)
         while True:  # on ETOOMANYREFS wait for the target to take some fds (an ack), then retry
             try:
                 with trio.move_on_after(self.timeout) as cs:
-                    await scm.send(self.sock, data, fds, "handoff batch")
+                    await scm.send(self.sock, data, send.fds, "handoff batch")
                 if cs.cancelled_caught:
                     raise HandoffError(f"handoff batch: the target has not read for {self.timeout:.0f} s")
-                break
+                return
             except CapacityError:
-                if self.m.unacked <= 1:
+                if self.s.unacked() <= 1:
                     raise
-                await self._recv("handoff transfer")
-        self.seq += 1
+                self.s.on_ack(await self.recv("handoff transfer"))
 
-    async def _ops(self, ops: list[tuple[str, object]]) -> None:
-        """Send journal ops in order: runs of saves as REPLACE batches, runs of deletes as Delete."""
-        self.delta_ops += len(ops)
-        i = 0
-        while i < len(ops):
-            kind = ops[i][0]
-            j = i
-            limit = self.batch if kind == "save" else hp.MANIFEST_CHUNK
-            while j < len(ops) and ops[j][0] == kind and j - i < limit:
-                j += 1
-            run = [op[1] for op in ops[i:j]]
-            if kind == "save":
-                await self._batch(run, replace=True)  # type: ignore[arg-type]
-            else:
-                await self._send(hp.Delete.of(run), (), "handoff delete")  # type: ignore[arg-type]
-                fault.point("source", "delete", self.deletes, sock=self.sock)
-                self.deletes += 1
-            fault.point("source", "delta", self.deltas, sock=self.sock)
-            self.deltas += 1
-            i = j
-
-    async def _settle(self) -> None:
-        """Wait for the acks of every batch sent."""
-        while self.m.unacked:
-            await self._recv("handoff transfer")
-
-    async def _results(self, since: int) -> int:
-        """Send the daemon's answers to mutations given since `since`; return where the next send
-        starts."""
-        if self.hooks.results is None:
-            return since
-        results, nxt = self.hooks.results(since)
-        for chunk in _results_chunks(results):
-            await self._send(hp.Results(tuple(chunk)), (), "handoff results")
-            fault.point("source", "results", self.results_sent, sock=self.sock)
-            self.results_sent += 1
-        return nxt
+    async def settle(self) -> None:
+        while not self.s.settled():
+            self.s.on_ack(await self.recv("handoff transfer"))
 
     async def run(self) -> Result:
-        m, table, clock = self.m, self.table, self.clock
-        entries = list(table)  # the snapshot, and from this very instant the journal of what changes
-        table.start_journal()
-        n = len(entries)
-        await self._send(hp.SourceHello(os.getpid(), n, n, self.batch, self.control_path), (), "handoff hello")
-        fault.point("source", "hello", sock=self.sock)
-        ev = await self._recv("handoff hello")
-        assert isinstance(ev, hp.TargetHello)
-        need = n + (1 if self.listener_fd is not None else 0)
-        if ev.capacity < need:
-            msg = (f"target pid {ev.pid} has room for {ev.capacity} more fds (RLIMIT_NOFILE {ev.fd_limit}, "
-                   f"{ev.open_fds} open) but the table needs {need}; raise the target's limit (ulimit -n or "
-                   "LimitNOFILE=)")
-            await _try_send(self.sock, m, hp.Abort(hp.AbortCode.CAPACITY, msg))
-            raise CapacityError(msg)
+        s, clock, hooks = self.s, self.clock, self.hooks
+        await self.send(s.hello(), "handoff hello")
+        try:
+            s.on_target_hello(await self.recv("handoff hello"))
+        except CapacityError as e:
+            await _try_send(self.sock, s.m, abort_for(e))
+            raise
         # Only now (a test may lower our limit at the hello) fix how many fds may be in flight.
-        self.batch, m.window = flow_limits(self.batch, self.window)
-        # The keys first (cheap: ~0.1 us a key), so that a target whose source dies mid-transfer can
-        # name what was lost.
-        for i in range(0, n, hp.MANIFEST_CHUNK):
-            await self._send(hp.Manifest.of(entries[i:i + hp.MANIFEST_CHUNK]), (), "handoff manifest")
+        s.flow(*flow_limits(s.batch, s.window))
+        for m in s.manifests():
+            await self.send(m, "handoff manifest")
         clock.mark("hello")
-        last = (n - 1) // self.batch if n else -1
-        for i in range(0, n, self.batch):
-            await self._batch(entries[i:i + self.batch], replace=False)
-            await fault.apoint("source", "batch", self.seq - 1, sock=self.sock, last=last)
+        for b in s.snapshot():
+            await self.send(b)
         clock.mark("snapshot")
-        # Pre-copy: while the table changed during the last round, send what changed, as long as
-        # that shrinks; then freeze and send the rest.
-        # Every round waits until the target has verified all it was sent, so that the freeze covers
-        # only the last delta, never a backlog of snapshot batches.
-        await self._settle()
-        ops = table.take_journal() if table.journal is not None else []
-        while len(ops) > FREEZE_OPS and self.rounds < MAX_ROUNDS:
-            await self._ops(ops)
-            await self._settle()
-            self.rounds += 1
-            ops = table.take_journal()
-        results_seq = await self._results(0)  # answers so far, before the freeze
+        await self.settle()
+        while (deltas := s.precopy()) is not None:
+            for d in deltas:
+                await self.send(d, "handoff delta")
+            await self.settle()
+        for r in s.before_freeze(hooks.results):
+            await self.send(r, "handoff results")
         clock.mark("pre_copy")
         t_freeze = time.perf_counter()
-        if self.hooks.freeze is not None:
-            await self.hooks.freeze()
+        if hooks.freeze is not None:
+            await hooks.freeze()
         await fault.apoint("source", "freeze", sock=self.sock)
-        if table.journal is not None:
-            ops += table.take_journal()
-        await self._ops(ops)
-        await self._results(results_seq)  # and the few given since
-        await self._send(hp.End(len(table), m.fds, m.digest), (), "handoff end")
-        fault.point("source", "end", sock=self.sock)
-        while not isinstance(await self._recv("handoff verify"), hp.Ready):
+        for m in s.after_freeze(hooks.results):
+            await self.send(m, "handoff delta")
+        await self.send(s.end(), "handoff end")
+        for rid in s.dropped_results:
+            log.warning("event=result_too_large rid=%r", rid)
+        while (commit := s.on_ready(await self.recv("handoff verify"))) is None:
             pass
         clock.mark("final_delta")
         await fault.apoint("source", "ready", sock=self.sock)
-        if self.hooks.before_commit is not None:
-            await self.hooks.before_commit()
-        await self._send(hp.Commit(self.listener_fd is not None),
-                         [self.listener_fd] if self.listener_fd is not None else [], "handoff commit")
+        if hooks.before_commit is not None:
+            await hooks.before_commit()
+        await self.send(commit, "handoff commit")
         # From here on the target owns the table, unless it turns out to be dead.
-        fault.point("source", "commit", sock=self.sock)
-        confirmed = False
         try:
-            ev, _ = await _recv_event(self.sock, m, self.timeout, "handoff confirm")
-            confirmed = isinstance(ev, hp.Confirm)
-            problem = "" if confirmed else f"it sent {type(ev).__name__} instead of Confirm"
+            problem = s.on_confirm(await self.recv("handoff confirm"))
         except (CprdError, OSError) as e:
             problem = str(e)
-        if not confirmed:
-            fate = await peer_fate(self.pidfd, self.target_pid, self.control_path, self.timeout)
-            if fate == "dead":
-                raise HandoffError(f"the target (pid {self.target_pid}) died after the commit and before it "
-                                   f"confirmed ({problem}); the source keeps every entry")
+        if problem:
+            fate = await peer_fate(self.pidfd, self.target_pid, s.control_path, self.timeout)
+            s.confirm_lost(problem, fate)
             log.warning("event=confirm_lost target_pid=%d target=%s problem=%r note=the-target-owns-the-table",
                         self.target_pid, fate, problem)
         freeze_ms = (time.perf_counter() - t_freeze) * 1e3
         clock.mark("commit")
-        fault.point("source", "confirm", sock=self.sock)
-        res = Result(len(table), m.fds + (1 if self.listener_fd is not None else 0), clock.total_ms,
-                     self.target_pid, confirmed, clock.phases, freeze_ms, self.rounds, self.delta_ops)
+        await fault.apoint("source", "confirm", sock=self.sock)
+        res = Result(len(s.table), s.fds_sent(), clock.total_ms, self.target_pid, not problem, clock.phases,
+                     freeze_ms, s.rounds, s.delta_ops)
         log.info("event=handoff_sent entries=%d fds=%d ms=%.2f freeze_ms=%.2f rounds=%d delta_ops=%d target_pid=%d "
-                 "batch=%d window=%d %s", res.entries, res.fds, res.ms, freeze_ms, self.rounds, self.delta_ops,
-                 self.target_pid, self.batch, m.window, " ".join(f"{k}_ms={v:.2f}" for k, v in clock.phases.items()))
+                 "batch=%d window=%d %s", res.entries, res.fds, res.ms, freeze_ms, s.rounds, s.delta_ops,
+                 self.target_pid, s.batch, s.m.window, " ".join(f"{k}_ms={v:.2f}" for k, v in clock.phases.items()))
         return res
-
-
-async def _drain(sock, timeout: float = 2.0) -> None:
-    """Read and drop what the peer still sends (closing any fds) until it closes: closing a UNIX
-    socket with unread data resets the peer, which would then never read our Abort."""
-    with trio.move_on_after(timeout):
-        try:
-            while True:
-                _, fds = await scm.recv(sock, MAX_MSG, hp.SCM_MAX_FD, "handoff drain")
-                fds.close()
-        except (CprdError, OSError):
-            pass
-
-
-async def _try_send(sock, m: hp.Handoff, ev: hp.Event) -> None:
-    try:
-        await scm.send(sock, m.send(ev), (), "handoff abort")
-    except (CprdError, OSError):
-        pass
 
 
 # -- the target side ----------------------------------------------------------------------------
@@ -532,30 +424,8 @@ class Incoming:
 
     def close(self) -> None:
         self.sock.close()
-        if self.pidfd is not None and self.pidfd >= 0:
-            os.close(self.pidfd)
+        _close_pidfd(self.pidfd)
         self.pidfd = None
-
-
-@dataclass(slots=True)
-class Salvage:
-    """What a target kept after its source died before End."""
-
-    source_pid: int
-    announced: int  # entries in the source's snapshot
-    received: int  # of those, how many arrived (or were deleted by the source meanwhile)
-    lost_keys: list[tuple[str, int]]
-    unnamed: int  # lost entries whose keys the source died before naming
-    kept: int = 0  # entries the target serves (snapshot and changes made during the copy)
-
-    @property
-    def lost(self) -> int:
-        return len(self.lost_keys) + self.unnamed
-
-    def describe(self) -> dict:
-        return {"source_pid": self.source_pid, "announced": self.announced, "received": self.received,
-                "kept": self.kept, "lost": self.lost, "lost_keys": [list(k) for k in self.lost_keys[:1000]],
-                "lost_keys_truncated": len(self.lost_keys) > 1000, "unnamed": self.unnamed}
 
 
 @dataclass(slots=True)
@@ -590,7 +460,7 @@ async def accept_handoff(listener, allowed_uids: set[int], hello_timeout: float 
                 return
             m = hp.Handoff("target")
             try:
-                ev, fds = await _recv_event(conn, m, hello_timeout, "handoff hello")
+                ev, fds = await _recv(conn, m.receive, hello_timeout, "handoff hello")
                 fds.close()
             except CprdError as e:
                 log.warning("event=not_a_handoff peer_pid=%d error=%r", pid, str(e))
@@ -607,8 +477,7 @@ async def accept_handoff(listener, allowed_uids: set[int], hello_timeout: float 
         finally:
             if not keep:
                 conn.close()
-                if pidfd is not None and pidfd >= 0:
-                    os.close(pidfd)
+                _close_pidfd(pidfd)
 
     async with trio.open_nursery() as nursery:
         while True:
@@ -627,31 +496,22 @@ async def receive_table(inc: Incoming, *, reserve: int = RESERVE_FDS, timeout: f
     Raises (having closed every fd received) when the handoff fails while the source lives. When
     the source dies, returns what arrived: the whole table after End, a salvage before."""
     clock = _Clock()
-    sock, m, hello = inc.sock, inc.machine, inc.hello
-    path = hello.control_path
-    if not path.startswith("/") or len(path.encode()) >= 108:
-        msg = f"the source's control path {path!r} is not an absolute UNIX socket path under 108 bytes"
-        await _try_send(sock, m, hp.Abort(hp.AbortCode.PROTOCOL, msg))
-        raise ProtocolError(msg)
+    sock, hello = inc.sock, inc.hello
+    s = TargetSession(inc.machine, hello, inc.source_pid)
+    table, m = s.table, s.m
     soft, open_fds, capacity = fd_capacity(reserve)
-    if hello.fds + 1 > capacity:
-        msg = (f"this target (pid {os.getpid()}) can take {capacity} more fds (RLIMIT_NOFILE soft limit {soft}, "
-               f"{open_fds} open, {reserve} kept in reserve) but the source has {hello.fds} + 1; raise the "
-               "target's limit (ulimit -n, LimitNOFILE=) and start it again")
-        await _try_send(sock, m, hp.Abort(hp.AbortCode.CAPACITY, msg))
-        raise CapacityError(msg)
-    _grow_fd_table(sock.fileno(), min(soft - 1, open_fds + hello.fds + reserve))
-    table = FdTable()
+    try:
+        first = s.start(pid=os.getpid(), fd_limit=soft, open_fds=open_fds, capacity=capacity, reserve=reserve)
+    except CprdError as e:
+        await _try_send(sock, m, abort_for(e))
+        raise
+    grow_fd_table(sock.fileno(), min(soft - 1, open_fds + hello.fds + reserve))
     listener = OwnedFds()
-    results: list[tuple[str, object]] = []
-    deleted: set[tuple[str, int]] = set()  # keys the source deleted during the copy (not lost if it dies)
-    ended = committed = False
-    deltas = deletes = len_results = 0  # messages of each kind so far (fault points)
 
-    async def tsend(ev: hp.Event) -> None:
+    async def tsend(send: Send) -> None:
         """Send to the source; if it is gone, keep reading what it queued before it went (a dead
         source's batches still sit in our receive queue) and let the end of the stream decide."""
-        data = m.send(ev)
+        data = m.send(send.event)
         try:
             with trio.move_on_after(timeout):
                 await scm.send(sock, data, (), "handoff")
@@ -659,24 +519,21 @@ async def receive_table(inc: Incoming, *, reserve: int = RESERVE_FDS, timeout: f
             log.info("event=send_to_source_failed error=%r note=reading-what-is-queued", str(e))
 
     # Snapshot batches are verified on a helper thread (the C Verifier) while the next ones arrive;
-    # a batch is acknowledged once it is verified, in order. Anything that may close an fd (a
-    # delta, a delete, the end, a failure) first waits until the verifier is idle.
-    verifier = _c.Verifier(_MASK32) if _c is not None else None
+    # a batch is acknowledged once it is verified, in order.
+    verifier = _c.Verifier(FLAGS_MASK32) if _c is not None else None
     checking: dict[int, tuple[hp.Batch, list[int]]] = {}  # seq -> (batch, its fds) being verified
-    verified = 0  # entries verified so far (what an Ack reports)
     readable = select.poll()
     readable.register(sock.fileno(), select.POLLIN)
 
     async def ack_verified(block: bool, send: bool = True) -> None:
         """Acknowledge the batches the verifier has finished (waiting for one if block)."""
-        nonlocal verified
         for seq, bad in verifier.completed(block):
             ev, bfds = checking.pop(seq)
             if bad >= 0:
                 _verify_error(ev, bfds, bad)
-            verified += ev.count
+            ack = s.batch_verified(ev)
             if send:
-                await tsend(hp.Ack(seq, verified))
+                await tsend(ack)
 
     async def settle(send: bool = True) -> None:
         while checking:
@@ -686,99 +543,80 @@ async def receive_table(inc: Incoming, *, reserve: int = RESERVE_FDS, timeout: f
     gc.disable()  # tens of thousands of small objects arrive; collections mid-transfer only cost time
     try:
         try:
-            await scm.send(sock, m.send(hp.TargetHello(m.version, os.getpid(), soft, open_fds, capacity)), (),
-                           "handoff hello")
+            await scm.send(sock, m.send(first.event), (), "handoff hello")
             fault.point("target", "hello", sock=sock)
             clock.mark("hello")
             while True:
                 if checking:
                     await ack_verified(False)
-                    # Nothing to read, or as many unacknowledged batches as a window holds: wait for
-                    # the verifier (the window is not on the wire; a target that acks in time never
-                    # sees more).
-                    if checking and (len(checking) >= m.window or not readable.poll(0)):
+                    if s.must_wait_for_verdicts(len(checking), bool(readable.poll(0))):
                         await ack_verified(True)
                         continue
-                ev, fds = await _recv_event(sock, m, timeout, "handoff transfer")
+                ev, fds = await _recv(sock, s.receive, timeout, "handoff transfer")
+                if s.needs_settle(ev):
+                    await settle()
                 if isinstance(ev, hp.Batch):
                     with fds:
                         if ev.replace:
-                            await settle()
-                            _apply_delta(ev, fds, table)
-                            fault.point("target", "delta", deltas, sock=sock)
-                            deltas += 1
+                            apply_delta(ev, fds, table)
+                            await tsend(s.delta_applied(ev))
+                            fault.point("target", "delta", s.deltas - 1, sock=sock)
                         else:
-                            bfds = _take_batch(ev, fds, table, verifier)
+                            bfds = take_batch(ev, fds, table, verifier)
                             if bfds is not None:
                                 checking[ev.seq] = (ev, bfds)
                             else:
                                 await settle()  # acks go in order
-                    if ev.seq not in checking:
-                        verified = len(table)
-                        await tsend(hp.Ack(ev.seq, verified))
-                    fault.point("target", "batch", ev.seq, sock=sock,
-                                last=(hello.entries - 1) // max(1, hello.batch_max))
+                                await tsend(s.batch_absorbed(ev))
+                    fault.point("target", "batch", ev.seq, sock=sock, last=s.last_batch())
                 elif isinstance(ev, hp.Delete):
-                    await settle()
-                    for key in ev.keys():
-                        if key not in table:
-                            raise ProtocolError(f"handoff delete: the source deletes {key!r}, which it never sent")
+                    for key in s.on_delete(ev):
                         table.delete(*key)
-                        deleted.add(key)
-                    fault.point("target", "delete", deletes, sock=sock)
-                    fault.point("target", "delta", deltas, sock=sock)
-                    deletes, deltas = deletes + 1, deltas + 1
+                    fault.point("target", "delete", s.deletes - 1, sock=sock)
+                    fault.point("target", "delta", s.deltas - 1, sock=sock)
                 elif isinstance(ev, hp.Results):
-                    results.extend(ev.results)
-                    fault.point("target", "results", len_results, sock=sock)
-                    len_results += 1
+                    s.on_results(ev)
+                    fault.point("target", "results", s.results_seen - 1, sock=sock)
                 elif isinstance(ev, hp.End):
-                    await settle()
-                    if ev.entries != len(table):
-                        raise ProtocolError(f"handoff end: the source holds {ev.entries} entries, this target "
-                                            f"{len(table)} after applying every delta")
+                    ready = s.on_end(ev)
                     break
-                elif isinstance(ev, hp.Abort):
-                    raise _abort_error(ev, "source")
-            ended = True
+                # a Manifest needs nothing but the state machine's keeping (for a salvage)
             clock.mark("transfer")
             fault.point("target", "end", sock=sock)
-            await tsend(hp.Ready(len(table), m.digest))
+            await tsend(ready)
             if verifier is not None:  # idle since End: join its helper while the source commits, not after
                 verifier.close()
             await fault.apoint("target", "ready", sock=sock)
-            ev, fds = await _recv_event(sock, m, timeout, "handoff commit")
-            if isinstance(ev, hp.Abort):
+            ev, fds = await _recv(sock, s.receive, timeout, "handoff commit")
+            try:
+                s.on_commit(ev)
+            except BaseException:
                 fds.close()
-                raise _abort_error(ev, "source")
-            listener, committed = fds, True
+                raise
+            listener = fds
             clock.mark("commit")
             fault.point("target", "commit", sock=sock)
         except (scm.Closed, OSError, HandoffError) as e:
-            if isinstance(e, (VerifyError, CapacityError)) or committed or m.state is hp.State.ABORTED:
+            if s.gives_up(e):
                 raise
-            # The connection broke. If the source lives, it owns everything: give up. If it died,
-            # what reached us exists nowhere else: keep it.
+            # The connection broke: the source's fate decides (the session's rule).
             fate = await peer_fate(inc.pidfd, inc.source_pid, hello.control_path, timeout)
-            if fate != "dead":
-                raise HandoffError(f"the handoff connection broke ({e}) while the source (pid {inc.source_pid})"
-                                   f" is {fate}; it keeps every entry, this target keeps none") from None
+            s.on_broken(e, fate)
             await settle(send=False)  # keep only what is verified (a VerifyError fails the whole)
-            salvage = None if ended else _salvage(inc, m, table, deleted)
+            salvage = s.kept()
             log.error("event=source_died source_pid=%d stage=%s entries_kept=%d%s", inc.source_pid,
-                      "after-end" if ended else "mid-transfer", len(table),
+                      "after-end" if s.ended else "mid-transfer", len(table),
                       f" lost={salvage.lost} lost_keys={salvage.lost_keys[:20]!r} unnamed={salvage.unnamed}"
                       if salvage else "")
-            return Received(table, listener, hello, m, inc.source_pid, False, salvage, clock.phases, results)
+            return Received(table, listener, hello, m, inc.source_pid, False, salvage, clock.phases, s.results)
     except BaseException as e:
         if verifier is not None:
             verifier.close()  # it reads fds of the table: stop it before they close
         table.close_all()
         listener.close()
-        if isinstance(e, (VerifyError, ProtocolError, CapacityError)) and not isinstance(e, scm.Closed):
-            code = {VerifyError: hp.AbortCode.VERIFY, CapacityError: hp.AbortCode.CAPACITY}.get(
-                type(e), hp.AbortCode.PROTOCOL)
-            await _try_send(sock, m, hp.Abort(code, str(e)))
+        abort = abort_for(e)
+        if abort is not None:
+            await _try_send(sock, m, abort)
             await _drain(sock)
         raise
     finally:
@@ -789,10 +627,10 @@ async def receive_table(inc: Incoming, *, reserve: int = RESERVE_FDS, timeout: f
             gc.enable()
     log.info("event=handoff_received entries=%d source_pid=%d %s", len(table), inc.source_pid,
              " ".join(f"{k}_ms={v:.2f}" for k, v in clock.phases.items()))
-    return Received(table, listener, hello, m, inc.source_pid, True, None, clock.phases, results)
+    return Received(table, listener, hello, m, inc.source_pid, True, None, clock.phases, s.results)
 
 
-def _grow_fd_table(fd: int, slots: int) -> None:
+def grow_fd_table(fd: int, slots: int) -> None:
     """Make the kernel's fd table of this process hold `slots` fds now, in one step.
 
     Received fds grow it by doubling as they arrive, and in a process with more than one thread
@@ -804,19 +642,6 @@ def _grow_fd_table(fd: int, slots: int) -> None:
         pass  # only a matter of speed
 
 
-def _salvage(inc: Incoming, m: hp.Handoff, table: FdTable, deleted: set[tuple[str, int]]) -> Salvage:
-    named: list[tuple[str, int]] = []
-    for man in m.manifests:
-        try:
-            named.extend(man.keys())
-        except ProtocolError:
-            break
-    lost = [k for k in named if k not in table and k not in deleted]
-    snapshot_received = sum(1 for k in named if k in table or k in deleted)
-    unnamed = max(0, inc.hello.entries - len(named))
-    return Salvage(inc.source_pid, inc.hello.entries, snapshot_received, lost, unnamed, len(table))
-
-
 async def confirm(sock, r: Received) -> None:
     """Tell the source we own the table and serve its control socket."""
     try:
@@ -826,16 +651,16 @@ async def confirm(sock, r: Received) -> None:
     fault.point("target", "confirm", sock=sock)
 
 
-_c = hp._c  # the optional C loops (cprd/_speedups.c); None runs the pure-Python ones below
-_MASK32 = ~MUTABLE_FLAGS & 0xFFFFFFFF
-_NAMES: dict[str, str] = {}  # one str object for each distinct name the C path has seen (names repeat)
+# -- verification (the hot loop) -------------------------------------------------------------------
+FLAGS_MASK32 = ~MUTABLE_FLAGS & 0xFFFFFFFF
+NAMES: dict[str, str] = {}  # one str object for each distinct name the C path has seen (names repeat)
 
 
 def speedups() -> bool:
     return _c is not None
 
 
-def _take_batch(ev: hp.Batch, fds: OwnedFds, table: FdTable, verifier=None) -> list[int] | None:
+def take_batch(ev: hp.Batch, fds: OwnedFds, table: FdTable, verifier=None) -> list[int] | None:
     """Move a snapshot batch's entries into the table, all or nothing, each fd verified against its
     record (one fstat and one fcntl an fd).
 
@@ -846,7 +671,7 @@ def _take_batch(ev: hp.Batch, fds: OwnedFds, table: FdTable, verifier=None) -> l
     fd was verified here. The Python path below is the reference, and also the one that names
     what is wrong (a duplicate key) or handles names that are not plain ASCII."""
     if _c is not None:
-        r = _c.absorb(ev.raw, ev.count, fds.fds, table.bulk_dict(), _MASK32, hp.KINDS, Identity, Entry, _NAMES,
+        r = _c.absorb(ev.raw, ev.count, fds.fds, table.bulk_dict(), FLAGS_MASK32, hp.KINDS, Identity, Entry, NAMES,
                       verifier is None)
         if r == -1:
             taken = fds.take()
@@ -857,7 +682,7 @@ def _take_batch(ev: hp.Batch, fds: OwnedFds, table: FdTable, verifier=None) -> l
         if r >= 0:
             _verify_error(ev, fds.fds, r)
     fixed, names = ev.decoded()
-    bad = _py_verify(fixed, fds.fds)
+    bad = py_verify(fixed, fds.fds)
     if bad >= 0:
         _verify_error(ev, fds.fds, bad)
     make_ident, make_entry, kinds = Identity._make, Entry._make, KIND_BY_CODE
@@ -876,9 +701,9 @@ def _verify_error(ev: hp.Batch, fds: list[int], i: int) -> None:
                       f"sent: {verify(fds[i], r.ident)}")
 
 
-def _apply_delta(ev: hp.Batch, fds: OwnedFds, table: FdTable) -> None:
+def apply_delta(ev: hp.Batch, fds: OwnedFds, table: FdTable) -> None:
     """A pre-copy delta: verify like a snapshot batch, then each record replaces its key (in order)."""
-    bad = _c.verify_batch(ev.raw, ev.count, fds.fds, _MASK32) if _c else _py_verify(ev.decoded()[0], fds.fds)
+    bad = _c.verify_batch(ev.raw, ev.count, fds.fds, FLAGS_MASK32) if _c else py_verify(ev.decoded()[0], fds.fds)
     if bad >= 0:
         _verify_error(ev, fds.fds, bad)
     for r, fd in zip(ev.records(), list(fds.fds)):
@@ -886,7 +711,7 @@ def _apply_delta(ev: hp.Batch, fds: OwnedFds, table: FdTable) -> None:
         fds.fds.remove(fd)  # the table owns it now; what a failing save leaves is closed by the caller
 
 
-def _py_verify(fixed: list[tuple], fds: list[int]) -> int:
+def py_verify(fixed: list[tuple], fds: list[int]) -> int:
     """Index of the first fd that does not match its record (file type, inode, open flags), or -1."""
     fstat, getfl, F_GETFL, mask = os.fstat, fcntl.fcntl, fcntl.F_GETFL, ~MUTABLE_FLAGS
     for i, ((_id, _kind, _nlen, mode, flags, dev, ino), fd) in enumerate(zip(fixed, fds)):
@@ -898,5 +723,3 @@ def _py_verify(fixed: list[tuple], fds: list[int]) -> int:
         except OSError:
             return i
     return -1
-
-

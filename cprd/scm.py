@@ -21,17 +21,11 @@ import errno
 import socket
 from typing import Any
 
-from .errors import CapacityError, ProtocolError
+from .errors import CapacityError, Closed, ProtocolError
 from .fds import OwnedFds
 
 SCM_MAX_FD = 253
 _INT = array.array("i").itemsize
-
-
-class Closed(ProtocolError):
-    """The peer closed the connection (EOF) or it broke."""
-
-    code = "closed"
 
 
 def ancillary(fds: list[int]) -> list[tuple[int, int, bytes]]:

@@ -10,13 +10,14 @@ Ownership: a table owns the fds of its entries. ``save`` takes ownership of the 
 succeeds; when it raises, the caller still owns the fd and must close it. ``delete`` and a
 ``save(..., replace=True)`` close the fd they drop. ``pop`` hands ownership back to the caller.
 
-Journal: while a live handoff copies the table, ``start_journal`` makes every mutation append an
-op to ``journal`` (("save", entry) or ("del", key)) and keeps the fds it drops open in
-``graveyard`` instead of closing them, because a snapshot being sent may still name them.
-``stop_journal`` closes the graveyard.
+Journal: while a live handoff copies the table, ``start_journal`` returns a ``Journal`` to which
+every mutation appends a typed op (``Saved(entry)`` or ``Removed(key)``), and the fds mutations
+drop stay open in its graveyard instead of being closed, because a snapshot being sent may still
+name them. ``stop_journal`` closes the graveyard.
 
-This file knows nothing of sockets, trio or the wire format. It imports only ``kinds`` (for the
-Identity record) and ``errors``.
+What this module may know: fds as numbers it owns (it closes what it drops) and the Identity
+record of ``kinds``. Nothing of sockets, trio or the wire format; it imports only ``kinds`` and
+``errors``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from .kinds import Identity
 NAME_MAX_BYTES = 255
 ID_MIN = -(2**31)
 ID_MAX = 2**31 - 1
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # never in a name
 
 
 class Entry(NamedTuple):
@@ -58,6 +59,37 @@ class Entry(NamedTuple):
         return {"name": self.name, "id": self.id, "fd": self.fd, **self.ident.describe()}
 
 
+class Saved(NamedTuple):
+    """A journal op: this entry was saved (new, or replacing what its key held)."""
+
+    entry: Entry
+
+
+class Removed(NamedTuple):
+    """A journal op: the entry under this key was deleted."""
+
+    key: tuple[str, int]
+
+
+Op = Saved | Removed
+
+
+class Journal:
+    """What changed in a table since a live handoff took its snapshot, in order, and the fds the
+    changes dropped (kept open until the handoff ends)."""
+
+    __slots__ = ("ops", "graveyard")
+
+    def __init__(self) -> None:
+        self.ops: list[Op] = []
+        self.graveyard: list[int] = []
+
+    def take(self) -> list[Op]:
+        """The ops since the last take (and start a new list)."""
+        ops, self.ops = self.ops, []
+        return ops
+
+
 def check_key(name: object, id: object) -> None:
     """Raise BadKey unless (name, id) follows the naming rules."""
     if not isinstance(name, str):
@@ -67,7 +99,7 @@ def check_key(name: object, id: object) -> None:
         raise BadKey(
             f"entry name must be 1 to {NAME_MAX_BYTES} bytes of UTF-8, got {n} bytes; use a shorter name"
         )
-    bad = _CONTROL.search(name)
+    bad = CONTROL_CHARS.search(name)
     if bad:
         raise BadKey(
             f"entry name {name!r} contains control character {bad.group()!r} at {bad.start()};"
@@ -100,37 +132,32 @@ def check_new_name(name: str) -> None:
 class FdTable:
     """A hash table of fds keyed by (name, id). Not thread-safe; one owner task at a time."""
 
-    __slots__ = ("_d", "journal", "graveyard", "version")
+    __slots__ = ("_d", "journal", "version")
 
     def __init__(self) -> None:
         self._d: dict[tuple[str, int], Entry] = {}
-        self.journal: list[tuple[str, object]] | None = None
-        self.graveyard: list[int] | None = None
+        self.journal: Journal | None = None
         self.version = 0  # changes with every change of the entries (for caches of what they encode to)
 
     # -- journal (live handoff) -----------------------------------------------------------
-    def start_journal(self) -> None:
-        self.journal, self.graveyard = [], []
-
-    def take_journal(self) -> list[tuple[str, object]]:
-        """The ops since the last take (and start a new list)."""
-        assert self.journal is not None
-        ops, self.journal = self.journal, []
-        return ops
+    def start_journal(self) -> Journal:
+        """Journal every mutation from now on (see the module docstring)."""
+        assert self.journal is None, "one journal at a time"
+        self.journal = Journal()
+        return self.journal
 
     def stop_journal(self) -> None:
         """Stop journaling and close the fds mutations dropped meanwhile."""
-        graveyard = self.graveyard or []
-        self.journal = self.graveyard = None
-        for fd in graveyard:
+        journal, self.journal = self.journal, None
+        for fd in journal.graveyard if journal is not None else ():
             try:
                 os.close(fd)
             except OSError:
                 pass
 
     def _drop(self, fd: int) -> None:
-        if self.graveyard is not None:
-            self.graveyard.append(fd)
+        if self.journal is not None:
+            self.journal.graveyard.append(fd)
         else:
             os.close(fd)
 
@@ -159,7 +186,7 @@ class FdTable:
         self._d[key] = entry
         self.version += 1
         if self.journal is not None:
-            self.journal.append(("save", entry))
+            self.journal.ops.append(Saved(entry))
         if old is not None and old.fd != fd:
             self._drop(old.fd)
         return entry
@@ -187,7 +214,8 @@ class FdTable:
 
     def bulk_dict(self) -> dict[tuple[str, int], Entry]:
         """The dict itself, for a bulk loader (a handoff's C receive path) that inserts Entry values
-        under their (name, id) keys, all or nothing, checking keys as absorb does."""
+        under their (name, id) keys, all or nothing, checking keys as absorb does (or for measuring
+        its size). Counts as a change of the table."""
         self.version += 1
         return self._d
 
@@ -227,7 +255,7 @@ class FdTable:
             raise KeyMissing(f"no entry ({name!r}, {id}); list entries with `cprd ctl ls`") from None
         self.version += 1
         if self.journal is not None:
-            self.journal.append(("del", (name, id)))
+            self.journal.ops.append(Removed((name, id)))
         return e
 
     def delete(self, name: str, id: int) -> None:

@@ -31,9 +31,10 @@ import sys
 import tempfile
 import time
 
-from cprd import handoff
-from cprd.bench import _fd_budget, _raw_transfer
-from cprd.kinds import Identity, classify, mixed_spec, populate
+from cprd import handoff, speedups
+from cprd.tools.bench import fd_budget, raw_transfer
+from cprd.kinds import Identity, classify
+from cprd.populate import mixed_spec, populate
 from cprd.protocol import handoff as hp
 from cprd.table import Entry, FdTable
 
@@ -43,11 +44,11 @@ WINDOW = 4
 
 def _receive(sock: socket.socket, n: int, verify: bool) -> None:
     """The target: runs in a forked child until the source says END."""
-    c = handoff._c
-    handoff._grow_fd_table(sock.fileno(), n + 100)
+    c = speedups.C
+    handoff.grow_fd_table(sock.fileno(), n + 100)
     gc.disable()
     table = FdTable()
-    v = c.Verifier(handoff._MASK32) if verify else None
+    v = c.Verifier(handoff.FLAGS_MASK32) if verify else None
     checking: set[int] = set()
     readable = select.poll()
     readable.register(sock.fileno(), select.POLLIN)
@@ -76,8 +77,8 @@ def _receive(sock: socket.socket, n: int, verify: bool) -> None:
         fds.frombytes(ancdata[0][2])
         fds = fds.tolist()
         raw = data[HDR.size:]
-        r = c.absorb(raw, count, fds, table.bulk_dict(), handoff._MASK32, hp.KINDS, Identity, Entry,
-                     handoff._NAMES, False)
+        r = c.absorb(raw, count, fds, table.bulk_dict(), handoff.FLAGS_MASK32, hp.KINDS, Identity, Entry,
+                     handoff.NAMES, False)
         assert r == -1, f"absorb returned {r}"
         if v is None:
             sock.send(HDR.pack(seq, 0))
@@ -144,14 +145,14 @@ def main() -> int:
     if args.fds < 1 or args.reps < 1:
         print("lean_pipeline: --fds and --reps must be at least 1", file=sys.stderr)
         return 2
-    budget = _fd_budget()
+    budget = fd_budget()
     counts = mixed_spec(args.fds)
     if args.fds > budget:
         print(f"lean_pipeline: {args.fds} fds do not fit this process's fd limit ({budget} usable)", file=sys.stderr)
         return 2
     evs = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(args.fds)]
     try:
-        floor = [_raw_transfer(evs, hp.SCM_MAX_FD) for _ in range(args.reps)]
+        floor = [raw_transfer(evs, hp.SCM_MAX_FD) for _ in range(args.reps)]
     finally:
         for fd in evs:
             os.close(fd)

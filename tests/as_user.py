@@ -18,7 +18,7 @@ import sys
 import psutil  # noqa: F401
 import trio  # noqa: F401
 
-import cprd.bench  # noqa: F401
+import cprd.tools.bench  # noqa: F401
 import cprd.cli
 import cprd.client  # noqa: F401
 import cprd.daemon  # noqa: F401

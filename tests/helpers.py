@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cprd.client import Client
 from cprd.errors import ControlError
-from cprd.procs import cprd_cmd, quiet_fds, stop, wait_for_socket
+from cprd.tools.procs import cprd_cmd, quiet_fds, stop, wait_for_socket
 
 
 FIRED: set[tuple[str, str]] = set()  # (side, step) of every fault point that fired in a cluster's daemons

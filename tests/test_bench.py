@@ -60,7 +60,7 @@ def test_memory_json_has_the_fields_and_a_sane_value():
 
 def test_memory_closes_every_fd_it_opened():
     code = (
-        "import os, sys; from cprd.bench import bench_memory; "
+        "import os, sys; from cprd.tools.bench import bench_memory; "
         "before = len(os.listdir('/proc/self/fd')); bench_memory([60]); "
         "sys.exit(len(os.listdir('/proc/self/fd')) - before)"
     )
@@ -134,6 +134,6 @@ def test_plot_to_an_unknown_image_type_is_refused_before_measuring(tmp_path):
 
 
 def test_importing_cprd_does_not_import_matplotlib():
-    p = run(code="import sys, cprd, cprd.cli, cprd.bench; cprd.cli.build_parser(); "
+    p = run(code="import sys, cprd, cprd.cli, cprd.tools.bench; cprd.cli.build_parser(); "
                  "sys.exit('matplotlib' in sys.modules)")
     assert p.returncode == 0

@@ -13,8 +13,8 @@ import psutil
 import trio
 import trio.testing
 
-from cprd.daemon import Daemon
-from cprd.handoff import _status_pid
+from cprd.daemon import Config, Daemon, DaemonState
+from cprd.client import probe_status
 from cprd.paths import bind_listener
 from cprd.table import FdTable
 
@@ -26,15 +26,15 @@ def _pending(path: str) -> socket.socket:
     return s
 
 
-async def _accepted_while_idle(d: Daemon, path: str) -> bool:
+async def _accepted_while_idle(d, path: str) -> bool:
     """Whether the daemon accepts a pending connection when it has every chance to: once every
     other task is blocked, an accept loop that runs has taken it (a deterministic test, not a
     timeout: a slow machine cannot make it pass)."""
-    before = d._conns
+    before = d.conns
     s = _pending(path)
     try:
         await trio.testing.wait_all_tasks_blocked()
-        return d._conns > before
+        return d.conns > before
     finally:
         s.close()
         await trio.testing.wait_all_tasks_blocked()  # let a served connection see the close
@@ -44,27 +44,27 @@ async def test_stop_accepting_before_the_loop_ran_then_start_again(tmp_path):
     proc = psutil.Process()
     before = proc.num_fds()
     path = str(tmp_path / "control.sock")
-    d = Daemon(role="source", table=FdTable(), listener=bind_listener(path), control_path=path)
+    daemon = Daemon(DaemonState.source(FdTable(), bind_listener(path), path, Config()))
+    d = daemon.endpoint
     try:
         async with trio.open_nursery() as nursery:
-            d._nursery = nursery
-            d._start_accepting()
+            d.nursery = nursery
+            d.start_accepting()
             with trio.fail_after(5):
-                await d._stop_accepting()  # the accept task has not run yet
-            assert d._accept_scope is None
+                await d.stop_accepting()  # the accept task has not run yet
+            assert not d.accepting
             assert not await _accepted_while_idle(d, path)  # the connection waits in the backlog
-            d._start_accepting()
+            d.start_accepting()
             assert await _accepted_while_idle(d, path)
             with trio.fail_after(5):
-                assert await _status_pid(path) == os.getpid()  # and it answers
-                await d._stop_accepting()
+                assert (await probe_status(path, 5))["pid"] == os.getpid()  # and it answers
+                await d.stop_accepting()
             assert not await _accepted_while_idle(d, path)
-            d._start_accepting()
+            d.start_accepting()
             with trio.fail_after(5):
-                assert await _status_pid(path) == os.getpid()
+                assert (await probe_status(path, 5))["pid"] == os.getpid()
             nursery.cancel_scope.cancel()
     finally:
         d.listener.close()
-        if d._spare is not None:
-            os.close(d._spare)
+        d.close()
     assert proc.num_fds() == before

@@ -11,7 +11,8 @@ import pytest
 
 from cprd import scm
 from cprd.errors import CapacityError, HandoffError
-from cprd.kinds import Kind, check_populated, same_open_file
+from cprd.kinds import Kind
+from cprd.tools.proof import check_populated, same_open_file
 from cprd.protocol import handoff as hp
 from helpers import close_copies, hold_copies, num_fds, settled_fds, snapshot
 from proof import Copies, kcmp_file
@@ -73,7 +74,7 @@ def test_each_kind_is_handed_off_as_the_same_open_file(cluster, kind, verify):
 
 @pytest.mark.parametrize("verify", VERIFY)
 def test_7530_mixed_fds(cluster, verify):
-    from cprd.kinds import mixed_spec, spec_string
+    from cprd.populate import mixed_spec, spec_string
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # we hold a copy of each of the 7530

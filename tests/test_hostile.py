@@ -20,7 +20,7 @@ from cprd import scm
 from cprd.client import Client
 from cprd.errors import Busy, CapacityError, CprdError, HandoffError, UntrustedPeer
 from cprd.handoff import table_limit
-from cprd.procs import stop, wait_for_socket
+from cprd.tools.procs import stop, wait_for_socket
 from cprd.protocol import control as cp
 from helpers import num_fds, settled_fds, snapshot
 

@@ -24,34 +24,11 @@ import psutil
 import pytest
 
 from cprd.errors import BadFd, CprdError, UsageError
-from cprd.kinds import (
-    DEVICE_CMD_ID,
-    DEVICE_CMD_PEER_ID,
-    DEVICE_IRQ_BASE,
-    DEVICE_IRQS,
-    DEVICE_REGION_ID,
-    DEVICE_REGION_MAGIC,
-    DEVICE_REGION_SIZE,
-    FDS_PER,
-    MUTABLE_FLAGS,
-    POPULATE_KEYS,
-    REGION_HEADER,
-    Kind,
-    classify,
-    device_name,
-    file_content,
-    file_offset,
-    identity_of,
-    kcmp_file,
-    kind_of,
-    memfd_content,
-    mixed_spec,
-    parse_spec,
-    populate,
-    same_open_file,
-    spec_fds,
-    verify,
-)
+from cprd.kinds import MUTABLE_FLAGS, Kind, classify, identity_of, kind_of, verify
+from cprd.populate import (DEVICE_CMD_ID, DEVICE_CMD_PEER_ID, DEVICE_IRQ_BASE, DEVICE_IRQS, DEVICE_REGION_ID,
+                           DEVICE_REGION_MAGIC, DEVICE_REGION_SIZE, FDS_PER, POPULATE_KEYS, REGION_HEADER, device_name,
+                           file_content, file_offset, memfd_content, mixed_spec, parse_spec, populate, spec_fds)
+from cprd.tools.proof import kcmp_file, same_open_file
 
 _PROC = psutil.Process()
 

@@ -13,12 +13,13 @@ from hypothesis import strategies as st
 
 from cprd import handoff
 from cprd.fds import OwnedFds
-from cprd.kinds import Identity, Kind, classify, parse_spec, populate
+from cprd.kinds import Identity, Kind, classify
+from cprd.populate import parse_spec, populate
 from cprd.protocol import handoff as hp
 from cprd.table import Entry, FdTable
 
 needs_c = pytest.mark.requires("speedups")
-_c = hp._c
+from cprd.speedups import C as _c  # noqa: E402
 
 
 @pytest.fixture
@@ -51,8 +52,8 @@ def _batches(records, fds, rng, trials):
 def test_c_and_python_verifiers_agree(made):
     records, fds = made
     for trial, ev, batch_fds in _batches(records, fds, random.Random(7), 200):
-        c = _c.verify_batch(ev.raw, ev.count, batch_fds, handoff._MASK32)
-        py = handoff._py_verify(ev.decoded()[0], batch_fds)
+        c = _c.verify_batch(ev.raw, ev.count, batch_fds, handoff.FLAGS_MASK32)
+        py = handoff.py_verify(ev.decoded()[0], batch_fds)
         assert c == py, (trial, c, py)
 
 
@@ -63,7 +64,7 @@ def test_verifier_gives_verify_batch_answers_in_order(made, monkeypatch, threads
         monkeypatch.setenv("CPRD_NO_THREADS", "1")
     records, fds = made
     batches = list(_batches(records, fds, random.Random(11), 120))
-    v = _c.Verifier(handoff._MASK32)
+    v = _c.Verifier(handoff.FLAGS_MASK32)
     try:
         got = []
         for trial, ev, batch_fds in batches:
@@ -75,7 +76,7 @@ def test_verifier_gives_verify_batch_answers_in_order(made, monkeypatch, threads
         assert v.threaded is (threads and len(os.sched_getaffinity(0)) > 1)
     finally:
         v.close()
-    assert got == [(trial, _c.verify_batch(ev.raw, ev.count, b, handoff._MASK32)) for trial, ev, b in batches]
+    assert got == [(trial, _c.verify_batch(ev.raw, ev.count, b, handoff.FLAGS_MASK32)) for trial, ev, b in batches]
 
 
 @needs_c
@@ -84,9 +85,9 @@ def test_a_waiting_caller_verifies_queued_batches_itself_and_order_holds(made):
     calling thread (the helper takes the others), and the answers still come back in order."""
     records, fds = made
     batches = list(_batches(records, fds, random.Random(5), 120))
-    want = [(trial, _c.verify_batch(ev.raw, ev.count, b, handoff._MASK32)) for trial, ev, b in batches]
+    want = [(trial, _c.verify_batch(ev.raw, ev.count, b, handoff.FLAGS_MASK32)) for trial, ev, b in batches]
     for _attempt in range(5):  # the helper could, in theory, drain a queue of 120 before we wait
-        v = _c.Verifier(handoff._MASK32)
+        v = _c.Verifier(handoff.FLAGS_MASK32)
         try:
             for trial, ev, batch_fds in batches:
                 v.submit(ev.raw, ev.count, batch_fds, trial)
@@ -107,7 +108,7 @@ def test_a_waiting_caller_verifies_queued_batches_itself_and_order_holds(made):
 @needs_c
 def test_verifier_close_drops_queued_work_and_refuses_more(made):
     records, fds = made
-    v = _c.Verifier(handoff._MASK32)
+    v = _c.Verifier(handoff.FLAGS_MASK32)
     ev = hp.Batch.of(0, records[:100])
     for i in range(50):
         v.submit(ev.raw, ev.count, fds[:100], i)
@@ -130,7 +131,7 @@ def test_c_absorb_builds_what_the_python_path_builds(made):
         fixed, names = hp.decode_records(ev.raw, ev.count)
         py_table.absorb([Entry(n, f[0], fd, Identity(Kind(f[1]), f[3], f[5], f[6], f[4]))
                          for f, n, fd in zip(fixed, names, batch)])
-        assert _c.absorb(ev.raw, ev.count, batch, c_table.bulk_dict(), handoff._MASK32, hp.KINDS, Identity, Entry,
+        assert _c.absorb(ev.raw, ev.count, batch, c_table.bulk_dict(), handoff.FLAGS_MASK32, hp.KINDS, Identity, Entry,
                          {}) == -1
     assert len(c_table) == len(records)
     for e in py_table:
@@ -148,7 +149,7 @@ def test_c_absorb_is_all_or_nothing(made):
     records, fds = made
     t = FdTable()
     d = t.bulk_dict()
-    args = (handoff._MASK32, hp.KINDS, Identity, Entry, {})
+    args = (handoff.FLAGS_MASK32, hp.KINDS, Identity, Entry, {})
     first = hp.Batch.of(0, records[30:40])
     assert _c.absorb(first.raw, first.count, fds[30:40], d, *args) == -1
     before = dict(d)
@@ -172,7 +173,7 @@ def test_non_ascii_names_take_the_python_path_and_arrive(made):
     recs = [hp.Record(f"käse-{i}", i, r.ident) for i, r in enumerate(records[:20])]
     _, ev = hp.decode(hp.encode(hp.Batch.of(0, recs)), 20)
     owned = OwnedFds(fds[:20])
-    assert handoff._take_batch(ev, owned, t) is None
+    assert handoff.take_batch(ev, owned, t) is None
     assert len(owned) == 0 and [(e.name, e.id, e.fd) for e in t] == [(r.name, r.id, fd) for r, fd in zip(recs, fds)]
     t.bulk_dict().clear()
 

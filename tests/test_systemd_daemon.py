@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from cprd.client import Client
-from cprd.procs import stop, wait_for_socket
+from cprd.tools.procs import stop, wait_for_socket
 
 
 def _recv_fields(ns: socket.socket) -> dict[str, str]:

@@ -19,7 +19,7 @@ import pytest
 
 from cprd.client import Client
 from cprd.errors import CprdError, Denied, UntrustedPeer
-from cprd.procs import wait_for_socket
+from cprd.tools.procs import wait_for_socket
 from helpers import num_fds, settled_fds, snapshot
 
 pytestmark = pytest.mark.requires("root")

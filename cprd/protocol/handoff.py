@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 from itertools import accumulate
 from dataclasses import dataclass, field
@@ -51,7 +50,8 @@ from typing import NamedTuple
 
 from ..errors import ProtocolError
 from ..kinds import KIND_BY_CODE, Identity, Kind
-from ..table import _CONTROL
+from ..speedups import C
+from ..table import CONTROL_CHARS
 from . import frame
 
 MAGIC = b"CPRH"
@@ -79,12 +79,8 @@ _MANIFEST = struct.Struct("<I")  # count, then count keys: <iB id, name_len> + n
 _KEY = struct.Struct("<iB")
 MANIFEST_CHUNK = 400  # keys a Manifest message: at most 400 * 260 bytes, under MAX_PAYLOAD
 
-try:  # optional C loops (cprd/_speedups.c, built at install when a compiler is there); same bytes, same checks
-    if os.environ.get("CPRD_NO_SPEEDUPS"):
-        raise ImportError
-    from .. import _speedups as _c
-except ImportError:
-    _c = None
+# the optional C loops (cprd/_speedups.c, built at install when a compiler is there); same bytes, same checks
+_c = C
 
 
 
@@ -357,7 +353,7 @@ def _name(raw: bytes, i: int) -> str:
         name = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ProtocolError(f"handoff batch: record {i} has a name that is not valid UTF-8") from None
-    if _CONTROL.search(name):
+    if CONTROL_CHARS.search(name):
         raise ProtocolError(f"handoff batch: record {i} name {name!r} contains a control character")
     if len(_NAME_OK) < 65536:
         _NAME_OK[raw] = name
@@ -384,7 +380,7 @@ def decode_records(p: bytes, count: int) -> tuple[list[tuple], list[str]]:
     if (0 not in lens and sum(lens) == len(blob) and blob.isascii()
             and _KIND_OK.issuperset(f[1] for f in fixed)):
         text = blob.decode("ascii")
-        if not _CONTROL.search(text):
+        if not CONTROL_CHARS.search(text):
             offs = list(accumulate(lens, initial=0))
             return fixed, [text[a:b] for a, b in zip(offs, offs[1:])]
     names: list[str] = []

@@ -32,9 +32,9 @@ import threading
 import time
 
 from cprd.client import Client
-from cprd.kinds import (DEVICE_CMD_ID, DEVICE_CMD_PEER_ID, DEVICE_IRQ_BASE, DEVICE_REGION_ID, DEVICE_REGION_MAGIC,
-                        REGION_HEADER, device_name, make_device)
-from cprd.procs import spawn, stop, wait_for_socket
+from cprd.populate import (DEVICE_CMD_ID, DEVICE_CMD_PEER_ID, DEVICE_IRQ_BASE, DEVICE_REGION_ID, DEVICE_REGION_MAGIC,
+                           REGION_HEADER, device_name, make_device)
+from cprd.tools.procs import spawn, stop, wait_for_socket
 
 RING = 4096  # ring slots after the counter; slot n % RING holds n
 U64 = struct.Struct("<Q")

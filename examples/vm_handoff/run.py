@@ -33,8 +33,9 @@ import threading
 
 from cprd.client import Client
 from cprd.errors import CprdError
-from cprd.kinds import DEVICE_IRQ_BASE, DEVICE_IRQS, fdinfo
-from cprd.procs import spawn, stop, wait_for_socket
+from cprd.populate import DEVICE_IRQ_BASE, DEVICE_IRQS
+from cprd.tools.proof import fdinfo
+from cprd.tools.procs import spawn, stop, wait_for_socket
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VMM = os.path.join(HERE, "vmm.py")

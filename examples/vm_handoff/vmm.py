@@ -32,18 +32,8 @@ import time
 
 from cprd.client import Client
 from cprd.errors import CprdError
-from cprd.kinds import (
-    DEVICE_CMD_ID,
-    DEVICE_CMD_PEER_ID,
-    DEVICE_IRQ_BASE,
-    DEVICE_IRQS,
-    DEVICE_REGION_ID,
-    DEVICE_REGION_MAGIC,
-    DEVICE_REGION_SIZE,
-    REGION_HEADER,
-    device_name,
-    make_device,
-)
+from cprd.populate import (DEVICE_CMD_ID, DEVICE_CMD_PEER_ID, DEVICE_IRQ_BASE, DEVICE_IRQS, DEVICE_REGION_ID,
+                           DEVICE_REGION_MAGIC, DEVICE_REGION_SIZE, REGION_HEADER, device_name, make_device)
 
 RAM_KEY = ("guest-ram", 0)
 COUNTER = struct.Struct("<Q")  # guest RAM offset 0: the guest's counter

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 
 from cprd.client import Client
 from cprd.errors import CprdError
-from cprd.procs import spawn, stop, wait_for_socket
+from cprd.tools.procs import spawn, stop, wait_for_socket
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SERVER = os.path.join(HERE, "server.py")

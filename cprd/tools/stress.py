@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 import psutil
 import trio
 
-from .client import AsyncClient
-from .errors import CprdError
-from .kinds import classify, mixed_spec, spec_fds, spec_string
+from ..client import AsyncClient
+from ..errors import CprdError
+from ..kinds import classify
+from ..populate import mixed_spec, spec_fds, spec_string
 from .procs import quiet_fds, spawn, stop, wait_for_socket
 
 IDENT = ("kind", "mode", "dev", "ino", "flags")
@@ -308,7 +309,7 @@ def _check_fds(pid: int, entries: int, bases: dict, stats: Stats, first: bool) -
 
 def main(a) -> int:
     if a.fds < 0 or a.rate <= 0 or a.handoffs < 0 or a.clients < 1 or (a.duration is not None and a.duration <= 0):
-        from .errors import UsageError
+        from ..errors import UsageError
 
         raise UsageError("--fds and --handoffs must be >= 0, --rate and --duration > 0 and --clients >= 1")
     duration = a.duration if a.duration else max(2.0, a.handoffs * 1.0 + 1.0)

@@ -9,8 +9,10 @@ import tempfile
 import time
 from collections import Counter
 
-from .client import Client
-from .kinds import Kind, check_populated, mixed_spec, same_open_file, spec_fds, spec_string
+from ..client import Client
+from ..kinds import Kind
+from ..populate import mixed_spec, spec_fds, spec_string
+from .proof import check_populated, same_open_file
 from .procs import spawn, stop, wait_for_socket
 
 

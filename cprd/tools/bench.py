@@ -30,9 +30,10 @@ import tempfile
 import time
 import tracemalloc
 
-from .errors import CprdError, UsageError
-from .kinds import Identity, Kind, classify, mixed_spec, parse_spec, populate, spec_fds, spec_string
-from .table import FdTable
+from ..errors import CprdError, UsageError
+from ..kinds import Identity, Kind, classify
+from ..populate import mixed_spec, parse_spec, populate, spec_fds, spec_string
+from ..table import FdTable
 
 QEMU_FIND_NS = {540: (936_753, 393_358), 2870: (24_102_342, 2_212_113), 7530: (152_715_916, 5_474_310)}
 SCM_MAX_FD = 253
@@ -164,14 +165,14 @@ def print_find(rows: list[dict]) -> None:
 
 
 # -- handoff -----------------------------------------------------------------------------------
-def _fd_budget() -> int:
+def fd_budget() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard - FD_OVERHEAD
 
 
-def _raw_transfer(fds: list[int], per_msg: int) -> float:
+def raw_transfer(fds: list[int], per_msg: int) -> float:
     """ms to move fds to a forked child with sendmsg/recvmsg, per_msg fds a message; no verification.
     The child first closes the copies it inherited (so it has room for the ones it receives) and
     says when it is ready; the clock starts then."""
@@ -238,7 +239,7 @@ def _counts(kinds: str, n: int) -> dict[str, int]:
 
 def _cprd_handoffs(counts: dict[str, int], reps: int, d: str) -> list[dict]:
     """Start a populated source and hand it along a chain of reps targets; each handoff's result."""
-    from .client import Client
+    from ..client import Client
     from .procs import spawn, stop, wait_for_socket
 
     control = os.path.join(d, "control.sock")
@@ -262,7 +263,7 @@ def _cprd_handoffs(counts: dict[str, int], reps: int, d: str) -> list[dict]:
 
 
 def bench_handoff(sizes: list[int], kinds: str, reps: int, progress: bool = False) -> list[dict]:
-    budget = _fd_budget()
+    budget = fd_budget()
     rows = []
     for n in sizes:
         counts = _counts(kinds, n)
@@ -277,14 +278,14 @@ def bench_handoff(sizes: list[int], kinds: str, reps: int, progress: bool = Fals
             evs = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(total)]
             try:
                 for _ in range(reps):
-                    floor.append(_raw_transfer(evs, SCM_MAX_FD))
+                    floor.append(raw_transfer(evs, SCM_MAX_FD))
             finally:
                 for fd in evs:
                     os.close(fd)
             mixed = [fd for _, _, fd in populate(counts, os.path.join(d, "raw"))]
             try:
                 for _ in range(reps):
-                    one.append(_raw_transfer(mixed, 1))
+                    one.append(raw_transfer(mixed, 1))
             finally:
                 for fd in mixed:
                     os.close(fd)
@@ -349,7 +350,7 @@ def _memory_one(counts: dict[str, int], directory: str) -> dict:
         rss0 = proc.memory_info().rss
         table = _fill(FdTable(), names, ids, fds)
         rss1 = proc.memory_info().rss
-        dict_bytes = sys.getsizeof(table._d)
+        dict_bytes = sys.getsizeof(table.bulk_dict())
         table.forget_all()  # forget the entries without closing: the array owns the fds
         del table
         gc.collect()
@@ -401,7 +402,7 @@ def _in_child(fn, *args) -> dict:
 
 
 def bench_memory(sizes: list[int], progress: bool = False) -> list[dict]:
-    budget = _fd_budget()
+    budget = fd_budget()
     rows = []
     for n in sizes:
         counts = mixed_spec(n)
@@ -558,7 +559,7 @@ def bench_upgrade(fds: int, reps: int) -> dict:
     import socket as _socket
     import threading
 
-    from .client import Client
+    from ..client import Client
     from .procs import spawn, stop, wait_for_socket
 
     counts = mixed_spec(fds) if fds else {}

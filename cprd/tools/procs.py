@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import psutil
 
-from .errors import CprdError
+from ..errors import CprdError
 
 
 def cprd_cmd(*args: str, log_level: str = "warning") -> list[str]:

@@ -1,0 +1,256 @@
+"""The control endpoint: the listening socket, who gets a connection, and each connection's loop.
+
+Theory of operation
+-------------------
+The accept loop runs in the daemon's nursery until stopped (a handoff's commit, an upgrade: the
+listening socket is about to travel). It can be stopped and started again at any moment, even
+before it has run: the scope and the done event exist from the start.
+
+Who is served (``admission``): a peer whose uid (SO_PEERCRED) is neither ours, root, nor given
+with --allow-uid is refused. At most max_clients connections are served at once; more wait in the
+listening socket's backlog (as large as the system allows) until one ends, and are told Busy only
+if none ends within queue_timeout. Users other than ours and root hold at most half of
+max_clients together and a quarter each: their surplus is told Busy at once, so they can neither
+lock the daemon's own user out nor make its clients wait. At its fd limit (EMFILE) the endpoint
+gives up a spare fd to accept a waiting connection, tells it why, and takes the spare back; it
+never waits for a client while it refuses one.
+
+Each connection: requests one at a time, idle_timeout without one closes it; frames are
+size-checked before parsing; a reply goes out a frame at a time and must be read within
+idle_timeout. What a request does is the handler's (``Handle``); an answer the handler decides not
+to give (``Unanswered``: the table moved on while the request waited) closes the connection, and
+the client retries at the same path. ``replied(op)`` is told of every answer that went out (after
+a handoff's, the daemon stops).
+
+What this module may know: sockets, trio, the control protocol's frames. Not the table, not what a
+request means.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import resource
+import socket
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import trio
+
+from .. import scm
+from ..errors import Busy, CapacityError, CprdError, Denied
+from ..fds import OwnedFds
+from ..paths import max_backlog, peer_cred, user_name
+from ..protocol import control as cp
+from .state import Config
+
+log = logging.getLogger("cprd.daemon")
+
+ADMIN_OPS = ("handoff", "upgrade")  # only the daemon's own uid and root may ask for these
+
+
+class Unanswered(Exception):
+    """Raised by a handler for a request that must not be answered: the table has a new owner."""
+
+
+# handle(request, its fds, the connection, the peer's uid) -> (reply frames, fds to attach)
+Handle = Callable[[cp.Request, OwnedFds, Any, int], Awaitable[tuple[Iterable[bytes], list[int]]]]
+
+
+class Endpoint:
+    def __init__(self, listener: socket.socket, config: Config, allowed_uids: set[int], handle: Handle,
+                 replied: Callable[[str], None], describe_load: Callable[[], str]) -> None:
+        self.listener, self.config, self.allowed_uids = listener, config, allowed_uids
+        self.handle, self.replied, self.describe_load = handle, replied, describe_load
+        self.conns = 0
+        self.by_uid: Counter[int] = Counter()  # connections served, by the peer's uid
+        self.closing = False  # a handoff has committed: each connection ends after its reply
+        self.nursery: trio.Nursery | None = None
+        self._spare: int | None = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        self._slot_freed = trio.Event()  # set when a connection ends (a slot for one waiting in the backlog)
+        self._scope: trio.CancelScope | None = None
+        self._done: trio.Event | None = None
+        try:  # an inherited listener (a handoff from an older cprd, an upgrade) gets the largest backlog too
+            listener.listen(max_backlog())
+        except OSError:
+            pass
+        self._tlistener = trio.socket.from_stdlib_socket(listener)
+
+    def close(self) -> None:
+        """Give up the spare fd (the listener is the daemon's: it may travel on)."""
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
+
+    # -- accepting -----------------------------------------------------------------------------
+    @property
+    def accepting(self) -> bool:
+        return self._scope is not None
+
+    def start_accepting(self) -> None:
+        """Accept connections from the next scheduling point on. The scope and the done event
+        exist at once, so stop_accepting works even before the loop has run (no start-up round
+        trip through the scheduler, which a target would otherwise spend inside the source's freeze:
+        connections meanwhile wait in the listening socket's backlog)."""
+        assert self.nursery is not None and self._scope is None
+        self._scope, self._done = trio.CancelScope(), trio.Event()
+        self.nursery.start_soon(self._accept_loop, self._scope, self._done)
+
+    async def stop_accepting(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
+            assert self._done is not None
+            await self._done.wait()
+            self._scope = None
+
+    async def _accept_loop(self, scope: trio.CancelScope, done: trio.Event) -> None:
+        try:
+            with scope:
+                while True:
+                    await self._wait_for_a_slot()
+                    try:
+                        conn, _ = await self._tlistener.accept()
+                    except OSError as e:
+                        if e.errno not in (errno.EMFILE, errno.ENFILE):
+                            raise
+                        await self._refuse_at_limit()
+                        continue
+                    pid, uid, _ = peer_cred(conn)
+                    refusal = self.admission(uid)
+                    if refusal is not None:
+                        log.warning("event=refused_peer pid=%d uid=%d code=%s", pid, uid, refusal.code)
+                        refuse(conn, refusal)
+                        continue
+                    self.conns += 1
+                    self.by_uid[uid] += 1
+                    assert self.nursery is not None
+                    self.nursery.start_soon(self._serve, conn, uid)
+        finally:
+            done.set()
+
+    def admission(self, uid: int) -> CprdError | None:
+        """Why a connection of `uid` is refused at once, or None to serve it (see the module
+        docstring)."""
+        if uid not in self.allowed_uids:
+            return Denied(f"uid {uid} may not use this cprd (it serves uids {sorted(self.allowed_uids)}); ask its "
+                          "operator to add --allow-uid")
+        most = self.config.max_clients
+        if self.conns >= most:  # none ended within queue_timeout
+            return Busy(f"the daemon serves {most} connections already and none ended within "
+                        f"{self.config.queue_timeout:g} s; close idle clients and retry")
+        if uid not in (os.geteuid(), 0):
+            others = sum(n for u, n in self.by_uid.items() if u not in (os.geteuid(), 0))
+            if others >= most // 2 or self.by_uid[uid] >= max(1, most // 4):
+                return Busy(f"{user_name(uid)} holds {self.by_uid[uid]} connections and other users "
+                            f"{others}: they may hold at most {max(1, most // 4)} each and {most // 2} together "
+                            "(a share of --max-clients); close idle clients and retry")
+        return None
+
+    async def _wait_for_a_slot(self) -> None:
+        """With max_clients connections served, leave new ones in the backlog until one ends, or for
+        at most queue_timeout (then the next one is told Busy)."""
+        with trio.move_on_after(self.config.queue_timeout):
+            while self.conns >= self.config.max_clients:
+                self._slot_freed = trio.Event()
+                await self._slot_freed.wait()
+
+    async def _refuse_at_limit(self) -> None:
+        """Out of fds, so accept() fails and the client would wait forever: give up the spare fd,
+        accept the connection, tell the client why, and take the spare back."""
+        log.warning("event=fd_limit_reached where=accept %s", self.describe_load())
+        if self._spare is None:
+            await trio.sleep(0.05)
+            return
+        os.close(self._spare)
+        self._spare = None
+        try:
+            # Never wait here: a client that comes once fds are free again must be served, not refused.
+            conn, _ = self.listener.accept()  # the fd is non-blocking (trio): EAGAIN if none is queued
+        except OSError:
+            await trio.sleep(0.05)
+        else:
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+            refuse(conn, CapacityError(
+                f"the daemon is at its fd limit (RLIMIT_NOFILE {soft}) with {self.describe_load()} and "
+                f"{self.conns} clients; close idle clients, delete entries or raise its limit (LimitNOFILE=, "
+                "ulimit -n)"))
+        finally:
+            try:
+                self._spare = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                self._spare = None
+
+    # -- one connection ------------------------------------------------------------------------
+    async def _serve(self, conn: Any, uid: int) -> None:
+        try:
+            with conn:
+                while not self.closing:
+                    with trio.move_on_after(self.config.idle_timeout) as cs:
+                        try:
+                            data, fds = await scm.recv(conn, cp.MAX_FRAME, 1, "control request")
+                        except scm.Closed:
+                            return
+                        except CprdError as e:  # truncated fds (at our limit) or an oversize frame
+                            if not await self.reply(conn, cp.encode_error(e), []):
+                                return
+                            continue
+                    if cs.cancelled_caught:
+                        return
+                    op = ""  # what was asked, once the request is decoded
+                    with fds:
+                        try:
+                            req = cp.decode_request(data, len(fds))
+                            op = req.op
+                            if req.op in ADMIN_OPS and uid not in (os.geteuid(), 0):
+                                who = "root" if os.geteuid() == 0 else f"{user_name(os.geteuid())} and root"
+                                raise Denied(f"{user_name(uid)} may use this cprd's table but not {req.op} it: "
+                                             f"only {who} may; ask its operator")
+                            frames, out_fds = await self.handle(req, fds, conn, uid)
+                        except Unanswered:
+                            # The table moved on while this request waited: hang up without an answer;
+                            # the client retries at the same path and reaches the new owner.
+                            return
+                        except CprdError as e:
+                            log.info("event=request_failed code=%s error=%r", e.code, str(e))
+                            frames, out_fds = cp.encode_error(e), []
+                    if not await self.reply(conn, frames, out_fds):
+                        return
+                    self.replied(op)
+        finally:
+            self.conns -= 1
+            self.by_uid[uid] -= 1
+            self._slot_freed.set()
+
+    async def reply(self, conn: Any, frames: Iterable[bytes], fds: list[int]) -> bool:
+        """Send a reply a frame at a time. False, and the connection should close, if it failed or
+        the client did not read it within idle_timeout."""
+        try:
+            with trio.move_on_after(self.config.idle_timeout) as cs:
+                for i, f in enumerate(frames):
+                    await scm.send(conn, f, fds if i == 0 else [], "control reply")
+            if cs.cancelled_caught:
+                log.info("event=reply_dropped reason=client-not-reading seconds=%g", self.config.idle_timeout)
+                return False
+        except (CprdError, OSError) as e:
+            log.info("event=reply_failed error=%r", str(e))
+            return False
+        return True
+
+
+def refuse(conn: Any, err: CprdError) -> None:
+    """Answer a connection we will not serve with err and close it at once, never waiting for the
+    client. What it already sent is read and dropped first (its fds closed), so that the close does
+    not reset the connection; a request that arrives after the close fails to send, and cprd's
+    client then reads this answer, which waits in its queue."""
+    with conn:
+        raw = socket.socket(fileno=conn.fileno())  # borrowed for a send that must not wait
+        try:
+            for f in cp.encode_error(err):
+                raw.send(f, socket.MSG_DONTWAIT)
+        except OSError:
+            return
+        finally:
+            raw.detach()
+        scm.drop_queued(conn.fileno())

@@ -1,0 +1,168 @@
+"""What each control request does to a daemon's table, keyed like the control protocol's ops.
+
+Theory of operation
+-------------------
+``Handlers.table_for(op)`` is the request table: put, get, del, ls, status act on the DaemonState
+here; handoff and upgrade move the whole table and belong to the Daemon, which lends them.
+
+Mutations (put, del) are atomic with respect to every other task (no await between their check
+and their change). While the daemon is frozen (the last moments of a handoff, an upgrade) they
+wait; if the table moved on meanwhile they are not answered (``Unanswered``): their client
+retries at the new owner. A mutation's answer, success or error, is remembered under its request
+id, and a retry gets that answer instead of a second application (replies.py).
+
+``ls`` is built once per version of the table and shared by every client that asks meanwhile;
+each entry's JSON is made once, since an Entry never changes (a replace makes a new one).
+
+What this module may know: the table, kinds (to classify a put), the control protocol's replies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from .. import __version__
+from ..errors import CapacityError, CprdError, KeyMissing, UsageError, error_from_code
+from ..fds import OwnedFds
+from ..handoff import fd_capacity, table_limit
+from ..kinds import classify
+from ..protocol import control as cp
+from ..table import Entry, check_key, check_new_name
+from .endpoint import Unanswered
+from .lifecycle import Lifecycle
+from .state import DaemonState
+
+log = logging.getLogger("cprd.daemon")
+
+FD_RESERVE = 16  # fds a daemon keeps free for accepting, answering and handing off
+_JSON = json.JSONEncoder(separators=(",", ":"))
+
+Reply = tuple[Iterable[bytes], list[int]]
+Handler = Callable[[cp.Request, OwnedFds, Any], Awaitable[Reply]]
+
+
+class Handlers:
+    def __init__(self, st: DaemonState, life: Lifecycle, conns: Callable[[], int],
+                 handoff: Handler, upgrade: Handler) -> None:
+        self.st, self.life, self.conns = st, life, conns
+        self.table: dict[str, Handler] = {"put": self.mutate, "del": self.mutate, "get": self.get, "ls": self.ls,
+                                          "status": self.status_req, "handoff": handoff, "upgrade": upgrade}
+        assert set(self.table) == set(cp.OPS), "every control op has its handler"
+        self._ls_cache: tuple[int, list[bytes]] | None = None  # (table version, frames of the reply to ls)
+        self._ls_json: dict[tuple[str, int], tuple[Entry, bytes]] = {}  # each entry's JSON, while it lives
+
+    async def __call__(self, req: cp.Request, fds: OwnedFds, conn: Any, uid: int) -> Reply:
+        if self.life.handed_off:
+            raise Unanswered()
+        return await self.table[req.op](req, fds, conn)
+
+    # -- mutations ---------------------------------------------------------------------------
+    async def mutate(self, req: cp.Request, fds: OwnedFds, conn: Any) -> Reply:
+        await self.life.until_thawed()  # the last moments of a handoff or an upgrade: wait for its outcome
+        if self.life.handed_off:
+            raise Unanswered()
+        rid = req.args.get("rid") or ""
+        cached = self.st.replies.get(rid) if rid else None
+        if cached is not None:  # a retry of a mutation already applied: the same answer
+            if cached.get("ok"):
+                return cp.encode_reply(cached["result"]), []
+            raise error_from_code(cached["error"], cached["message"])
+        try:
+            result = self._apply(req, fds)
+        except CprdError as e:
+            self.st.replies.remember(rid, {"ok": False, "error": e.code, "message": str(e)})
+            raise
+        self.st.replies.remember(rid, {"ok": True, "result": result})
+        return cp.encode_reply(result), []
+
+    def _apply(self, req: cp.Request, fds: OwnedFds) -> dict[str, Any]:
+        """A put or a del, with no await: atomic with respect to every other task."""
+        a, table = req.args, self.st.table
+        check_key(a["name"], a["id"])
+        if req.op == "put":
+            check_new_name(a["name"])
+            self._check_room()
+            ident = classify(fds.fds[0])
+            entry = table.save(a["name"], a["id"], fds.fds[0], ident, replace=a["replace"])
+            fds.take()
+            log.debug("event=put name=%r id=%d fd=%d kind=%s", entry.name, entry.id, entry.fd, ident.kind.label)
+            return entry.describe()
+        table.delete(a["name"], a["id"])
+        log.debug("event=del name=%r id=%d", a["name"], a["id"])
+        return {"name": a["name"], "id": a["id"], "deleted": True}
+
+    def _check_room(self) -> None:
+        """Refuse a put once the table holds as many entries as a target with the same fd limit could
+        take over, or when it would leave the daemon fewer than FD_RESERVE free fds (counted exactly
+        only when anywhere near the limit: listing /proc/self/fd costs ~1 ms)."""
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        n = len(self.st.table)
+        most = table_limit(soft)
+        if n >= most:
+            raise CapacityError(f"the table holds {n} entries, as many as a target with the same fd limit "
+                                f"(RLIMIT_NOFILE {soft}) could take over in a handoff; delete entries or raise the "
+                                "limit (LimitNOFILE=, ulimit -n)")
+        if n + self.conns() + 64 + FD_RESERVE < soft:
+            return
+        _, n_open, _ = fd_capacity(0)
+        if n_open + FD_RESERVE > soft:
+            raise CapacityError(f"the daemon is at its fd limit ({n_open} open, RLIMIT_NOFILE {soft}, {FD_RESERVE}"
+                                " kept free to answer clients); delete entries or raise its limit (LimitNOFILE=,"
+                                " ulimit -n)")
+
+    # -- reads ------------------------------------------------------------------------------
+    async def get(self, req: cp.Request, fds: OwnedFds, conn: Any) -> Reply:
+        a = req.args
+        check_key(a["name"], a["id"])
+        entry = self.st.table.find(a["name"], a["id"])
+        if entry is None:
+            raise KeyMissing(f"no entry ({a['name']!r}, {a['id']}); list entries with `cprd ctl ls`")
+        return cp.encode_reply(entry.describe()), [entry.fd]
+
+    async def ls(self, req: cp.Request, fds: OwnedFds, conn: Any) -> Reply:
+        return self.ls_frames(), []
+
+    def ls_frames(self) -> list[bytes]:
+        table = self.st.table
+        if self._ls_cache is not None and self._ls_cache[0] == table.version:
+            return self._ls_cache[1]
+        enc, parts = self._ls_json, []
+        for e in sorted(table, key=Entry.sort_key):
+            hit = enc.get((e.name, e.id))
+            if hit is None or hit[0] is not e:
+                hit = enc[(e.name, e.id)] = (e, _JSON.encode(e.describe()).encode())
+            parts.append(hit[1])
+        if len(enc) > 2 * len(table) + 64:  # many entries deleted since: forget what they encoded to
+            self._ls_json = {(e.name, e.id): enc[(e.name, e.id)] for e in table if (e.name, e.id) in enc}
+        frames = cp.encode_reply_parts(parts)
+        self._ls_cache = (table.version, frames)
+        return frames
+
+    async def status_req(self, req: cp.Request, fds: OwnedFds, conn: Any) -> Reply:
+        return cp.encode_reply(self.status()), []
+
+    def status(self) -> dict[str, Any]:
+        st = self.st
+        soft, n_open, capacity = fd_capacity(0)
+        return {
+            "pid": os.getpid(), "role": st.role, "state": self.life.phase.value, "version": __version__,
+            "entries": len(st.table), "by_kind": st.table.by_kind(), "fd_limit": soft, "open_fds": n_open,
+            "fd_capacity": capacity, "control": st.control_path, "handoffs_received": st.handoffs,
+            "upgrades": st.upgrades,
+            "uptime_s": round(time.time() - st.started, 3),
+            **({"salvage": st.salvage} if st.salvage else {}),
+            **({"source_died": True} if st.source_died else {}),
+        }
+
+
+def upgrade_timeout(req: cp.Request, default: float) -> float:
+    timeout = req.args["timeout"] or default
+    if not 0 < timeout <= 3600:
+        raise UsageError(f"upgrade timeout {timeout:g} s is outside (0, 3600]")
+    return timeout

@@ -1,0 +1,73 @@
+"""A daemon's lifecycle: the phases it goes through and the only transitions allowed between them.
+
+Theory of operation
+-------------------
+::
+
+    serving --handoff--> handing-off --committed--> handed-off   (then it exits 0)
+       ^                      |
+       +------failed----------+
+    serving --upgrade--> upgrading --exec--> (the new program, serving)
+       ^                    |
+       +---exec failed------+
+
+While it hands off or upgrades, the daemon *freezes* mutations for the last moments (a handoff's
+last delta and commit; the whole upgrade): a put or del waits until ``thaw``, and then finds the
+daemon serving again (a failed handoff or upgrade: it is applied) or handed off (it is not: its
+client retries at the new owner). ``committing`` is set when the listening socket is about to
+travel with the Commit: from then on the daemon never removes its socket file.
+
+What this module may know: trio events. Nothing of sockets or tables.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import trio
+
+
+class Phase(Enum):
+    SERVING = "serving"
+    HANDING_OFF = "handing-off"
+    HANDED_OFF = "handed-off"
+    UPGRADING = "upgrading"
+
+
+TRANSITIONS: dict[Phase, frozenset[Phase]] = {
+    Phase.SERVING: frozenset({Phase.HANDING_OFF, Phase.UPGRADING}),
+    Phase.HANDING_OFF: frozenset({Phase.SERVING, Phase.HANDED_OFF}),
+    Phase.UPGRADING: frozenset({Phase.SERVING}),  # or the exec: this program is gone
+    Phase.HANDED_OFF: frozenset(),
+}
+
+
+class Lifecycle:
+    __slots__ = ("phase", "committing", "_frozen")
+
+    def __init__(self) -> None:
+        self.phase = Phase.SERVING
+        self.committing = False  # the listening socket is (about to be) the target's: never unlink its path
+        self._frozen: trio.Event | None = None
+
+    def to(self, phase: Phase) -> None:
+        if phase not in TRANSITIONS[self.phase]:
+            raise AssertionError(f"lifecycle: {self.phase.value} -> {phase.value} is not a transition")
+        self.phase = phase
+
+    @property
+    def handed_off(self) -> bool:
+        return self.phase is Phase.HANDED_OFF
+
+    def freeze(self) -> None:
+        """Mutations wait from now on (until thaw)."""
+        self._frozen = trio.Event()
+
+    def thaw(self) -> None:
+        if self._frozen is not None:
+            frozen, self._frozen = self._frozen, None
+            frozen.set()
+
+    async def until_thawed(self) -> None:
+        while self._frozen is not None:
+            await self._frozen.wait()

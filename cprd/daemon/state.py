@@ -1,0 +1,115 @@
+"""What a daemon is made of, built the same way whether it starts as a source, takes a table over
+as a target, or is restored by an in-place upgrade.
+
+Theory of operation
+-------------------
+``DaemonState`` holds the table, the listening control socket and where it lives, the role,
+the configuration, the counters that status reports and the answers to recent mutations. Its
+three constructors are the only places a daemon comes from: ``source`` (a fresh table),
+``received`` (a table from a handoff: the source's answers, a salvage), ``restored`` (the state an
+upgrade wrote, whose ``upgrade_state`` is the inverse). Everything a restart must keep goes
+through ``upgrade_state``/``restored``.
+
+What this module may know: the table, sockets as objects it holds, the upgrade state's fields.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..paths import file_id
+from ..table import FdTable
+from .replies import ReplyCache
+
+
+@dataclass(slots=True, frozen=True)
+class Config:
+    allow_uids: tuple[int, ...] = ()
+    idle_timeout: float = 60.0
+    max_clients: int = 256
+    queue_timeout: float = 5.0  # how long clients wait in the backlog for a free slot before Busy
+    upgrade_timeout: float = 30.0  # a new program that has not confirmed by then is killed and rolled back
+    own_args: tuple[str, ...] = ()  # the command line after `cprd`, to exec again on an upgrade
+
+    def describe(self) -> dict[str, Any]:
+        """What an upgrade hands on (own_args come from the new program's own command line)."""
+        return {"allow_uids": list(self.allow_uids), "idle_timeout": self.idle_timeout,
+                "max_clients": self.max_clients, "queue_timeout": self.queue_timeout,
+                "upgrade_timeout": self.upgrade_timeout}
+
+    @classmethod
+    def from_state(cls, cfg: dict[str, Any], own_args: tuple[str, ...]) -> Config:
+        d = cls()
+        return cls(allow_uids=tuple(cfg.get("allow_uids", ())), idle_timeout=cfg.get("idle_timeout", d.idle_timeout),
+                   max_clients=cfg.get("max_clients", d.max_clients),
+                   queue_timeout=cfg.get("queue_timeout", d.queue_timeout),
+                   upgrade_timeout=cfg.get("upgrade_timeout", d.upgrade_timeout), own_args=own_args)
+
+
+@dataclass(slots=True)
+class DaemonState:
+    role: str  # "source" or "target"
+    table: FdTable
+    listener: socket.socket
+    control_path: str
+    control_fid: tuple[int, int] | None  # our socket file, removed at exit; None: not ours to remove
+    config: Config
+    handoffs: int = 0  # tables received by handoff (status: handoffs_received)
+    upgrades: int = 0
+    salvage: dict | None = None
+    source_died: bool = False
+    replies: ReplyCache = field(default_factory=ReplyCache)
+    started: float = field(default_factory=time.time)
+
+    @property
+    def allowed_uids(self) -> set[int]:
+        return {os.geteuid(), 0, *self.config.allow_uids}
+
+    # -- the three ways a daemon comes about --------------------------------------------------
+    @classmethod
+    def source(cls, table: FdTable, listener: socket.socket, control_path: str, config: Config,
+               socket_activated: bool = False) -> DaemonState:
+        return cls("source", table, listener, control_path, None if socket_activated else file_id(control_path),
+                   config)
+
+    @classmethod
+    def received(cls, received: Any, listener: socket.socket, config: Config) -> DaemonState:
+        """From a handoff (handoff.Received): the source's answers to recent mutations come along, so
+        that a client retrying at us gets the source's answer."""
+        control = received.hello.control_path
+        st = cls("target", received.table, listener, control, file_id(control), config, handoffs=1,
+                 salvage=received.salvage.describe() if received.salvage else None,
+                 source_died=not received.committed)
+        st.replies.take_from(received.results)
+        return st
+
+    @classmethod
+    def restored(cls, state: dict[str, Any], table: FdTable, listener: socket.socket,
+                 own_args: tuple[str, ...]) -> DaemonState:
+        """From the state an in-place upgrade wrote (see upgrade_state)."""
+        rolled_back = bool(state.get("rolled_back"))
+        st = cls(state["role"], table, listener, state["control_path"],
+                 tuple(state["control_fid"]) if state.get("control_fid") else None,
+                 Config.from_state(state.get("config", {}), own_args), handoffs=state.get("handoffs", 0),
+                 upgrades=state.get("upgrades", 0) + (0 if rolled_back else 1), salvage=state.get("salvage"),
+                 source_died=bool(state.get("source_died")))
+        st.replies.take_from(state.get("results", []))
+        return st
+
+    def upgrade_state(self, t_freeze_ms: float, requester_fd: int | None) -> dict[str, Any]:
+        """What the new program of an in-place upgrade restores from (docs/protocol.md 6.2)."""
+        return {
+            "t_freeze_ms": t_freeze_ms, "role": self.role, "control_path": self.control_path,
+            "control_fid": list(self.control_fid) if self.control_fid else None,
+            "listener_fd": self.listener.fileno(), "requester_fd": requester_fd,
+            "entries": [[e.name, e.id, e.fd, int(e.ident.kind), e.ident.mode, e.ident.dev, e.ident.ino,
+                         e.ident.flags] for e in self.table],
+            "results": self.replies.items(),
+            "config": self.config.describe(),
+            "handoffs": self.handoffs, "upgrades": self.upgrades, "salvage": self.salvage,
+            "source_died": self.source_died, "pid": os.getpid(),
+        }
