@@ -29,6 +29,7 @@ request means.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import resource
@@ -207,16 +208,20 @@ class Endpoint:
                                 who = "root" if os.geteuid() == 0 else f"{user_name(os.geteuid())} and root"
                                 raise Denied(f"{user_name(uid)} may use this cprd's table but not {req.op} it: "
                                              f"only {who} may; ask its operator")
-                            frames, out_fds = await self.handle(req, fds, conn, uid)
+                            frames, lent = await self.handle(req, fds, conn, uid)
+                            # The table's own fds: copied before any other task can run (a del, a
+                            # hang-up) and close them, so that the reply never carries a reused number.
+                            out = _copies(lent)
                         except Unanswered:
                             # The table moved on while this request waited: hang up without an answer;
                             # the client retries at the same path and reaches the new owner.
                             return
                         except CprdError as e:
                             log.info("event=request_failed code=%s error=%r", e.code, str(e))
-                            frames, out_fds = cp.encode_error(e), []
-                    if not await self.reply(conn, frames, out_fds):
-                        return
+                            frames, out = cp.encode_error(e), OwnedFds()
+                    with out:
+                        if not await self.reply(conn, frames, out.fds):
+                            return
                     self.replied(op)
         finally:
             self.conns -= 1
@@ -228,8 +233,8 @@ class Endpoint:
         the client did not read it within idle_timeout."""
         try:
             with trio.move_on_after(self.config.idle_timeout) as cs:
-                for i, f in enumerate(frames):
-                    await scm.send(conn, f, fds if i == 0 else [], "control reply")
+                for i, f in enumerate(frames):  # at most SCM_MAX_FD fds on each frame, in order
+                    await scm.send(conn, f, fds[i * scm.SCM_MAX_FD:(i + 1) * scm.SCM_MAX_FD], "control reply")
             if cs.cancelled_caught:
                 log.info("event=reply_dropped reason=client-not-reading seconds=%g", self.config.idle_timeout)
                 return False
@@ -237,6 +242,21 @@ class Endpoint:
             log.info("event=reply_failed error=%r", str(e))
             return False
         return True
+
+
+def _copies(fds: list[int]) -> OwnedFds:
+    out = OwnedFds()
+    try:
+        for fd in fds:
+            out.fds.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3))
+    except OSError as e:
+        out.close()
+        if e.errno in (errno.EMFILE, errno.ENFILE):
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+            raise CapacityError(f"the daemon is at its fd limit (RLIMIT_NOFILE {soft}) and cannot copy the "
+                                f"{len(fds)} fds of this reply; retry later, delete entries or raise its limit") from e
+        raise
+    return out
 
 
 def refuse(conn: Any, err: CprdError) -> None:
