@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Any
 
-from .errors import CprdError, UsageError
+from .errors import CapacityError, CprdError, UsageError
 
 FLAGS = {"r": os.O_RDONLY, "w": os.O_WRONLY, "rw": os.O_RDWR, "a": os.O_WRONLY | os.O_APPEND,
          "ra": os.O_RDWR | os.O_APPEND}
@@ -245,6 +245,80 @@ def cmd_upgrade(a: argparse.Namespace) -> int:
     return 1 if res["rolled_back"] else 0
 
 
+def cmd_fdstore(a: argparse.Namespace) -> int:
+    from .fdstore import check_app
+
+    check_app(a.app)
+    if a.clean and a.socket:
+        raise UsageError("--clean and --socket do not go together")
+    with _client(a) as c:
+        if a.socket:
+            info = c.fdstore(a.app, "socket")
+            _print(info, a.json, info["socket"])
+        elif a.clean:
+            res = c.fdstore(a.app, "clean")
+            _print(res, a.json, f"removed {res['removed']} fds from the store of {a.app}")
+        else:
+            rows = c.fdstore(a.app, "list")
+            lines = [f"{'FDNAME':<20} {'TYPE':<8} {'DEVNO':<7} {'INODE':>10} {'RDEVNO':<7} {'PATH':<30} FLAGS"]
+            lines += [f"{_shown(r['fdname']):<20} {r['kind']:<8} {r['dev']:<7} {r['ino']:>10} {r['rdev'] or 'n/a':<7} "
+                      f"{_shown(r['path']):<30} {r['access']}" for r in rows]
+            _print(rows, a.json, "\n".join(lines))
+    return 0
+
+
+def _room_for(n: int) -> None:
+    """Raise the soft fd limit so that n stored fds fit, as a service manager gives a service with
+    a store the limit it needs; never past the hard limit (then: a clear error)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 2 * n + 3 + 64  # stdio, the fds twice while they move to 3, 4, ..., room for the program
+    if need <= soft:
+        return
+    if hard != resource.RLIM_INFINITY and need > hard:
+        raise CapacityError(f"the app's store holds {n} fds but this process may open at most {hard} (hard "
+                            f"RLIMIT_NOFILE; placing them at 3, 4, ... takes {need}): raise it (ulimit -Hn, "
+                            "LimitNOFILE=) or remove fds (cprd ctl fdstore APP --clean)")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    """`cprd run --name APP -- CMD`: CMD, in this very process, with APP's stored fds at 3, 4, ...
+    and the environment systemd gives a service with a fd store."""
+    from .fdstore import MAX_LIMIT, check_app
+
+    check_app(a.name)
+    cmd = a.cmd[1:] if a.cmd[:1] == ["--"] else a.cmd
+    if not cmd:
+        raise UsageError("cprd run needs a command: cprd run --name APP -- CMD [ARG...]")
+    if a.fdstore_max is not None and not 0 <= a.fdstore_max <= MAX_LIMIT:
+        raise UsageError(f"--fdstore-max {a.fdstore_max} is outside 0..{MAX_LIMIT}")
+    with _client(a) as c:
+        _room_for(c.fdstore(a.name, "socket", a.fdstore_max)["fds"])
+        info, fds = c.fdstore_open(a.name, a.fdstore_max)
+    n = len(fds)
+    # Place the fds at 3, 4, ...: first above that range (close-on-exec), then each into its place.
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3 + n) for fd in fds]
+    for fd in fds:
+        os.close(fd)
+    for i, fd in enumerate(moved):
+        os.dup2(fd, 3 + i, inheritable=True)
+        os.close(fd)
+    os.closerange(3 + n, 1 << 20)  # the program gets these fds and no other, as under systemd
+    env = dict(os.environ, NOTIFY_SOCKET=info["socket"], FDSTORE=str(info["max"]))
+    for var in ("LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID"):
+        env.pop(var, None)
+    if n:  # LISTEN_PID is ours: exec keeps the pid, so it is the program's
+        env.update(LISTEN_FDS=str(n), LISTEN_FDNAMES=":".join(info["fdnames"]), LISTEN_PID=str(os.getpid()))
+    try:
+        os.execvpe(cmd[0], cmd, env)
+    except OSError as e:
+        print(f"cprd: error: cannot run {cmd[0]!r}: {e.strerror}", file=sys.stderr)
+        return 127 if isinstance(e, FileNotFoundError) else 126
+    return 0  # not reached
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from .tools.demo import run_demo
 
@@ -349,6 +423,31 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--trust-uid", action="append", metavar="UID",
                         help="talk to a daemon running as this uid too (besides yours and root); repeatable. "
                              "Default: $CPRD_TRUST_UID")
+
+    cf = csub.add_parser("fdstore", help="an app's fd store: list it (the columns of systemd-analyze fdstore), "
+                                         "--clean it, or print its --socket (NOTIFY_SOCKET)")
+    cf.add_argument("app", help="the app's name (as in cprd run --name)")
+    cf.add_argument("--clean", action="store_true", help="close and remove every fd stored for the app")
+    cf.add_argument("--socket", action="store_true",
+                    help="print the app's NOTIFY_SOCKET path (made if missing): for a supervisor that starts the "
+                         "program itself")
+    cf.set_defaults(func=cmd_fdstore)
+    control_opt(cf)
+    cf.add_argument("--json", action="store_true", help="print JSON for scripts")
+    cf.add_argument("--trust-uid", action="append", metavar="UID",
+                    help="talk to a daemon running as this uid too (besides yours and root); repeatable")
+
+    r = sub.add_parser("run", help="run a program with its fd store: NOTIFY_SOCKET, and the fds it stored at 3, 4, "
+                                   "... with LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID (systemd's protocol)")
+    r.add_argument("--name", required=True, metavar="APP", help="the app whose store to use (made if missing)")
+    r.add_argument("--fdstore-max", type=int, metavar="N",
+                   help="the most fds the app may store (default 1024, or what it was set to before)")
+    control_opt(r)
+    r.add_argument("--trust-uid", action="append", metavar="UID",
+                   help="talk to a daemon running as this uid too (besides yours and root); repeatable")
+    r.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]",
+                   help="the program to run, in this process")
+    r.set_defaults(func=cmd_run)
 
     d = sub.add_parser("demo", help="populate a source, hand it to a target, prove every fd survived")
     d.add_argument("--fds", type=int, default=1000, help="about how many fds (default 1000)")

@@ -141,7 +141,7 @@ def _exchange(sock: socket.socket, op: str, fds: list[int], args: dict[str, Any]
             # and closes without waiting for the request: its answer may be queued for us.
             got.close()
         while True:
-            data, fds_in = scm.recv_sync(sock, cp.MAX_FRAME, 1, f"control {op} reply")
+            data, fds_in = scm.recv_sync(sock, cp.MAX_FRAME, scm.SCM_MAX_FD, f"control {op} reply")
             reply = _reply_of(reader, data, got, fds_in)
             if reply is not None:
                 return _result(reply, got)
@@ -301,6 +301,23 @@ class Client:
     def handoff(self, to: str, batch: int = 253, window: int = 4) -> dict[str, Any]:
         return self._call("handoff", to=to, batch=batch, window=window)
 
+    def fdstore_open(self, app: str, max_fds: int | None = None) -> tuple[dict[str, Any], list[int]]:
+        """The app's fd store (made if missing, with limit max_fds if given): its notify socket and
+        limit, and a copy of each stored fd, newest first, with its name in result["fdnames"] (the
+        caller owns and must close the fds)."""
+        result, fds = self.request("fdstore", app=app, action="open", max=-1 if max_fds is None else max_fds)
+        got = fds.take()
+        if len(got) != len(result.get("fdnames", ())):
+            for fd in got:
+                os.close(fd)
+            raise ControlError(f"fdstore {app}: the daemon sent {len(got)} fds for {len(result.get('fdnames', ()))} "
+                               "names")
+        return result, got
+
+    def fdstore(self, app: str, action: str, max_fds: int | None = None) -> Any:
+        """Another fd store action: socket (made if missing), list, clean."""
+        return self._call("fdstore", app=app, action=action, max=-1 if max_fds is None else max_fds)
+
 
 def _one_fd(fds: OwnedFds, name: str, id: int) -> int:
     got = fds.take()
@@ -353,7 +370,7 @@ class AsyncClient:
             except scm.Closed:  # refused at once: the daemon's answer may be queued for us (see _exchange)
                 pass
             while True:
-                data, fds_in = await scm.recv(self._sock, cp.MAX_FRAME, 1, f"control {op} reply")
+                data, fds_in = await scm.recv(self._sock, cp.MAX_FRAME, scm.SCM_MAX_FD, f"control {op} reply")
                 reply = _reply_of(reader, data, got, fds_in)
                 if reply is not None:
                     return _result(reply, got)

@@ -370,6 +370,61 @@ def bind_listener(path: str, what: str = "control", shared: bool = False,
     return sock
 
 
+def bind_datagram(path: str, what: str, shared: bool = False) -> socket.socket:
+    """A bound SOCK_DGRAM socket at path (an fd store's notify socket), close-on-exec, non-blocking,
+    with SO_PASSCRED on (every datagram then carries its sender's pid, uid and gid). The same rules
+    as bind_listener: a trusted private directory (missing ones made 0700, or 0711 when `shared`:
+    --allow-uid users must reach the socket, which is then 0666), a stale socket replaced, a live
+    one never stolen."""
+    path = os.path.abspath(path)
+    room = _PATH_MAX_UNIX - len(".4194304.tmp")
+    if len(path.encode()) > room:
+        raise UsageError(f"{what} socket path {path} is {len(path.encode())} bytes; cprd needs it to be at most "
+                         f"{room} (UNIX socket paths are limited to 108 bytes): put the control socket in a "
+                         "shorter directory, or use a shorter name")
+    directory, name = os.path.split(path)
+    with open_dir(directory, what=f"{what} socket {path}", create=True, private=True) as d:
+        if shared:
+            os.chmod(d.at(""), 0o711)  # others may reach the socket (and only that), not list or change
+        try:
+            st = os.stat(name, dir_fd=d.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise ControlError(f"{path} exists and is not a socket; remove it")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            try:
+                probe.connect(d.at(name))
+                raise ControlError(f"a process is bound to {path} already; stop it or remove the socket")
+            except (ConnectionRefusedError, FileNotFoundError):
+                pass  # stale: replaced below
+            finally:
+                probe.close()
+        tmp = f"{name}.{os.getpid()}.tmp"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        old = os.umask(0o177)
+        try:
+            try:
+                os.unlink(tmp, dir_fd=d.fd)
+            except FileNotFoundError:
+                pass
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            sock.bind(d.at(tmp))
+            os.chmod(tmp, 0o666 if shared else 0o600, dir_fd=d.fd, follow_symlinks=False)
+            os.rename(tmp, name, src_dir_fd=d.fd, dst_dir_fd=d.fd)
+        except OSError as e:
+            sock.close()
+            try:
+                os.unlink(tmp, dir_fd=d.fd)
+            except OSError:
+                pass
+            raise ControlError(f"cannot create {what} socket {path}: {e.strerror or e}") from None
+        finally:
+            os.umask(old)
+    return sock
+
+
 def file_id(path: str) -> tuple[int, int] | None:
     """(st_dev, st_ino) of the socket file at path (not of the socket: sockfs has its own inodes)."""
     try:

@@ -56,6 +56,22 @@ def _kcmp() -> bool:
     return kcmp_works()
 
 
+def _libsystemd() -> bool:
+    import sd
+
+    return sd.available()
+
+
+def _python3_systemd() -> bool:
+    import subprocess
+
+    try:
+        return subprocess.run(["/usr/bin/python3", "-c", "import systemd.daemon"], capture_output=True,
+                              timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
 def _tool(name: str) -> Callable[[], bool]:
     return lambda: shutil.which(name) is not None
 
@@ -77,6 +93,10 @@ FEATURES: dict[str, tuple[Callable[[], bool], str]] = {
     "systemd-analyze": (_tool("systemd-analyze"), "systemd-analyze is missing: " + APT.format("systemd", "systemd")),
     "systemd-socket-activate": (_tool("systemd-socket-activate"),
                                 "systemd-socket-activate is missing: " + APT.format("systemd", "systemd")),
+    "systemd-notify": (_tool("systemd-notify"), "systemd-notify is missing: " + APT.format("systemd", "systemd")),
+    "libsystemd": (_libsystemd, "libsystemd is missing: " + APT.format("libsystemd0", "libsystemd0")),
+    "python3-systemd": (_python3_systemd, "python3-systemd (for /usr/bin/python3) is missing: "
+                                          + APT.format("python3-systemd", "python3-systemd")),
 }
 
 

@@ -806,9 +806,9 @@ def test_control_request_round_trip(op, with_optional):
 
 
 def test_control_ops_and_fds():
-    assert set(control.OPS) == {"put", "get", "del", "ls", "status", "handoff", "upgrade"}
+    assert set(control.OPS) == {"put", "get", "del", "ls", "status", "handoff", "upgrade", "fdstore"}
     assert {op: s[2] for op, s in control.OPS.items()} == {
-        "put": 1, "get": 0, "del": 0, "ls": 0, "status": 0, "handoff": 0, "upgrade": 0}
+        "put": 1, "get": 0, "del": 0, "ls": 0, "status": 0, "handoff": 0, "upgrade": 0, "fdstore": 0}
 
 
 @pytest.mark.parametrize("op", sorted(control.OPS))
@@ -1044,3 +1044,14 @@ def test_manifest_cannot_announce_more_keys_than_entries():
     src2 = h.Manifest.of([("c", 3)])
     with pytest.raises(ProtocolError, match="more keys"):
         tgt.receive(encode(src2))
+
+
+@pytest.mark.parametrize("min_frames", [1, 2, 5, 80])
+def test_a_reply_split_into_at_least_min_frames_reads_back_whole(min_frames):
+    """A reply with more fds than one frame may carry comes in at least one frame per SCM_MAX_FD fds."""
+    result = {"app": "web", "fdnames": [f"n{i}" for i in range(3)]}
+    frames = control.encode_reply(result, min_frames)
+    assert len(frames) >= min_frames
+    reader = control.ReplyReader()
+    got = [reader.feed(f) for f in frames]
+    assert got[:-1] == [None] * (len(frames) - 1) and got[-1] == {"ok": True, "result": result}

@@ -38,8 +38,9 @@ from ..fds import OwnedFds
 from ..handoff import Result, SourceHooks, send_table
 from ..paths import unlink_if_same
 from ..protocol import control as cp
-from .endpoint import Endpoint
+from .endpoint import Endpoint, Unanswered
 from .handlers import Handlers, Reply, upgrade_timeout
+from .notify import FdStores
 from .lifecycle import Lifecycle, Phase
 from .state import DaemonState
 
@@ -54,7 +55,10 @@ class Daemon:
         self._nursery: trio.Nursery | None = None
         self.endpoint = Endpoint(st.listener, st.config, st.allowed_uids, self._handle, self._replied,
                                  lambda: f"{len(st.table)} entries")
-        self.handlers = Handlers(st, self.life, lambda: self.endpoint.conns, self._handoff_req, self._upgrade_req)
+        self.handlers = Handlers(st, self.life, lambda: self.endpoint.conns, self._handoff_req, self._upgrade_req,
+                                 self._fdstore_req, lambda e: self.stores.describe(e), self._status_extra)
+        self.stores = FdStores(st, self.life, self.handlers.check_room)
+        self.stores.load()  # the fd stores a handoff or an upgrade brought along
 
     async def _handle(self, req: cp.Request, fds: OwnedFds, conn: Any, uid: int) -> Reply:
         return await self.handlers(req, fds, conn, uid)
@@ -67,6 +71,7 @@ class Daemon:
                 self._nursery = self.endpoint.nursery = nursery
                 nursery.start_soon(self._watch_signals)
                 self.endpoint.start_accepting()
+                await self.stores.run(nursery)
                 log.info("event=serving role=%s pid=%d control=%s entries=%d", st.role, os.getpid(),
                          st.control_path, len(st.table))
                 if st.role == "target":
@@ -76,6 +81,7 @@ class Daemon:
                     await on_serving()
         finally:
             self.endpoint.close()
+            self.stores.close()
         return self.exit_code
 
     def stop(self, code: int = 0) -> None:
@@ -100,6 +106,36 @@ class Daemon:
     def _replied(self, op: str) -> None:
         if op == "handoff" and self.life.handed_off:
             self.stop(0)
+
+    def _status_extra(self) -> dict[str, Any]:
+        summary = self.stores.summary()
+        return {"fdstore": summary} if summary else {}
+
+    # -- the fd stores (systemd's protocol) ------------------------------------------------------
+    async def _fdstore_req(self, req: cp.Request, fds: OwnedFds, conn: Any) -> Reply:
+        a = req.args
+        action, app, limit = a["action"], a["app"], (None if a["max"] < 0 else a["max"])
+        if action in ("open", "socket"):
+            await self.life.until_thawed()  # a store made during a handoff's last moments would not travel
+            if self.life.handed_off:
+                raise Unanswered()
+            store = self.stores.open(app, limit, shared=bool(self.st.config.allow_uids))
+            self.stores.drain(app)  # what the app's previous run sent before it died is stored first
+            info = {"app": app, "socket": store.meta.path, "max": store.meta.max, "fds": store.stored()}
+            if action == "socket":
+                return cp.encode_reply(info), []
+            held = self.stores.fds_of(app)
+            info["fdnames"] = [name for name, _ in held]
+            fds_out = [fd for _, fd in held]
+            return cp.encode_reply(info, -(-len(fds_out) // 253) or 1), fds_out
+        if action == "list":
+            return cp.encode_reply(self.stores.rows(app)), []
+        if action == "clean":
+            await self.life.until_thawed()
+            if self.life.handed_off:
+                raise Unanswered()
+            return cp.encode_reply({"app": app, "removed": self.stores.clean(app)}), []
+        raise UsageError(f"fdstore action {action!r} is not one of open, socket, list, clean")
 
     def status_line(self) -> str:
         return f"serving {len(self.st.table)} entries on {self.st.control_path} ({self.st.role})"

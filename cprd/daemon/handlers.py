@@ -33,6 +33,7 @@ from ..fds import OwnedFds
 from ..handoff import fd_capacity, table_limit
 from ..kinds import classify
 from ..protocol import control as cp
+from ..fdstore import app_of
 from ..table import Entry, check_key, check_new_name
 from .endpoint import Unanswered
 from .lifecycle import Lifecycle
@@ -48,11 +49,13 @@ Handler = Callable[[cp.Request, OwnedFds, Any], Awaitable[Reply]]
 
 
 class Handlers:
-    def __init__(self, st: DaemonState, life: Lifecycle, conns: Callable[[], int],
-                 handoff: Handler, upgrade: Handler) -> None:
-        self.st, self.life, self.conns = st, life, conns
+    def __init__(self, st: DaemonState, life: Lifecycle, conns: Callable[[], int], handoff: Handler,
+                 upgrade: Handler, fdstore: Handler, extra: Callable[[Entry], dict | None],
+                 status_extra: Callable[[], dict]) -> None:
+        self.st, self.life, self.conns, self.extra, self.status_extra = st, life, conns, extra, status_extra
         self.table: dict[str, Handler] = {"put": self.mutate, "del": self.mutate, "get": self.get, "ls": self.ls,
-                                          "status": self.status_req, "handoff": handoff, "upgrade": upgrade}
+                                          "status": self.status_req, "handoff": handoff, "upgrade": upgrade,
+                                          "fdstore": fdstore}
         assert set(self.table) == set(cp.OPS), "every control op has its handler"
         self._ls_cache: tuple[int, list[bytes]] | None = None  # (table version, frames of the reply to ls)
         self._ls_json: dict[tuple[str, int], tuple[Entry, bytes]] = {}  # each entry's JSON, while it lives
@@ -85,9 +88,13 @@ class Handlers:
         """A put or a del, with no await: atomic with respect to every other task."""
         a, table = req.args, self.st.table
         check_key(a["name"], a["id"])
+        app = app_of(a["name"])
+        if app is not None:
+            raise UsageError(f"entries named {a['name']!r} belong to the fd store of app {app!r}; use `cprd ctl "
+                             f"fdstore {app}` (or `--clean`) and `cprd run --name {app}`")
         if req.op == "put":
             check_new_name(a["name"])
-            self._check_room()
+            self.check_room()
             ident = classify(fds.fds[0])
             entry = table.save(a["name"], a["id"], fds.fds[0], ident, replace=a["replace"])
             fds.take()
@@ -97,7 +104,7 @@ class Handlers:
         log.debug("event=del name=%r id=%d", a["name"], a["id"])
         return {"name": a["name"], "id": a["id"], "deleted": True}
 
-    def _check_room(self) -> None:
+    def check_room(self) -> None:
         """Refuse a put once the table holds as many entries as a target with the same fd limit could
         take over, or when it would leave the daemon fewer than FD_RESERVE free fds (counted exactly
         only when anywhere near the limit: listing /proc/self/fd costs ~1 ms)."""
@@ -123,7 +130,8 @@ class Handlers:
         entry = self.st.table.find(a["name"], a["id"])
         if entry is None:
             raise KeyMissing(f"no entry ({a['name']!r}, {a['id']}); list entries with `cprd ctl ls`")
-        return cp.encode_reply(entry.describe()), [entry.fd]
+        extra = self.extra(entry)
+        return cp.encode_reply({**entry.describe(), **extra} if extra else entry.describe()), [entry.fd]
 
     async def ls(self, req: cp.Request, fds: OwnedFds, conn: Any) -> Reply:
         return self.ls_frames(), []
@@ -136,7 +144,9 @@ class Handlers:
         for e in sorted(table, key=Entry.sort_key):
             hit = enc.get((e.name, e.id))
             if hit is None or hit[0] is not e:
-                hit = enc[(e.name, e.id)] = (e, _JSON.encode(e.describe()).encode())
+                extra = self.extra(e)
+                hit = enc[(e.name, e.id)] = (e, _JSON.encode({**e.describe(), **extra} if extra else
+                                                             e.describe()).encode())
             parts.append(hit[1])
         if len(enc) > 2 * len(table) + 64:  # many entries deleted since: forget what they encoded to
             self._ls_json = {(e.name, e.id): enc[(e.name, e.id)] for e in table if (e.name, e.id) in enc}
@@ -158,6 +168,7 @@ class Handlers:
             "uptime_s": round(time.time() - st.started, 3),
             **({"salvage": st.salvage} if st.salvage else {}),
             **({"source_died": True} if st.source_died else {}),
+            **self.status_extra(),
         }
 
 

@@ -59,6 +59,10 @@ class Lifecycle:
     def handed_off(self) -> bool:
         return self.phase is Phase.HANDED_OFF
 
+    @property
+    def frozen(self) -> bool:
+        return self._frozen is not None
+
     def freeze(self) -> None:
         """Mutations wait from now on (until thaw)."""
         self._frozen = trio.Event()

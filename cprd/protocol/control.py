@@ -11,7 +11,8 @@ is a UTF-8 JSON object. At most MAX_FRAME bytes a frame, checked before anything
     reply    {"ok": true, "result": ...}         type REPLY
              {"ok": false, "error": CODE, "message": TEXT}
 
-fds ride with SCM_RIGHTS: exactly one on a `put` request and on a `get` reply, none elsewhere.
+fds ride with SCM_RIGHTS: exactly one on a `put` request and on a `get` reply, the stored fds on an
+`fdstore` open reply (at most 253 a frame, in order), none elsewhere.
 Control traffic is small and rare, so JSON is fine here; the handoff protocol is binary.
 
 The request schemas live in OPS; ``parse_request`` checks one and names what is wrong.
@@ -44,6 +45,9 @@ OPS: dict[str, tuple[dict[str, type], dict[str, tuple[type, Any]], int]] = {
     "status": ({}, {}, 0),
     "handoff": ({"to": str}, {"batch": (int, 253), "window": (int, 4)}, 0),
     "upgrade": ({}, {"program": (str, ""), "timeout": (float, 0.0)}, 0),
+    # an app's fd store (systemd's protocol): action open (made if missing; its fds come with the
+    # reply, newest first), socket (made if missing), list, clean; max: its limit (-1: as it is)
+    "fdstore": ({"app": str, "action": str}, {"max": (int, -1)}, 0),
 }
 
 
@@ -120,8 +124,10 @@ def _typed(op: str, key: str, value: Any, typ: type) -> Any:
     return value
 
 
-def encode_reply(result: Any) -> list[bytes]:
-    return _chunks({"ok": True, "result": result})
+def encode_reply(result: Any, min_frames: int = 1) -> list[bytes]:
+    """The frames of a successful reply; at least `min_frames` of them (a reply whose fds need more
+    than one frame: at most SCM_MAX_FD fds ride on each, in order)."""
+    return _chunks({"ok": True, "result": result}, min_frames)
 
 
 def encode_error(err: CprdError) -> list[bytes]:
@@ -144,9 +150,15 @@ def encode_reply_parts(parts: Iterable[bytes]) -> list[bytes]:
             for i in range(last + 1)]
 
 
-def _chunks(obj: Any) -> list[bytes]:
+def _chunks(obj: Any, min_frames: int = 1) -> list[bytes]:
     payload = json.dumps(obj, separators=(",", ":")).encode()
-    parts = [payload[i:i + CHUNK] for i in range(0, len(payload), CHUNK)] or [b""]
+    if min_frames > 1:
+        payload += b" " * max(0, min_frames - len(payload))  # JSON may end in blanks: a byte for each frame
+        n = max(min_frames, -(-len(payload) // CHUNK))
+        bounds = [i * len(payload) // n for i in range(n + 1)]
+        parts = [payload[bounds[i]:bounds[i + 1]] for i in range(n)]
+    else:
+        parts = [payload[i:i + CHUNK] for i in range(0, len(payload), CHUNK)] or [b""]
     return [frame.pack(MAGIC, VERSION, REPLY, p, MORE if i < len(parts) - 1 else 0) for i, p in enumerate(parts)]
 
 

@@ -1,0 +1,478 @@
+"""The fd store endpoints: one notify socket per app, speaking systemd's fd store protocol.
+
+Theory of operation
+-------------------
+An app's store is three kinds of table entries (fdstore.py): its notify socket (bound SOCK_DGRAM,
+SO_PASSCRED), a memfd of names, and the stored fds. Being entries, they move with a handoff and
+survive an upgrade: the new owner finds them in its table (``load``) and goes on receiving on the
+very same socket.
+
+One task per app reads its socket: each datagram is parsed and decided (fdstore.py) and applied to
+the table at once, with no await between (atomic with respect to every other task). While the
+daemon is frozen (the last moments of a handoff, an upgrade) the tasks read nothing: datagrams
+wait in the socket's queue, with their fds, for whoever owns the table next. Stored fds that are
+polled (FDPOLL, the default) are watched on one epoll set for hang-up or error (events 0, as
+systemd does); one that reports either is removed and closed. Fds that cannot be polled (regular
+files: EPERM) are kept unwatched.
+
+Who may store: a sender whose uid (SCM_CREDENTIALS) is the daemon's, root, or given with
+--allow-uid, as on the control socket.
+
+What this module may know: sockets, trio, the table, the rules of fdstore.py.
+"""
+
+from __future__ import annotations
+
+import array
+import fcntl
+import functools
+import logging
+import os
+import select
+import socket
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from .. import fdstore as fs
+from ..errors import BadFd, CapacityError, UsageError
+from ..fds import OwnedFds
+from ..kinds import classify
+from ..paths import bind_datagram
+from ..table import Entry
+from .lifecycle import Lifecycle
+from .state import DaemonState
+
+log = logging.getLogger("cprd.fdstore")
+
+_UCRED = struct.Struct("iII")  # pid, uid, gid
+_ANC = socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(253 * 4)
+_ORDER_FROM = 8  # a group of stored fds of one inode this large is kept in kcmp's order
+_BATCH = 32  # datagrams handled in a row before other tasks get their turn
+
+
+@dataclass(slots=True)
+class AppStore:
+    app: str
+    sock_fd: int  # the notify socket (the table's entry)
+    meta_fd: int  # the names memfd (the table's entry)
+    meta: fs.Meta
+    raw: socket.socket  # a borrowed socket object on sock_fd (detached, never closed, when done)
+    status: str | None = None
+    log_lines: int = 0  # lines in the names memfd
+    log_size: int = 0  # its size in bytes
+    next_id: int = 0  # the id of the next fd stored: one more than any the store holds
+    # (dev, ino) -> ids of the stored fds of that inode (eventfds, say, all share one), in kcmp's
+    # order of their open files for the groups in `ordered` (found by bisection), else as stored
+    by_inode: dict[tuple[int, int], list[int]] = field(default_factory=dict)
+    ordered: set[tuple[int, int]] = field(default_factory=set)
+
+    def stored(self) -> int:
+        return len(self.meta.names)
+
+    def index(self, i: int, e: Entry, pos: int | None = None) -> None:
+        group = self.by_inode.setdefault((e.ident.dev, e.ident.ino), [])
+        group.append(i) if pos is None else group.insert(pos, i)
+        self.next_id = max(self.next_id, i + 1)
+
+    def unindex(self, i: int, e: Entry) -> None:
+        k = (e.ident.dev, e.ident.ino)
+        group = self.by_inode.get(k)
+        if group is not None and i in group:
+            group.remove(i)  # the rest stay in order
+            if not group:
+                del self.by_inode[k]
+                self.ordered.discard(k)
+
+
+class _Unordered(Exception):
+    pass
+
+
+class FdStores:
+    def __init__(self, st: DaemonState, life: Lifecycle, room: Any) -> None:
+        self.st, self.life, self.room = st, life, room  # room(): CapacityError when the table is full
+        self.apps: dict[str, AppStore] = {}
+        self._epoll: select.epoll | None = None
+        self._polled: dict[int, tuple[str, int]] = {}  # fd -> (app, id) of polled stored fds
+        self._nursery: trio.Nursery | None = None
+
+    # -- from the table, at start -------------------------------------------------------------
+    def load(self) -> None:
+        """Find the stores the table holds (a target's or a restored daemon's) and take them up."""
+        by_app: dict[str, dict[int, Entry]] = {}
+        for e in self.st.table:
+            app = fs.app_of(e.name)
+            if app is not None:
+                by_app.setdefault(app, {})[e.id] = e
+        for app, entries in sorted(by_app.items()):
+            sock, names = entries.get(fs.NOTIFY_ID), entries.get(fs.NAMES_ID)
+            if sock is None or names is None:
+                log.warning("event=fdstore_incomplete app=%s note=entries-kept-as-plain-entries", app)
+                continue
+            meta = fs.Log.replay(_read_all(names.fd))
+            stored = {i for i in entries if i >= 0}
+            for i in stored - set(meta.names):  # a name lost with a write cut short: systemd's default name
+                meta.names[i] = ("stored", True)
+            for i in set(meta.names) - stored:
+                del meta.names[i]
+            a = AppStore(app, sock.fd, names.fd, meta, socket.socket(fileno=sock.fd))
+            self.apps[app] = a
+            self._ensure_epoll()
+            self._rewrite(a)
+            for i, (_, poll) in sorted(meta.names.items()):
+                a.index(i, entries[i])
+                if poll:
+                    self._watch(a, i, entries[i].fd)
+            log.info("event=fdstore_loaded app=%s fds=%d max=%d", app, a.stored(), meta.max)
+
+    # -- running --------------------------------------------------------------------------------
+    async def run(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        for a in self.apps.values():
+            nursery.start_soon(self._read, a)
+        if self._epoll is not None:
+            nursery.start_soon(self._watch_hangups)
+
+    def close(self) -> None:
+        for a in self.apps.values():
+            a.raw.detach()
+        if self._epoll is not None:
+            self._epoll.close()
+            self._epoll = None
+
+    async def _read(self, a: AppStore) -> None:
+        while True:
+            await self.life.until_thawed()
+            if self.life.handed_off:
+                return
+            await trio.lowlevel.wait_readable(a.sock_fd)
+            if self.life.frozen or self.life.handed_off:
+                continue  # what arrives now waits in the socket for whoever owns the table next
+            try:
+                for _ in range(_BATCH):  # then let other tasks run
+                    if not self.receive_one(a):
+                        break
+            except OSError as e:
+                log.warning("event=fdstore_recv_failed app=%s error=%r", a.app, str(e))
+                await trio.sleep(0.1)
+
+    def drain(self, app: str, most: int = 100_000) -> int:
+        """Handle every datagram queued for the app now, with no await: a program started after the
+        previous one died gets every fd that one sent (its last messages may still be queued)."""
+        a = self._get(app)
+        n = 0
+        while n < most:
+            try:
+                if not self.receive_one(a):
+                    break
+            except OSError as e:
+                log.warning("event=fdstore_recv_failed app=%s error=%r", a.app, str(e))
+                break
+            n += 1
+        return n
+
+    def receive_one(self, a: AppStore) -> bool:
+        """Receive and handle one datagram; False if none is queued."""
+        try:
+            data, anc, flags, _ = a.raw.recvmsg(fs.NOTIFY_BUFFER_MAX, _ANC,
+                                                socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+        except BlockingIOError:
+            return False
+        fds, creds = OwnedFds(), None
+        for level, type_, blob in anc:
+            if level == socket.SOL_SOCKET and type_ == socket.SCM_RIGHTS:
+                got = array.array("i")
+                got.frombytes(blob[: len(blob) - len(blob) % 4])
+                fds.fds.extend(got)
+            elif level == socket.SOL_SOCKET and type_ == socket.SCM_CREDENTIALS and len(blob) >= _UCRED.size:
+                creds = _UCRED.unpack_from(blob)
+        with fds:
+            self.handle(a, data, flags, creds, fds)
+        return True
+
+    def handle(self, a: AppStore, data: bytes, flags: int, creds: tuple[int, int, int] | None, fds: OwnedFds) -> None:
+        """One datagram, applied with no await. Whatever fds are not stored stay in `fds` (closed by
+        the caller)."""
+        notice = fs.parse(data, flags, creds[0] if creds else None)
+        if isinstance(notice, str):
+            log.warning("event=fdstore_dropped app=%s reason=%r fds=%d", a.app, notice, len(fds))
+            return
+        pid, uid, _ = creds  # type: ignore[misc]
+        if uid not in self.st.allowed_uids:
+            log.warning("event=fdstore_refused app=%s pid=%d uid=%d fds=%d", a.app, pid, uid, len(fds))
+            return
+        d = fs.decide(notice, len(fds))
+        for w in d.warnings:
+            log.warning("event=fdstore_notice app=%s pid=%d note=%r", a.app, pid, w)
+        if d.status is not None:
+            a.status = d.status or None  # an empty STATUS= clears it
+        if d.remove is not None:
+            self.remove_name(a, d.remove)
+        elif d.store:
+            self.store(a, fds, d.name, d.poll)
+
+    # -- changing a store -----------------------------------------------------------------------
+    def store(self, a: AppStore, fds: OwnedFds, name: str, poll: bool) -> int:
+        """Store each fd (the table takes those it keeps out of `fds`); how many were stored."""
+        key = fs.entry_name(a.app)
+        n = 0
+        for fd in list(fds.fds):
+            if a.stored() >= a.meta.max:
+                log.warning("event=fdstore_full app=%s max=%d note=closing-the-remaining-fds", a.app, a.meta.max)
+                break
+            try:
+                ident = classify(fd)
+            except BadFd as e:
+                log.warning("event=fdstore_refused_fd app=%s error=%r", a.app, str(e))
+                continue
+            dup, pos = self._stored_already(a, (ident.dev, ident.ino), fd)
+            if dup:
+                log.debug("event=fdstore_duplicate app=%s", a.app)
+                continue
+            try:
+                self.room()
+            except CapacityError as e:
+                log.warning("event=fdstore_no_room app=%s error=%r", a.app, str(e))
+                break
+            i = a.next_id
+            entry = self.st.table.save(key, i, fd, ident)
+            fds.fds.remove(fd)
+            a.meta.names[i] = (name, poll)
+            a.index(i, entry, pos)
+            self._append(a, fs.Log.line_store(i, poll, name))
+            if poll:
+                self._watch(a, i, fd)
+            n += 1
+        return n
+
+    def _stored_already(self, a: AppStore, k: tuple[int, int], fd: int) -> tuple[bool, int | None]:
+        """Whether fd is an open file the app stored already (systemd's same_fd against each stored
+        fd of the same inode), and where a new id goes in its group (None: at the end). A group of
+        more than a few is kept in kcmp's order of open files and bisected, so that storing N fds
+        of one inode (eventfds) costs N log N comparisons, not N squared."""
+        group = a.by_inode.get(k)
+        if not group:
+            return False, None
+        key = fs.entry_name(a.app)
+
+        def fd_of(i: int) -> int:
+            return self.st.table.find(key, i).fd
+
+        if k not in a.ordered and len(group) >= _ORDER_FROM:
+            def cmp(x: int, y: int) -> int:
+                r = fs.file_order(fd_of(x), fd_of(y))
+                if r is None:
+                    raise _Unordered
+                return r
+            try:
+                group.sort(key=functools.cmp_to_key(cmp))
+                a.ordered.add(k)
+            except _Unordered:
+                pass
+        if k in a.ordered:
+            lo, hi = 0, len(group)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                r = fs.file_order(fd, fd_of(group[mid]))
+                if r is None:
+                    a.ordered.discard(k)  # kcmp stopped ordering: compare with each, as below
+                    break
+                if r == 0:
+                    return True, None
+                lo, hi = (lo, mid) if r < 0 else (mid + 1, hi)
+            else:
+                return False, lo
+        return any(fs.same_fd(fd_of(i), fd) for i in group), None
+
+    def remove_name(self, a: AppStore, name: str) -> int:
+        ids = [i for i, (n, _) in a.meta.names.items() if n == name]
+        for i in ids:
+            self._remove(a, i)
+        return len(ids)
+
+    def clean(self, app: str) -> int:
+        a = self._get(app)
+        ids = list(a.meta.names)
+        for i in ids:
+            self._remove(a, i)
+        return len(ids)
+
+    def _remove(self, a: AppStore, i: int) -> None:
+        e = self.st.table.find(fs.entry_name(a.app), i)
+        if e is not None:
+            self._unwatch(e.fd)
+            a.unindex(i, e)
+            self.st.table.delete(e.name, e.id)
+        a.meta.names.pop(i, None)
+        self._append(a, fs.Log.line_remove(i))
+
+    def open(self, app: str, max_fds: int | None, shared: bool) -> AppStore:
+        """The app's store, made (socket and names) if it has none; its limit set if given."""
+        fs.check_app(app)
+        if max_fds is not None and not 0 <= max_fds <= fs.MAX_LIMIT:
+            raise UsageError(f"the fd store limit {max_fds} is outside 0..{fs.MAX_LIMIT}")
+        a = self.apps.get(app)
+        if a is None:
+            path = os.path.join(os.path.dirname(self.st.control_path), "fdstore", f"{app}.sock")
+            self.room()
+            sock = bind_datagram(path, f"fd store of {app}", shared)
+            key = fs.entry_name(app)
+            try:
+                memfd = os.memfd_create(f"cprd-fdstore-{app}", os.MFD_CLOEXEC)
+            except OSError:
+                sock.close()
+                raise
+            sfd = sock.detach()
+            try:
+                self.st.table.save(key, fs.NOTIFY_ID, sfd, classify(sfd), replace=True)
+            except BaseException:
+                os.close(sfd)
+                os.close(memfd)
+                raise
+            try:
+                self.st.table.save(key, fs.NAMES_ID, memfd, classify(memfd), replace=True)
+            except BaseException:
+                os.close(memfd)
+                raise
+            meta = fs.Meta(max=fs.DEFAULT_MAX if max_fds is None else max_fds, path=path)
+            a = AppStore(app, sfd, memfd, meta, socket.socket(fileno=sfd))
+            self.apps[app] = a
+            self._ensure_epoll()
+            self._rewrite(a)
+            log.info("event=fdstore_opened app=%s socket=%s max=%d", app, path, meta.max)
+            if self._nursery is not None:
+                self._nursery.start_soon(self._read, a)
+        elif max_fds is not None and max_fds != a.meta.max:
+            a.meta.max = max_fds
+            self._append(a, fs.Log.line_max(max_fds))
+        return a
+
+    def _get(self, app: str) -> AppStore:
+        fs.check_app(app)
+        a = self.apps.get(app)
+        if a is None:
+            raise UsageError(f"no fd store for app {app!r}; `cprd run --name {app} -- CMD` makes one")
+        return a
+
+    # -- reading a store ------------------------------------------------------------------------
+    def fds_of(self, app: str) -> list[tuple[str, int]]:
+        """(name, fd) of every stored fd, newest first: the order systemd hands them back in."""
+        a = self._get(app)
+        key = fs.entry_name(app)
+        out = []
+        for i in sorted(a.meta.names, reverse=True):
+            e = self.st.table.find(key, i)
+            if e is not None:
+                out.append((a.meta.names[i][0], e.fd))
+        return out
+
+    def rows(self, app: str) -> list[dict[str, Any]]:
+        """What `systemd-analyze fdstore` shows, for each stored fd, newest first."""
+        out = []
+        a = self._get(app)
+        key = fs.entry_name(app)
+        for i in sorted(a.meta.names, reverse=True):
+            e = self.st.table.find(key, i)
+            if e is None:
+                continue
+            try:
+                st = os.fstat(e.fd)
+                path = os.readlink(f"/proc/self/fd/{e.fd}")
+                acc = os.O_ACCMODE & fcntl.fcntl(e.fd, fcntl.F_GETFL)
+            except OSError:
+                continue
+            out.append({"fdname": a.meta.names[i][0], "kind": e.ident.kind.label, "id": i,
+                        "dev": f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}", "ino": st.st_ino,
+                        "rdev": f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}" if st.st_rdev else None,
+                        "path": path, "access": {os.O_RDONLY: "ro", os.O_WRONLY: "wo", os.O_RDWR: "rw"}.get(acc, "?"),
+                        "poll": a.meta.names[i][1]})
+        return out
+
+    def describe(self, e: Entry) -> dict[str, Any] | None:
+        """`app` and `fdname` of an entry of a store (for `ls`), or None for any other entry."""
+        app = fs.app_of(e.name)
+        a = self.apps.get(app) if app else None
+        if a is None:
+            return None
+        return {"app": app, "fdname": a.meta.names.get(e.id, (None,))[0] if e.id >= 0 else None}
+
+    def summary(self) -> dict[str, Any]:
+        return {a.app: {"fds": a.stored(), "max": a.meta.max, "socket": a.meta.path, "status": a.status}
+                for a in self.apps.values()}
+
+    # -- the names memfd ------------------------------------------------------------------------
+    def _append(self, a: AppStore, line: bytes) -> None:
+        a.log_lines += 1
+        if a.log_lines > 2 * a.stored() + 64:
+            self._rewrite(a)
+            return
+        os.pwrite(a.meta_fd, line, a.log_size)
+        a.log_size += len(line)
+
+    def _rewrite(self, a: AppStore) -> None:
+        data = fs.Log.compact(a.meta)
+        os.ftruncate(a.meta_fd, 0)
+        os.pwrite(a.meta_fd, data, 0)
+        a.log_lines, a.log_size = 2 + a.stored(), len(data)
+
+    # -- FDPOLL ---------------------------------------------------------------------------------
+    def _ensure_epoll(self) -> select.epoll:
+        """The epoll set of polled stored fds: made with the first store, so that a daemon keeps one
+        fd for it while it has any store (and none without)."""
+        if self._epoll is None:
+            self._epoll = select.epoll()
+            if self._nursery is not None:
+                self._nursery.start_soon(self._watch_hangups)
+        return self._epoll
+
+    def _watch(self, a: AppStore, i: int, fd: int) -> None:
+        epoll = self._ensure_epoll()
+        try:
+            epoll.register(fd, 0)  # only EPOLLHUP and EPOLLERR are reported
+        except PermissionError:  # a regular file: not pollable, kept unwatched (as systemd does)
+            return
+        except OSError as e:
+            log.warning("event=fdstore_unpollable app=%s id=%d error=%r", a.app, i, str(e))
+            return
+        self._polled[fd] = (a.app, i)
+
+    def _unwatch(self, fd: int) -> None:
+        if self._polled.pop(fd, None) is not None and self._epoll is not None:
+            try:
+                self._epoll.unregister(fd)
+            except OSError:
+                pass
+
+    async def _watch_hangups(self) -> None:
+        assert self._epoll is not None
+        while True:
+            await self.life.until_thawed()
+            if self.life.handed_off:
+                return
+            await trio.lowlevel.wait_readable(self._epoll.fileno())
+            if self.life.frozen or self.life.handed_off:
+                continue
+            for fd, events in self._epoll.poll(0):
+                hit = self._polled.get(fd)
+                if hit is None:
+                    continue
+                app, i = hit
+                a = self.apps.get(app)
+                if a is not None:
+                    log.info("event=fdstore_hangup app=%s id=%d fdname=%r events=%#x", app, i,
+                             a.meta.names.get(i, ("?",))[0], events)
+                    self._remove(a, i)
+
+
+def _read_all(fd: int) -> bytes:
+    chunks, off = [], 0
+    while True:
+        chunk = os.pread(fd, 1 << 16, off)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        off += len(chunk)
+
