@@ -129,6 +129,26 @@ def test_wrk_summary_is_parsed_with_its_error_lines():
         mod.parse_wrk("unable to connect to 127.0.0.1:1 Connection refused\n", 1, "-t2 -c8")
 
 
+# -- fdstore_server ----------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.requires("wrk", "python3-systemd")
+def test_fdstore_server_keeps_every_keep_alive_connection_across_kill_9(tmpdir_short):
+    """A server that knows only systemd's protocol, restarted 5 times (3 by SIGKILL) under wrk while
+    cprd is handed off and upgraded: no socket error, no failed request, no connection opened again."""
+    p = run_example(tmpdir_short, "fdstore_server/run.py", "--restarts", "5", "--connections", "8",
+                    "--settle", "0.3")
+    out = p.stdout
+    assert p.returncode == 0, f"exit code {p.returncode}\n{out}\n{p.stderr}"
+    assert len(re.findall(r"^  restart \d: pid \d+ killed \(SIGKILL\); pid \d+ ready in \d+ ms with 8 "
+                          r"connections back$", out, re.MULTILINE)) == 3, out
+    assert len(re.findall(r"^  restart \d: .*SIGTERM.* with 8 connections back$", out, re.MULTILINE)) == 2, out
+    assert "cprd handed off to pid" in out and "cprd upgraded in place" in out
+    (done, errors, non2xx) = field(r"wrk: (\d+) requests done, socket errors (\d+), non-2xx (\d+)", out)
+    assert done > 0 and errors == 0 and non2xx == 0, out
+    assert field(r"connections accepted after the first server: (\d+)", out) == (0,)
+    assert "store after wrk closed its connections: ['listen']" in out and "result: OK" in out
+
+
 # -- vm_handoff -------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_vm_handoff(tmpdir_short):
