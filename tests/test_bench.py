@@ -84,6 +84,16 @@ def test_handoff_json_has_the_fields():
     assert r["phases_ms"]
 
 
+@pytest.mark.requires("libsystemd")
+def test_fdstore_json_has_the_fields():
+    row = json_of(run("bench", "fdstore", "--fds", "30", "--senders", "2", "--reps", "1", "--json", timeout=120))
+    assert (row["fds_per_sender"], row["senders"], row["reps"]) == (30, 2, 1)
+    for k in ("sd_notify_fds_per_s", "put_fds_per_s", "run_ms", "run_empty_ms", "get_ms"):
+        assert row[k] > 0, k
+    r = run("bench", "fdstore", "--senders", "0")
+    assert r.returncode == 2 and "--fds and --senders must be at least 1" in r.stderr
+
+
 def test_bad_sizes_are_usage_errors():
     for args in (["find", "--sizes", "a,b"], ["memory", "--sizes", "0"], ["find", "--reps", "0"]):
         p = run("bench", *args, "--json")

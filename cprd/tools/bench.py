@@ -5,6 +5,8 @@ find     N finds in an N-entry table: QEMU's old way (a linear scan of a list, l
 handoff  for each N: the SCM_RIGHTS floor (plain sendmsg/recvmsg of N eventfds in batches of 253
          between two processes), a QEMU/Envoy-style transfer (one fd per message, no
          verification), and cprd's full handoff between two real daemons (verification included).
+fdstore  systemd's fd store protocol against cprd's own client: fds stored per second from
+         concurrent senders, and the time to start a program with N stored fds (bench_fdstore.py).
 memory   for each N: what an FdTable of N real entries costs the process that owns it, in Python
          allocations (tracemalloc) and in resident memory (RSS), per entry.
 
@@ -60,6 +62,14 @@ def add_parser(b: argparse.ArgumentParser) -> None:
     u.add_argument("--fds", type=int, default=7530, help="fds in the table (default 7530)")
     u.add_argument("--reps", type=int, default=5, help="upgrades in a row (median reported)")
     u.add_argument("--json", action="store_true")
+    s = sub.add_parser("fdstore", help="systemd's fd store protocol: fds stored per second from 4 senders, and how "
+                                        "long `cprd run` takes to start a program with N stored fds; the same for "
+                                        "cprd's own client (put, get)")
+    s.add_argument("--fds", type=int, default=1000, help="fds each sender stores, and fds handed to the program "
+                                                         "(default 1000)")
+    s.add_argument("--senders", type=int, default=4, help="concurrent senders (default 4)")
+    s.add_argument("--reps", type=int, default=3, help="repetitions (median reported)")
+    s.add_argument("--json", action="store_true")
     m = sub.add_parser("memory", help="bytes per entry of an FdTable of N real fds (tracemalloc and RSS)")
     m.add_argument("--sizes", default="540,2870,7530,19000", help="comma-separated table sizes (fds)")
     m.add_argument("--json", action="store_true")
@@ -98,6 +108,14 @@ def main(a: argparse.Namespace) -> int:
                   f"{row['ms']:.1f} ms (median; min {row['ms_min']:.1f}, max {row['ms_max']:.1f}); a client "
                   f"saw at most {row['client_stall_ms_max']:.1f} ms between answers; refused connections: "
                   f"{row['refused']}, failed requests: {row['failed_requests']}")
+        return 0
+    if a.bench == "fdstore":
+        from .bench_fdstore import bench_fdstore, print_fdstore
+
+        if a.fds < 1 or a.senders < 1:
+            raise UsageError("--fds and --senders must be at least 1")
+        row = bench_fdstore(a.fds, a.senders, a.reps)
+        _emit(row, a.json, print_fdstore)
         return 0
     if a.bench == "memory":
         rows = bench_memory(_sizes(a.sizes), progress=not a.json)
