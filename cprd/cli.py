@@ -249,8 +249,8 @@ def cmd_fdstore(a: argparse.Namespace) -> int:
     from .fdstore import check_app
 
     check_app(a.app)
-    if a.clean and a.socket:
-        raise UsageError("--clean and --socket do not go together")
+    if a.clean + a.socket + a.remove > 1:
+        raise UsageError("--clean, --remove and --socket do not go together")
     with _client(a) as c:
         if a.socket:
             info = c.fdstore(a.app, "socket")
@@ -258,6 +258,9 @@ def cmd_fdstore(a: argparse.Namespace) -> int:
         elif a.clean:
             res = c.fdstore(a.app, "clean")
             _print(res, a.json, f"removed {res['removed']} fds from the store of {a.app}")
+        elif a.remove:
+            res = c.fdstore(a.app, "remove")
+            _print(res, a.json, f"removed the store of {a.app} ({res['removed']} fds, its notify socket and names)")
         else:
             rows = c.fdstore(a.app, "list")
             lines = [f"{'FDNAME':<20} {'TYPE':<8} {'DEVNO':<7} {'INODE':>10} {'RDEVNO':<7} {'PATH':<30} FLAGS"]
@@ -273,12 +276,12 @@ def _room_for(n: int) -> None:
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = 2 * n + 3 + 64  # stdio, the fds twice while they move to 3, 4, ..., room for the program
+    need = n + 3 + 64  # stdio, the fds (one more while they move to 3, 4, ...), room for the program
     if need <= soft:
         return
     if hard != resource.RLIM_INFINITY and need > hard:
         raise CapacityError(f"the app's store holds {n} fds but this process may open at most {hard} (hard "
-                            f"RLIMIT_NOFILE; placing them at 3, 4, ... takes {need}): raise it (ulimit -Hn, "
+                            f"RLIMIT_NOFILE; with its own fds it takes {need}): raise it (ulimit -Hn, "
                             "LimitNOFILE=) or remove fds (cprd ctl fdstore APP --clean)")
     resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
@@ -298,13 +301,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         _room_for(c.fdstore(a.name, "socket", a.fdstore_max)["fds"])
         info, fds = c.fdstore_open(a.name, a.fdstore_max)
     n = len(fds)
-    # Place the fds at 3, 4, ...: first above that range (close-on-exec), then each into its place.
-    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3 + n) for fd in fds]
-    for fd in fds:
-        os.close(fd)
-    for i, fd in enumerate(moved):
-        os.dup2(fd, 3 + i, inheritable=True)
-        os.close(fd)
+    _place(fds)
     os.closerange(3 + n, 1 << 20)  # the program gets these fds and no other, as under systemd
     env = dict(os.environ, NOTIFY_SOCKET=info["socket"], FDSTORE=str(info["max"]))
     for var in ("LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID"):
@@ -314,9 +311,35 @@ def cmd_run(a: argparse.Namespace) -> int:
     try:
         os.execvpe(cmd[0], cmd, env)
     except OSError as e:
-        print(f"cprd: error: cannot run {cmd[0]!r}: {e.strerror}", file=sys.stderr)
+        if e.errno == errno.E2BIG:
+            print(f"cprd: error: cannot run {cmd[0]!r}: its arguments and environment are too large "
+                  f"(LISTEN_FDNAMES names {n} fds in {len(env.get('LISTEN_FDNAMES', ''))} bytes); store fewer fds "
+                  "or use shorter FDNAME=s", file=sys.stderr)
+        else:
+            print(f"cprd: error: cannot run {cmd[0]!r}: {e.strerror}", file=sys.stderr)
         return 127 if isinstance(e, FileNotFoundError) else 126
     return 0  # not reached
+
+
+def _place(fds: list[int]) -> None:
+    """Move fds[i] to fd 3 + i (inheritable), using at most one more fd than there are: an fd that
+    sits where another must go is moved out of the way first."""
+    where = {fd: i for i, fd in enumerate(fds)}  # fd -> the index it must go to
+    for i in range(len(fds)):
+        want, fd = 3 + i, fds[i]
+        if fd != want:
+            j = where.get(want)
+            if j is not None:  # fds[j] occupies our place: move it to the lowest free fd
+                moved = fcntl.fcntl(want, fcntl.F_DUPFD_CLOEXEC, 3)
+                os.close(want)
+                del where[want]
+                fds[j], where[moved] = moved, j
+            os.dup2(fd, want, inheritable=True)
+            os.close(fd)
+            del where[fd]
+            fds[i], where[want] = want, i
+        else:
+            os.set_inheritable(want, True)
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -425,9 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "Default: $CPRD_TRUST_UID")
 
     cf = csub.add_parser("fdstore", help="an app's fd store: list it (the columns of systemd-analyze fdstore), "
-                                         "--clean it, or print its --socket (NOTIFY_SOCKET)")
+                                         "--clean or --remove it, or print its --socket (NOTIFY_SOCKET)")
     cf.add_argument("app", help="the app's name (as in cprd run --name)")
     cf.add_argument("--clean", action="store_true", help="close and remove every fd stored for the app")
+    cf.add_argument("--remove", action="store_true",
+                    help="remove the app's store altogether: its fds, its notify socket and its names")
     cf.add_argument("--socket", action="store_true",
                     help="print the app's NOTIFY_SOCKET path (made if missing): for a supervisor that starts the "
                          "program itself")
@@ -454,11 +479,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="print the summary as JSON")
     d.set_defaults(func=cmd_demo)
 
-    st = sub.add_parser("stress", help="fd churn from concurrent clients across a chain of handoffs, model-checked")
+    st = sub.add_parser("stress", help="fd churn from concurrent clients across a chain of handoffs and in-place "
+                                       "upgrades, model-checked")
     st.add_argument("--fds", type=int, default=1000, help="fds to populate the source with (default 1000)")
     st.add_argument("--rate", type=float, default=500, help="operations per second over all clients (default 500)")
     st.add_argument("--handoffs", type=int, default=3, help="handoffs along a chain of targets (default 3)")
-    st.add_argument("--duration", type=float, help="seconds of churn (default: handoffs + 1, at least 2)")
+    st.add_argument("--upgrades", type=int, default=0,
+                    help="in-place upgrades of the owner, spread among the handoffs (default 0)")
+    st.add_argument("--duration", type=float,
+                    help="seconds of churn (default: handoffs + 1.5 x upgrades + 1, at least 2)")
     st.add_argument("--clients", type=int, default=4, help="concurrent clients (default 4)")
     st.add_argument("--seed", type=int, default=1, help="random seed of the operation mix")
     st.add_argument("--control", metavar="PATH",

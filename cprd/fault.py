@@ -4,7 +4,9 @@
 a handoff (several specs, comma-separated, act in the order given when they name the same point):
 
 - side: ``source`` or ``target``; or ``restore:raise``, which makes the new program of an in-place
-  upgrade fail while it restores (to test the rollback);
+  upgrade fail while it restores (to test the rollback); ``standin`` (an upgrade's stand-in:
+  ``forked``, ``takeover`` once asked to stop, ``done`` after it sent Done) and ``upgrade`` (the new
+  program taking over from it: ``restored``, ``asked``, ``taken``);
 - step: ``hello`` (after its hello), ``batch`` (after snapshot batch n; on the target, after any
   batch with sequence number n), ``delta`` (after pre-copy delta message n: a batch of replaced
   entries or a Delete, counted from 0 by each side), ``delete`` (after the n-th Delete message),
@@ -46,6 +48,10 @@ STEPS = {  # the fault points of each side
     "source": ("hello", "batch", "delta", "delete", "results", "freeze", "end", "ready", "commit", "confirm"),
     "target": ("hello", "batch", "delta", "delete", "results", "end", "ready", "commit", "confirm"),
     "restore": ("raise",),  # restore:raise: the new program of an upgrade fails while it restores
+    # an upgrade's stand-in (daemon/standin.py): right after the fork, once asked to stop (T), after Done
+    "standin": ("forked", "takeover", "done"),
+    # the new program of an upgrade: state restored (before T), after asking (T), after Taken (K)
+    "upgrade": ("restored", "asked", "taken"),
 }
 _SPEC = os.environ.get("CPRD_FAULT", "")
 

@@ -25,8 +25,9 @@ lines each comes from are cited in docs/fdstore.md):
 
 Where a store lives: in the daemon's table, so that it moves with every handoff and survives
 every upgrade like any entry. For app A: the notify socket is entry ("fdstore/A", -1), a memfd
-with the names, FDPOLL choices and limit (an append-only log: ``Log``) is ("fdstore/A", -2), and
-each stored fd is ("fdstore/A", n), n = 0, 1, ... in the order stored.
+with the names, FDPOLL choices, limit and status (an append-only log: ``Log``) is ("fdstore/A",
+-2), and each stored fd is ("fdstore/A", n), n = 0, 1, ... in the order stored. The first two are
+the store's own: never handed out.
 
 What this module may know: strings, fds as numbers to compare. Nothing of sockets or the daemon.
 """
@@ -36,6 +37,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import json
 import os
 import platform
 import re
@@ -201,25 +203,24 @@ def same_fd(a: int, b: int) -> bool:
 # -- what an app's store keeps besides its fds -----------------------------------------------------
 @dataclass(slots=True)
 class Meta:
-    """An app's limit, where its notify socket is, and for each stored fd (by id) its name and
-    whether it is polled."""
+    """An app's limit, its last STATUS=, and for each stored fd (by id) its name and whether it is
+    polled."""
 
     max: int = DEFAULT_MAX
-    path: str = ""
+    path: str = ""  # where its notify socket is (not kept in the log: it follows from the control path)
     names: dict[int, tuple[str, bool]] = field(default_factory=dict)
+    status: str | None = None
 
 
 class Log:
-    """The append-only text a store's names memfd holds: ``M max``, ``P socket path``, ``S id poll
-    name``, ``R id``, a line each. Replaying it gives the Meta; it is written again compactly when mostly obsolete."""
+    """The append-only text a store's names memfd holds, a line each: ``M max``, ``S id poll name``,
+    ``R id``, ``T "status"`` (JSON, ASCII). Replaying it gives the Meta; it is written again compactly
+    when mostly obsolete. Every line is checked as it is replayed (the memfd is shared with whoever
+    held a copy of it): a line that breaks the rules, or was cut short by a crash, is ignored."""
 
     @staticmethod
     def line_max(n: int) -> bytes:
         return f"M {n}\n".encode()
-
-    @staticmethod
-    def line_path(path: str) -> bytes:
-        return f"P {path}\n".encode()
 
     @staticmethod
     def line_store(id_: int, poll: bool, name: str) -> bytes:
@@ -230,25 +231,36 @@ class Log:
         return f"R {id_}\n".encode()
 
     @staticmethod
-    def replay(data: bytes) -> Meta:
-        meta = Meta()
-        for raw in data.decode("ascii", "replace").split("\n"):
-            kind, _, rest = raw.partition(" ")
+    def line_status(status: str | None) -> bytes:
+        return b"T " + json.dumps(status).encode() + b"\n"
+
+    @staticmethod
+    def replay(data: bytes) -> tuple[Meta, int]:
+        """The Meta the log describes, and how many lines it has."""
+        meta, lines = Meta(), 0
+        for raw in data.split(b"\n"):
+            lines += 1
             try:
+                kind, _, rest = raw.decode("ascii").partition(" ")
                 if kind == "M":
-                    meta.max = int(rest)
-                elif kind == "P":
-                    meta.path = rest
+                    n = int(rest)
+                    if 0 <= n <= MAX_LIMIT:
+                        meta.max = n
                 elif kind == "S":
                     id_, poll, name = rest.split(" ", 2)
-                    meta.names[int(id_)] = (name, poll == "1")
+                    if int(id_) >= 0 and poll in ("0", "1") and fdname_is_valid(name):
+                        meta.names[int(id_)] = (name, poll == "1")
                 elif kind == "R":
                     meta.names.pop(int(rest), None)
-            except ValueError:
-                continue  # a line cut short (a daemon killed mid-write): what it said is not kept
-        return meta
+                elif kind == "T":
+                    status = json.loads(rest)
+                    if status is None or isinstance(status, str):
+                        meta.status = status
+            except ValueError:  # UnicodeDecodeError and JSONDecodeError included: the line is ignored
+                continue
+        return meta, lines
 
     @staticmethod
     def compact(meta: Meta) -> bytes:
-        return (Log.line_max(meta.max) + Log.line_path(meta.path)
+        return (Log.line_max(meta.max) + (Log.line_status(meta.status) if meta.status is not None else b"")
                 + b"".join(Log.line_store(i, p, n) for i, (n, p) in sorted(meta.names.items())))

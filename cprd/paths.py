@@ -223,6 +223,8 @@ def check_program(path: str, what: str = "program", _hops: int = 0) -> str:
                 return check_program(os.path.normpath(os.path.join(dd.path, target)), what, _hops + 1)
             if not stat.S_ISREG(st.st_mode):
                 raise UsageError(f"{what} {path} is not a regular file")
+            if not st.st_mode & 0o111:
+                raise UsageError(f"{what} {path} is not executable (mode {stat.S_IMODE(st.st_mode):04o}): chmod +x it")
             if st.st_uid not in trusted_uids() or stat.S_IMODE(st.st_mode) & 0o022:
                 raise UnsafePath(f"{what} {path} is owned by {user_name(st.st_uid)} with mode "
                                  f"{stat.S_IMODE(st.st_mode):04o}: only this user or root may be able to change a "
@@ -324,50 +326,14 @@ def bind_listener(path: str, what: str = "control", shared: bool = False,
     connect; the daemon then checks each peer's uid with SO_PEERCRED). The directory must be
     trusted and private (missing ones are created 0700). `describe(sock)` names the daemon that
     serves a live socket already there (in the refusal)."""
-    path = os.path.abspath(path)
-    # We bind a temporary name beside it first (see below), which must fit the 108-byte limit too,
-    # whatever the pid (at most 7 digits): the same room for every cprd, source or target.
-    room = _PATH_MAX_UNIX - len(".4194304.tmp")
-    if len(path.encode()) > room:
-        raise UsageError(f"{what} socket path {path} is {len(path.encode())} bytes; cprd needs it to be at most "
-                         f"{room} (UNIX socket paths are limited to 108 bytes): choose a shorter one")
-    directory, name = os.path.split(path)
-    with open_dir(directory, what=f"{what} socket {path}", create=True, private=True) as d:
-        try:
-            st = os.stat(name, dir_fd=d.fd, follow_symlinks=False)
-        except FileNotFoundError:
-            st = None
-        if st is not None:
-            if not stat.S_ISSOCK(st.st_mode):
-                raise ControlError(f"{path} exists and is not a socket; remove it or choose another {what} path")
-            owner = _socket_owner(d.at(name), describe)
-            if owner is not None:
-                raise ControlError(f"another cprd serves {path}, {owner}; stop it or choose another {what} path")
-            # stale: left by a daemon that died; the rename below replaces it
-        # Bind and listen under a temporary name, then rename into place: whoever sees the path can
-        # connect at once, and a stale file is replaced atomically.
-        tmp = f"{name}.{os.getpid()}.tmp"
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        old = os.umask(0o177)
-        try:
-            try:
-                os.unlink(tmp, dir_fd=d.fd)
-            except FileNotFoundError:
-                pass
-            sock.bind(d.at(tmp))
-            os.chmod(tmp, 0o666 if shared else 0o600, dir_fd=d.fd, follow_symlinks=False)
-            sock.listen(max_backlog())
-            os.rename(tmp, name, src_dir_fd=d.fd, dst_dir_fd=d.fd)
-        except OSError as e:
-            sock.close()
-            try:
-                os.unlink(tmp, dir_fd=d.fd)
-            except OSError:
-                pass
-            raise ControlError(f"cannot create {what} socket {path}: {e.strerror or e}") from None
-        finally:
-            os.umask(old)
-    return sock
+
+    def live(addr: str) -> str | None:
+        owner = _socket_owner(addr, describe)
+        return None if owner is None else f"another cprd serves {path}, {owner}; stop it or choose another {what} path"
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    return _bind_in_place(sock, path, what, shared, live, lambda: sock.listen(max_backlog()),
+                          too_long="choose a shorter one", shared_dir=False)
 
 
 def bind_datagram(path: str, what: str, shared: bool = False) -> socket.socket:
@@ -376,53 +342,87 @@ def bind_datagram(path: str, what: str, shared: bool = False) -> socket.socket:
     as bind_listener: a trusted private directory (missing ones made 0700, or 0711 when `shared`:
     --allow-uid users must reach the socket, which is then 0666), a stale socket replaced, a live
     one never stolen."""
-    path = os.path.abspath(path)
-    room = _PATH_MAX_UNIX - len(".4194304.tmp")
-    if len(path.encode()) > room:
-        raise UsageError(f"{what} socket path {path} is {len(path.encode())} bytes; cprd needs it to be at most "
-                         f"{room} (UNIX socket paths are limited to 108 bytes): put the control socket in a "
-                         "shorter directory, or use a shorter name")
-    directory, name = os.path.split(path)
-    with open_dir(directory, what=f"{what} socket {path}", create=True, private=True) as d:
-        if shared:
-            os.chmod(d.at(""), 0o711)  # others may reach the socket (and only that), not list or change
+
+    def live(addr: str) -> str | None:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         try:
-            st = os.stat(name, dir_fd=d.fd, follow_symlinks=False)
-        except FileNotFoundError:
-            st = None
-        if st is not None:
-            if not stat.S_ISSOCK(st.st_mode):
-                raise ControlError(f"{path} exists and is not a socket; remove it")
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            try:
-                probe.connect(d.at(name))
-                raise ControlError(f"a process is bound to {path} already; stop it or remove the socket")
-            except (ConnectionRefusedError, FileNotFoundError):
-                pass  # stale: replaced below
-            finally:
-                probe.close()
-        tmp = f"{name}.{os.getpid()}.tmp"
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
-        old = os.umask(0o177)
-        try:
-            try:
-                os.unlink(tmp, dir_fd=d.fd)
-            except FileNotFoundError:
-                pass
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-            sock.bind(d.at(tmp))
-            os.chmod(tmp, 0o666 if shared else 0o600, dir_fd=d.fd, follow_symlinks=False)
-            os.rename(tmp, name, src_dir_fd=d.fd, dst_dir_fd=d.fd)
-        except OSError as e:
-            sock.close()
-            try:
-                os.unlink(tmp, dir_fd=d.fd)
-            except OSError:
-                pass
-            raise ControlError(f"cannot create {what} socket {path}: {e.strerror or e}") from None
+            probe.connect(addr)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return None  # stale
         finally:
-            os.umask(old)
+            probe.close()
+        return f"a process is bound to {path} already; stop it or remove the socket"
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    return _bind_in_place(sock, path, what, shared, live, lambda: None,
+                          too_long="put the control socket in a shorter directory, or use a shorter name",
+                          shared_dir=shared)
+
+
+def _bind_in_place(sock: socket.socket, path: str, what: str, shared: bool, live: Callable[[str], str | None],
+                   ready: Callable[[], None], too_long: str, shared_dir: bool) -> socket.socket:
+    """Bind `sock` at path in a trusted private directory: under a temporary name first (then
+    `ready()`, say listen), mode 0600 (0666 when `shared`), renamed into place, so that whoever sees
+    the path can use it at once and a stale socket is replaced atomically. A file there that is not
+    a socket, or a live socket (`live(address)` says whose), is refused. `shared_dir`: the directory
+    is made 0711, so that others can reach the socket in it (and nothing else). sock is closed on
+    any error."""
+    try:
+        path = os.path.abspath(path)
+        # The temporary name beside it must fit the 108-byte limit too, whatever the pid (at most 7
+        # digits): the same room for every cprd, source or target.
+        room = _PATH_MAX_UNIX - len(".4194304.tmp")
+        _check_utf8(path, what)
+        if len(path.encode()) > room:
+            raise UsageError(f"{what} socket path {path} is {len(path.encode())} bytes; cprd needs it to be at "
+                             f"most {room} (UNIX socket paths are limited to 108 bytes): {too_long}")
+        directory, name = os.path.split(path)
+        with open_dir(directory, what=f"{what} socket {path}", create=True, private=True) as d:
+            if shared_dir:
+                os.chmod(d.at(""), 0o711)  # others may reach the socket (and only that), not list or change
+            try:
+                st = os.stat(name, dir_fd=d.fd, follow_symlinks=False)
+            except FileNotFoundError:
+                st = None
+            if st is not None:
+                if not stat.S_ISSOCK(st.st_mode):
+                    raise ControlError(f"{path} exists and is not a socket; remove it or choose another {what} path")
+                refusal = live(d.at(name))
+                if refusal is not None:
+                    raise ControlError(refusal)
+                # stale: left by a daemon that died; the rename below replaces it
+            tmp = f"{name}.{os.getpid()}.tmp"
+            old = os.umask(0o177)
+            try:
+                try:
+                    os.unlink(tmp, dir_fd=d.fd)
+                except FileNotFoundError:
+                    pass
+                sock.bind(d.at(tmp))
+                os.chmod(tmp, 0o666 if shared else 0o600, dir_fd=d.fd, follow_symlinks=False)
+                ready()
+                os.rename(tmp, name, src_dir_fd=d.fd, dst_dir_fd=d.fd)
+            except OSError as e:
+                try:
+                    os.unlink(tmp, dir_fd=d.fd)
+                except OSError:
+                    pass
+                raise ControlError(f"cannot create {what} socket {path}: {e.strerror or e}") from None
+            finally:
+                os.umask(old)
+    except BaseException:
+        sock.close()
+        raise
     return sock
+
+
+def _check_utf8(path: str, what: str) -> None:
+    try:
+        path.encode()
+    except UnicodeEncodeError:
+        raise UsageError(f"{what} socket path {path.encode(errors='surrogateescape')!r} is not valid UTF-8; "
+                         "cprd shows and hands on its paths as text: choose a path in UTF-8") from None
 
 
 def file_id(path: str) -> tuple[int, int] | None:

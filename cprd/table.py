@@ -132,12 +132,16 @@ def check_new_name(name: str) -> None:
 class FdTable:
     """A hash table of fds keyed by (name, id). Not thread-safe; one owner task at a time."""
 
-    __slots__ = ("_d", "journal", "version")
+    __slots__ = ("_d", "journal", "version", "stream", "_kinds")
 
     def __init__(self) -> None:
         self._d: dict[tuple[str, int], Entry] = {}
         self.journal: Journal | None = None
         self.version = 0  # changes with every change of the entries (for caches of what they encode to)
+        # Told of every save and pop as it happens, before the caller goes on (an upgrade's stand-in
+        # copies each change to the new program: see daemon/standin.py). It must not raise.
+        self.stream: Callable[[Op], None] | None = None
+        self._kinds: Counter[str] | None = Counter()  # entries by kind; None: count again (after a bulk load)
 
     # -- journal (live handoff) -----------------------------------------------------------
     def start_journal(self) -> Journal:
@@ -185,8 +189,14 @@ class FdTable:
         entry = Entry(name, id, fd, ident)
         self._d[key] = entry
         self.version += 1
+        if self._kinds is not None:
+            self._kinds[ident.kind.label] += 1
+            if old is not None:
+                self._kinds[old.ident.kind.label] -= 1
         if self.journal is not None:
             self.journal.ops.append(Saved(entry))
+        if self.stream is not None:
+            self.stream(Saved(entry))
         if old is not None and old.fd != fd:
             self._drop(old.fd)
         return entry
@@ -198,6 +208,7 @@ class FdTable:
         d = self._d
         keys = [(e[0], e[1]) for e in entries]
         self.version += 1
+        self._kinds = None
         if len(set(keys)) == len(keys) and d.keys().isdisjoint(keys):  # the common case, in C loops
             d.update(zip(keys, entries))
             return None
@@ -217,12 +228,18 @@ class FdTable:
         under their (name, id) keys, all or nothing, checking keys as absorb does (or for measuring
         its size). Counts as a change of the table."""
         self.version += 1
+        self._kinds = None
         return self._d
 
     def insert_unchecked_entry(self, name: str, id: int, fd: int, ident: Identity) -> None:
         """Insert an entry whose key the caller knows to be valid and new (restoring a saved table)."""
         self._d[(name, id)] = Entry(name, id, fd, ident)
         self.version += 1
+        self._kinds = None
+
+    def keys_with_prefix(self, prefix: str) -> list[tuple[str, int]]:
+        """The keys whose name starts with prefix (a scan, in C: about 1 ms for 20,000 entries)."""
+        return [k for k in self._d if k[0].startswith(prefix)]
 
     def find(self, name: str, id: int) -> Entry | None:
         """The entry for (name, id), or None. O(1)."""
@@ -254,8 +271,12 @@ class FdTable:
         except KeyError:
             raise KeyMissing(f"no entry ({name!r}, {id}); list entries with `cprd ctl ls`") from None
         self.version += 1
+        if self._kinds is not None:
+            self._kinds[e.ident.kind.label] -= 1
         if self.journal is not None:
             self.journal.ops.append(Removed((name, id)))
+        if self.stream is not None:
+            self.stream(Removed((name, id)))
         return e
 
     def delete(self, name: str, id: int) -> None:
@@ -272,7 +293,10 @@ class FdTable:
 
     # -- bulk ---------------------------------------------------------------------------
     def by_kind(self) -> dict[str, int]:
-        return dict(Counter(e.ident.kind.label for e in self._d.values()))
+        """{kind: entries}: counted as entries come and go (once more after a bulk load)."""
+        if self._kinds is None:
+            self._kinds = Counter(e.ident.kind.label for e in self._d.values())
+        return {k: n for k, n in self._kinds.items() if n}
 
     def fds(self) -> list[int]:
         return [e.fd for e in self._d.values()]
@@ -281,12 +305,14 @@ class FdTable:
         """Empty the table without closing any fd (whoever else holds them will)."""
         self._d = {}
         self.version += 1
+        self._kinds = Counter()
 
     def close_all(self) -> None:
         """Close every fd (and the graveyard) and empty the table."""
         self.stop_journal()
         entries, self._d = list(self._d.values()), {}
         self.version += 1
+        self._kinds = Counter()
         for e in entries:
             try:
                 os.close(e.fd)

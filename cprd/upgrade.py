@@ -61,7 +61,7 @@ from .errors import UpgradeError
 
 log = logging.getLogger("cprd.upgrade")
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: an upgrade with a stand-in (its journal must be taken over: version 1 programs cannot)
 CONFIRM, ABORT = b"C", b"A"
 DEFAULT_TIMEOUT = 30.0  # seconds a new program has to confirm before the guardian rolls back
 
@@ -100,10 +100,15 @@ def read_state(fd: int, check_version: bool = True) -> dict[str, Any]:
         raise UpgradeError(f"the upgrade state in fd {fd} is not JSON ({e})") from None
     if not isinstance(state, dict) or not isinstance(state.get("cprd_state"), int):
         raise UpgradeError(f"fd {fd} holds no cprd upgrade state")
-    if check_version and state["cprd_state"] > max_state_version():
+    if check_version:
+        check_state_version(state)
+    return state
+
+
+def check_state_version(state: dict[str, Any]) -> None:
+    if state["cprd_state"] > max_state_version():
         raise UpgradeError(f"upgrade state version {state['cprd_state']} is newer than this program reads "
                            f"({max_state_version()}); it cannot restore it")
-    return state
 
 
 def mark_rolled_back(fd: int, state: dict[str, Any], reason: str) -> None:
@@ -124,6 +129,8 @@ def crossing_fds(state: dict[str, Any], state_fd: int) -> list[int]:
     for key in ("guardian_fd", "requester_fd"):
         if state.get(key) is not None:
             fds.append(state[key])
+    if (state.get("standin") or {}).get("journal_fd") is not None:
+        fds.append(state["standin"]["journal_fd"])
     return fds
 
 
@@ -152,13 +159,72 @@ def rollback(state_fd: int, state: dict[str, Any], reason: str) -> None:
     exec_with(state["previous"], crossing_fds(state, state_fd), state_fd, state.get("env"))
 
 
+# -- the stand-in's journal ------------------------------------------------------------------------
+# The stand-in (a fork of the old program that serves while the new one starts: daemon/standin.py)
+# sends every change it makes to the table, and the answers to mutations, on a SOCK_SEQPACKET pair
+# whose other end crosses the exec; a message's fds travel in it (SCM_RIGHTS), so what the stand-in
+# acknowledged lives in the socket's queue even if the stand-in dies. It sends each message twice:
+# to the new program, which reads (and so consumes) them, and to the guardian, which reads them only
+# if it must restore (state["standin"]["guardian_journal_fd"]). Messages, by their first byte:
+#   J + JSON {"ops": [["S", name, id, kind, mode, dev, ino, flags] | ["R", name, id], ...],
+#             "answers": [[rid, answer], ...]}   fds: one for each "S" op, in order (stand-in -> new)
+#   T  take over: stop changing the table and tell me when you have         (new program -> stand-in)
+#   D  done: the journal is complete, I change nothing more                 (stand-in -> new program)
+#   K  taken: go; the new program serves from now on                        (new program -> stand-in)
+JOURNAL, TAKE_OVER, DONE, TAKEN = b"J", b"T", b"D", b"K"
+STANDIN_OWNS = b"O"  # the stand-in to the guardian (a pipe): I keep the table (else TAKEN: I handed it over)
+JOURNAL_MAX = 1 << 20  # bytes of one journal message (at most 253 "S" ops: far below)
+
+
+def encode_journal(ops: list[list], answers: list[list]) -> bytes:
+    return JOURNAL + json.dumps({"ops": ops, "answers": answers}, separators=(",", ":")).encode()
+
+
+def apply_journal(table: Any, data: bytes, fds: list[int]) -> list[list]:
+    """Apply one J message to `table` (which takes the fds of its "S" ops; the caller closes what is
+    left in `fds` after a failure); returns its answers. UpgradeError if it is malformed."""
+    from .kinds import KIND_BY_CODE, Identity, verify
+
+    try:
+        msg = json.loads(data[1:])
+        ops, answers = msg["ops"], msg["answers"]
+        n_saves = sum(1 for op in ops if op[0] == "S")
+    except (ValueError, KeyError, TypeError, IndexError):
+        raise UpgradeError("the stand-in's journal holds a malformed message") from None
+    if n_saves != len(fds):
+        raise UpgradeError(f"a journal message names {n_saves} fds but {len(fds)} came with it")
+    for op in ops:
+        if op[0] == "S":
+            fd = fds.pop(0)
+            try:
+                name, id_, kind, mode, dev, ino, flags = op[1:]
+                ident = Identity(KIND_BY_CODE[kind], mode, dev, ino, flags)
+            except (ValueError, KeyError, TypeError):
+                os.close(fd)
+                raise UpgradeError(f"the stand-in's journal holds a malformed op {op!r:.200}") from None
+            bad = verify(fd, ident)
+            if bad is not None:
+                os.close(fd)
+                raise UpgradeError(f"journal entry ({name!r}, {id_}) does not verify: {bad}")
+            table.save(name, id_, fd, ident, replace=True)
+        elif op[0] == "R":
+            if table.find(op[1], op[2]) is not None:
+                table.delete(op[1], op[2])
+    return answers
+
+
 # -- the guardian --------------------------------------------------------------------------------
 def spawn_guardian(state: dict[str, Any], state_fd: int) -> tuple[int, int]:
     """Fork the guardian; returns (its pid, the write end of its pipe, still close-on-exec)."""
     r, w = os.pipe2(os.O_CLOEXEC)
     daemon_pid = os.getpid()
     watch = os.pidfd_open(daemon_pid)  # the guardian's view of the daemon's pid (its parent)
+    standin_info = state.get("standin") or {}
+    standin = standin_info.get("pid")
     keep = set(crossing_fds(state, state_fd)) | {r, watch}
+    for key in ("guardian_journal_fd", "guardian_signal_fd"):  # its copy of the journal; the stand-in's word
+        if standin_info.get(key) is not None:
+            keep.add(standin_info[key])
     try:
         pid = os.fork()
     except BaseException:
@@ -174,7 +240,7 @@ def spawn_guardian(state: dict[str, Any], state_fd: int) -> tuple[int, int]:
             for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
                 signal.signal(sig, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            code = _guard(r, watch, daemon_pid, state, state_fd)
+            code = _guard(r, watch, daemon_pid, state, state_fd, standin)
         finally:
             os._exit(code)
     os.close(r)
@@ -196,7 +262,53 @@ def _close_all_but(keep: set[int]) -> None:
                 pass
 
 
-def _guard(r: int, watch: int, daemon_pid: int, state: dict[str, Any], state_fd: int) -> int:
+def _alive(pid: int | None) -> bool:
+    """Whether process `pid` runs (a zombie does not)."""
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def lowest_priority() -> None:
+    """Run only when nothing else wants the CPU (SCHED_IDLE, else nice 19): for a process about to
+    exit whose teardown (thousands of fds, a large copy-on-write memory) would otherwise take CPU
+    from the daemon that serves."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, 19)
+        except OSError:
+            pass
+
+
+def _standin_keeps_it(signal_fd: int | None, standin: int) -> bool:
+    """Once the new program is gone: whether the stand-in keeps the table. It says so on its pipe:
+    "O" (it owns the table again) or "K" (it had handed it over to the new program, which is gone:
+    restore); its end closing without a word means it died (restore). It always speaks at once
+    when the new program's pid goes, so the wait is bounded; if it is stopped, it keeps the table."""
+    if signal_fd is None:
+        return _alive(standin)
+    poller = select.poll()
+    poller.register(signal_fd, select.POLLIN)
+    deadline = time.monotonic() + 30
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            if not poller.poll(left * 1000):
+                break
+            word = os.read(signal_fd, 1)
+        except InterruptedError:
+            continue
+        return word == STANDIN_OWNS
+    return _alive(standin)
+
+
+def _guard(r: int, watch: int, daemon_pid: int, state: dict[str, Any], state_fd: int,
+           standin: int | None = None) -> int:
     deadline = time.monotonic() + float(state.get("deadline_s") or DEFAULT_TIMEOUT)
     poller = select.poll()
     poller.register(r, select.POLLIN)
@@ -218,6 +330,7 @@ def _guard(r: int, watch: int, daemon_pid: int, state: dict[str, Any], state_fd:
             except InterruptedError:
                 continue
             if word in (CONFIRM, ABORT):
+                lowest_priority()  # our exit (a large process's teardown) must not slow the new program
                 return 0
             why = "the new program died before it confirmed; the guardian"
         elif watch in ready:
@@ -231,10 +344,16 @@ def _guard(r: int, watch: int, daemon_pid: int, state: dict[str, Any], state_fd:
     poller.unregister(r)
     poller.poll(10_000)
     st = os.fstat(state_fd)
-    _kill_holders((st.st_dev, st.st_ino), {os.getpid()})  # what escaped the group still holds the state
+    kill_holders((st.st_dev, st.st_ino), {os.getpid(), standin or 0})  # what escaped the group
     os.close(r)
     os.close(watch)
+    if standin and _standin_keeps_it(state["standin"].get("guardian_signal_fd"), standin):
+        return 0  # the stand-in serves the table and keeps it: nothing for us to restore
     state = {**state, "guardian_fd": None, "guardian_pid": None}
+    if state.get("standin"):  # the restored program reads our copy of the journal: all of it
+        state["standin"] = {**state["standin"], "journal_fd": state["standin"].get("guardian_journal_fd"),
+                            "guardian_journal_fd": None, "guardian_signal_fd": None}
+        state.pop("crossing", None)
     try:
         rollback(state_fd, state, f"{why} restored the previous program in pid {os.getpid()}")
     except OSError as e:
@@ -258,16 +377,17 @@ def _holds(pid: str, ident: tuple[int, int]) -> bool:
     return False
 
 
-def kill_strays(guardian_pid: int | None, state_fd: int) -> list[int]:
+def kill_strays(keep: set[int | None], state_fd: int) -> list[int]:
     """Kill what a new program forked before it became cprd (see the module docstring): our own
-    children other than the guardian, the members of our process group, and any other process
-    that holds the state memfd of this upgrade (made for it, inherited only through the exec: a
-    process that escaped both by setsid and a double fork still holds it). Returns their pids."""
+    children other than those in `keep` (the guardian, the stand-in), the members of our process
+    group, and any other process that holds the state memfd of this upgrade (made for it,
+    inherited only through the exec: a process that escaped both by setsid and a double fork still
+    holds it). Returns their pids."""
     me, strays = os.getpid(), []
     st = os.fstat(state_fd)
     state = (st.st_dev, st.st_ino)
     for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) in (me, guardian_pid):
+        if not name.isdigit() or int(name) == me or int(name) in keep:
             continue
         try:
             with open(f"/proc/{name}/stat") as f:
@@ -290,7 +410,7 @@ def kill_strays(guardian_pid: int | None, state_fd: int) -> list[int]:
     return strays
 
 
-def _kill_holders(ident: tuple[int, int], exclude: set[int]) -> None:
+def kill_holders(ident: tuple[int, int], exclude: set[int]) -> None:
     """SIGKILL every process but `exclude` that holds the inode `ident` (the guardian, before it
     restores: whatever the new program started that still holds the state)."""
     for name in os.listdir("/proc"):
@@ -306,21 +426,39 @@ def _kill_holders(ident: tuple[int, int], exclude: set[int]) -> None:
 class Prepared:
     state: dict[str, Any]
     state_fd: int
-    guardian_pid: int
-    guardian_w: int
     argv: list[str]
+    guardian_pid: int | None = None
+    guardian_w: int | None = None
+
+    def guard(self, standin_pid: int | None) -> None:
+        """Fork the guardian (once the stand-in, if any, is forked: the guardian must know it) and
+        write the state again with both. Without a guardian (it could not be forked) the upgrade
+        goes on: the stand-in keeps the table if the new program fails."""
+        state = {**self.state, "standin": ({**self.state["standin"], "pid": standin_pid}
+                                           if self.state.get("standin") else None)}
+        try:
+            gpid, gw = spawn_guardian(state, self.state_fd)
+        except OSError as e:
+            log.warning("event=guardian_not_started error=%r", str(e))
+            gpid, gw = None, None
+        state = {**state, "guardian_fd": gw, "guardian_pid": gpid}
+        state["crossing"] = [fd for fd in crossing_fds(state, self.state_fd) if fd != self.state_fd]
+        self.state, self.guardian_pid, self.guardian_w = state, gpid, gw
+        os.ftruncate(self.state_fd, 0)
+        os.pwrite(self.state_fd, json.dumps(state, separators=(",", ":")).encode(), 0)
 
     def abort(self) -> None:
-        """exec failed: let the guardian go and forget the state."""
-        try:
-            os.write(self.guardian_w, ABORT)
-        except OSError:
-            pass
-        os.close(self.guardian_w)
-        try:
-            os.waitpid(self.guardian_pid, 0)
-        except ChildProcessError:
-            pass
+        """Nothing will be exec'd: let the guardian go and forget the state."""
+        if self.guardian_w is not None:
+            try:
+                os.write(self.guardian_w, ABORT)
+            except OSError:
+                pass
+            os.close(self.guardian_w)
+            try:
+                os.waitpid(self.guardian_pid, 0)
+            except ChildProcessError:
+                pass
         os.close(self.state_fd)
 
     def exec(self) -> None:
@@ -332,36 +470,29 @@ DEFAULT_PROGRAM = [sys.executable, "-m", "cprd"]
 
 def prepare(state: dict[str, Any], program: str | None, own_args: list[str],
             timeout: float = DEFAULT_TIMEOUT) -> Prepared:
-    """Write the state, fork the guardian: everything but the exec itself. `program` (checked by the
-    caller, a real path) or, when None, this interpreter with -m cprd is the new program; a rollback
-    runs this interpreter with -m cprd again, never a program an earlier upgrade named (a wrapper
-    would run again, unchecked, with every fd). The new program has `timeout` seconds to confirm."""
-    new = DEFAULT_PROGRAM if program is None else [os.path.abspath(program)]
-    argv = [*new, *own_args]
-    if program is not None and not os.path.exists(argv[0]):
-        raise UpgradeError(f"cannot run {program}: no such file; the running daemon goes on serving")
+    """Write the state: everything but the guardian (Prepared.guard) and the exec. `program` (checked
+    by the caller, a real path) or, when None, this interpreter with -m cprd is the new program; a
+    rollback runs this interpreter with -m cprd again, never a program an earlier upgrade named (a
+    wrapper would run again, unchecked, with every fd). The new program has `timeout` seconds to
+    confirm."""
+    argv = new_argv(program, own_args)
+    new = argv[:len(argv) - len(own_args)]
     prev = DEFAULT_PROGRAM
     state = {**state, "cprd_state": STATE_VERSION, "argv_new": argv, "program_new": new,
              "previous": [*prev, *own_args], "program_previous": prev, "env": dict(os.environ),
-             "rolled_back": None, "deadline_s": timeout}
+             "rolled_back": None, "deadline_s": timeout, "guardian_fd": None, "guardian_pid": None}
     if os.getpgid(0) != os.getpid():  # lead a process group of our own (see the module docstring)
         os.setpgid(0, 0)
-    state_fd = write_state({**state, "guardian_fd": None, "guardian_pid": None})
-    try:
-        gpid, gw = spawn_guardian(state, state_fd)
-    except BaseException:
-        os.close(state_fd)
-        raise
-    state = {**state, "guardian_fd": gw, "guardian_pid": gpid}
-    state["crossing"] = [fd for fd in crossing_fds(state, state_fd) if fd != state_fd]
-    prep = Prepared(state, state_fd, gpid, gw, argv)
-    try:
-        os.ftruncate(state_fd, 0)
-        os.pwrite(state_fd, json.dumps(state, separators=(",", ":")).encode(), 0)
-    except BaseException:
-        prep.abort()  # the guardian goes, the state is closed: nothing happened
-        raise
-    return prep
+    state_fd = write_state(state)
+    return Prepared(state, state_fd, argv)
+
+
+def new_argv(program: str | None, own_args: list[str]) -> list[str]:
+    """The command line of the new program; UpgradeError if the program is missing."""
+    new = DEFAULT_PROGRAM if program is None else [os.path.abspath(program)]
+    if program is not None and not os.path.exists(new[0]):
+        raise UpgradeError(f"cannot run {program}: no such file; the running daemon goes on serving")
+    return [*new, *own_args]
 
 
 def now_ms() -> float:

@@ -332,3 +332,11 @@ def test_a_daemon_that_never_answers_is_a_clear_error(tmp_path):
             Client(path, timeout=0.3, retry_for=0).status()
     finally:
         mute.close()
+
+
+def test_a_control_path_that_is_not_utf8_is_refused_clearly(tmp_path):
+    d = os.path.join(os.fsencode(tmp_path), b"d\xff")
+    os.mkdir(d, 0o700)
+    r = subprocess.run([sys.executable, "-m", "cprd", "source", "--control", os.path.join(d, b"control.sock")],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "is not valid UTF-8" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -222,6 +222,7 @@ def test_daemon_at_its_fd_limit_refuses_puts_clearly(cluster):
             s.close()
         for c in conns:
             c.close()
+    assert settled_fds(tgt.pid, base) == base  # every connection closed there too, and nothing leaked
     with cluster.client() as c:
         assert c.status()["entries"] == stored
     assert settled_fds(tgt.pid, base) == base

@@ -50,6 +50,17 @@ def nobodys(path: Path, mode: int = 0o755) -> Path:
     return path
 
 
+def nobodys_symlink(tmp: Path, target: Path, name: str) -> Path:
+    """A sticky directory tmp/sticky (like /tmp) in which nobody made the symlink `name` -> target."""
+    sticky = tmp / "sticky"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)
+    r = subprocess.run([*AS_NOBODY, SYSTEM_PYTHON, "-c", f"import os; os.symlink({str(target)!r}, "
+                        f"{str(sticky / name)!r})"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    return sticky
+
+
 def refused(r: subprocess.CompletedProcess, *words: str) -> None:
     assert r.returncode == 2, (r.returncode, r.stderr)
     assert r.stderr.startswith("cprd: error:") and "Traceback" not in r.stderr, r.stderr
@@ -99,13 +110,8 @@ def test_writable_by_others_is_refused_unless_sticky_and_above(tmp):
 def test_a_symlink_another_user_made_is_not_followed(tmp):
     mine = tmp / "mine"
     mine.mkdir(mode=0o700)
-    sticky = tmp / "sticky"
-    sticky.mkdir()
-    os.chmod(sticky, 0o1777)
     # nobody plants a symlink in a sticky directory, pointing at a directory of ours
-    r = subprocess.run([*AS_NOBODY, SYSTEM_PYTHON, "-c", f"import os; os.symlink({str(mine)!r}, "
-                        f"{str(sticky / 'trap')!r})"], capture_output=True, text=True, timeout=30)
-    assert r.returncode == 0, r.stderr
+    sticky = nobodys_symlink(tmp, mine, "trap")
     refused(cprd("source", "--control", str(sticky / "trap" / "c.sock")),
             f"{sticky}/trap is a symlink made by uid {NOBODY.pw_uid} (nobody)")
     assert os.listdir(mine) == []
@@ -307,12 +313,7 @@ def test_an_upgrade_program_another_user_could_change_is_refused(cluster, tmp):
     good = tmp / "good-cprd"
     good.write_text(f'#!/bin/sh\nexec {sys.executable} -m cprd "$@"\n')
     good.chmod(0o755)
-    sticky = tmp / "sticky"
-    sticky.mkdir()
-    os.chmod(sticky, 0o1777)
-    r = subprocess.run([*AS_NOBODY, SYSTEM_PYTHON, "-c", f"import os; os.symlink({str(good)!r}, "
-                        f"{str(sticky / 'link')!r})"], capture_output=True, text=True, timeout=30)
-    assert r.returncode == 0, r.stderr
+    sticky = nobodys_symlink(tmp, good, "link")
     r = cluster.ctl("upgrade", "--program", str(sticky / "link"))
     assert r.returncode == 2 and f"symlink made by uid {NOBODY.pw_uid} (nobody)" in r.stderr, r.stderr
     theirs = nobodys(tmp / "Y", 0o755)

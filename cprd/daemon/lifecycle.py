@@ -7,9 +7,11 @@ Theory of operation
     serving --handoff--> handing-off --committed--> handed-off   (then it exits 0)
        ^                      |
        +------failed----------+
-    serving --upgrade--> upgrading --exec--> (the new program, serving)
-       ^                    |
-       +---exec failed------+
+    serving --upgrade--> upgrading --fork+exec--> (the new program, serving once it took over)
+       ^                    |      \
+       +--nothing forked----+       `--fork--> standing-in (the stand-in) --taken over--> handed-off
+                                                   |                                       (it exits 0)
+                                                   +--the new program failed--> serving (it keeps the table)
 
 While it hands off or upgrades, the daemon *freezes* mutations for the last moments (a handoff's
 last delta and commit; the whole upgrade): a put or del waits until ``thaw``, and then finds the
@@ -32,12 +34,16 @@ class Phase(Enum):
     HANDING_OFF = "handing-off"
     HANDED_OFF = "handed-off"
     UPGRADING = "upgrading"
+    STANDING_IN = "standing-in"
 
 
 TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     Phase.SERVING: frozenset({Phase.HANDING_OFF, Phase.UPGRADING}),
     Phase.HANDING_OFF: frozenset({Phase.SERVING, Phase.HANDED_OFF}),
-    Phase.UPGRADING: frozenset({Phase.SERVING}),  # or the exec: this program is gone
+    # the old program: nothing was forked (SERVING again), or the fork and exec (this program is gone);
+    # the stand-in, forked from it: STANDING_IN
+    Phase.UPGRADING: frozenset({Phase.SERVING, Phase.STANDING_IN}),
+    Phase.STANDING_IN: frozenset({Phase.HANDED_OFF, Phase.SERVING}),  # taken over, or the new program failed
     Phase.HANDED_OFF: frozenset(),
 }
 

@@ -142,7 +142,7 @@ async def serve_target(listen: str, *, config: Config = Config()) -> int:
             await confirm(inc.sock, received)
         inc.close()
 
-    return await Daemon(st).run(on_serving)
+    return await Daemon(st).run(on_serving, stores_after=True)
 
 
 # -- the new program of an in-place upgrade ------------------------------------------------------
@@ -158,11 +158,13 @@ def restore_main(state_fd: int, own_args: tuple[str, ...]) -> int:
         print(f"cprd: error: cannot read the upgrade state in fd {state_fd}: {e}", file=sys.stderr)
         return 1
     try:
-        upgrade.read_state(state_fd)  # a version this program does not know: roll back (below)
+        upgrade.check_state_version(state)  # a version this program does not know: roll back (below)
         if fault.armed("restore", "raise"):
             log.warning("event=fault_fired side=restore step=raise n=None action=raise")
             raise RuntimeError("test fault: restore raises")
+        t0 = time.perf_counter()
         table, listener = _rebuild(state, state_fd)
+        log.info("event=restored entries=%d ms=%.1f", len(table), (time.perf_counter() - t0) * 1e3)
     except Exception as e:  # noqa: BLE001 - whatever went wrong, the previous program takes over again
         if state.get("rolled_back"):  # we are the previous program and cannot restore either
             print(f"cprd: error: the rollback cannot restore either: {e}", file=sys.stderr)
@@ -172,7 +174,7 @@ def restore_main(state_fd: int, own_args: tuple[str, ...]) -> int:
         except OSError as e2:
             print(f"cprd: error: cannot run the previous program: {e2}", file=sys.stderr)
         return 1
-    return trio.run(_serve_restored, state, state_fd, DaemonState.restored(state, table, listener, own_args))
+    return trio.run(_serve_restored, state, state_fd, table, listener, own_args)
 
 
 def _rebuild(state: dict[str, Any], state_fd: int) -> tuple[FdTable, socket.socket]:
@@ -190,16 +192,33 @@ def _rebuild(state: dict[str, Any], state_fd: int) -> tuple[FdTable, socket.sock
             table.forget_all()  # the fds are not ours to close: the rollback takes them all back
             raise upgrade.UpgradeError(f"entry ({name!r}, {id_}) fd {fd} does not verify: {bad}")
         table.insert_unchecked_entry(name, id_, fd, ident)
+    table.by_kind()  # counted now, while the stand-in serves, not by the first status after the take-over
     return table, socket.socket(fileno=state["listener_fd"])
 
 
-async def _serve_restored(state: dict[str, Any], state_fd: int, st: DaemonState) -> int:
+async def _serve_restored(state: dict[str, Any], state_fd: int, table: FdTable, listener: socket.socket,
+                          own_args: tuple[str, ...]) -> int:
     from .. import upgrade
+    from .standin import take_over
 
+    standin = state.get("standin") or {}
+    took: dict[str, Any] = {}
+    if standin.get("journal_fd") is not None:  # the stand-in served meanwhile: take its changes and the table over
+        took = await take_over(table, standin["journal_fd"], standin.get("pid"),
+                               float(state.get("deadline_s") or upgrade.DEFAULT_TIMEOUT))
+    if state.get("nice") is not None:  # the old program lowered our priority while the stand-in served
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, int(state["nice"]))
+        except (OSError, ValueError):
+            log.warning("event=priority_not_restored nice=%r", state["nice"])
+    st = DaemonState.restored(state, table, listener, own_args)
+    st.replies.take_from(took.get("answers", []))
     d = Daemon(st)
 
     async def on_serving() -> None:
-        gw, gpid = state.get("guardian_fd"), state.get("guardian_pid")
+        gw, gpid, cpid = state.get("guardian_fd"), state.get("guardian_pid"), standin.get("pid")
+        ms = ((trio.current_time() - took["t_asked"]) * 1e3 if "t_asked" in took
+              else upgrade.now_ms() - state["t_freeze_ms"])
         if gw is not None:
             try:
                 os.write(gw, upgrade.CONFIRM)
@@ -207,18 +226,19 @@ async def _serve_restored(state: dict[str, Any], state_fd: int, st: DaemonState)
                 pass
             os.close(gw)
             await _reap(gpid)
-        strays = upgrade.kill_strays(gpid, state_fd)
+        await _reap(cpid)  # the stand-in exits once it knows we took over
+        strays = upgrade.kill_strays({gpid, cpid}, state_fd)
         if strays:
             log.warning("event=upgrade_strays_killed pids=%s note=the-new-program-forked-before-it-became-cprd;"
                         "they-held-copies-of-the-table", strays)
         os.close(state_fd)
-        ms = upgrade.now_ms() - state["t_freeze_ms"]
         result = {"pid": os.getpid(), "entries": len(st.table), "ms": round(ms, 3),
                   "rolled_back": bool(state.get("rolled_back")), "reason": state.get("rolled_back"),
                   "program": (state.get("failed_program") if state.get("rolled_back") else state.get("argv_new")),
-                  "previous_pid": state.get("pid")}
-        log.info("event=upgraded pid=%d entries=%d ms=%.1f rolled_back=%s", os.getpid(), len(st.table), ms,
-                 result["rolled_back"])
+                  "previous_pid": state.get("pid"), "standin_pid": cpid,
+                  "standin_journal": took.get("messages", 0), "standin_handed_over": took.get("handed_over")}
+        log.info("event=upgraded pid=%d entries=%d ms=%.1f rolled_back=%s standin=%s journal_messages=%s",
+                 os.getpid(), len(st.table), ms, result["rolled_back"], cpid, took.get("messages"))
         if os.getpid() != state.get("pid"):
             sdnotify.mainpid(os.getpid())
         sdnotify.ready(d.status_line())

@@ -28,9 +28,12 @@ import fcntl
 import functools
 import logging
 import os
+import re
 import select
 import socket
 import struct
+import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,12 +43,32 @@ from .. import fdstore as fs
 from ..errors import BadFd, CapacityError, UsageError
 from ..fds import OwnedFds
 from ..kinds import classify
-from ..paths import bind_datagram
+from ..paths import bind_datagram, file_id, unlink_if_same
 from ..table import Entry
 from .lifecycle import Lifecycle
 from .state import DaemonState
 
 log = logging.getLogger("cprd.fdstore")
+
+
+class _Quiet:
+    """At most one warning a second for each (event, app); the others are counted and the count
+    goes with the next one logged: a flood of bad datagrams cannot flood the log."""
+
+    def __init__(self) -> None:
+        self.last: dict[tuple[str, str], float] = {}  # (event/kind, app) -> when last logged
+        self.suppressed: Counter[tuple[str, str]] = Counter()
+
+    def warn(self, event: str, app: str, fmt: str, *args: object, kind: str = "") -> None:
+        """`kind` tells warnings of one event apart (each kind has its own second)."""
+        key, now = (f"{event}/{kind}", app), time.monotonic()
+        if now - self.last.get(key, -1e9) < 1.0:
+            self.suppressed[key] += 1
+            return
+        self.last[key] = now
+        n = self.suppressed.pop(key, 0)
+        log.warning("event=%s app=%s " + fmt + (" suppressed_in_the_last_second=%d" if n else ""), event, app,
+                    *args, *((n,) if n else ()))
 
 _UCRED = struct.Struct("iII")  # pid, uid, gid
 _ANC = socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(253 * 4)
@@ -67,6 +90,7 @@ class AppStore:
     # (dev, ino) -> ids of the stored fds of that inode (eventfds, say, all share one), in kcmp's
     # order of their open files for the groups in `ordered` (found by bisection), else as stored
     by_inode: dict[tuple[int, int], list[int]] = field(default_factory=dict)
+    fid: tuple[int, int] | None = None  # the socket's file (dev, ino), as found when made or taken up
     ordered: set[tuple[int, int]] = field(default_factory=set)
 
     def stored(self) -> int:
@@ -98,35 +122,50 @@ class FdStores:
         self._epoll: select.epoll | None = None
         self._polled: dict[int, tuple[str, int]] = {}  # fd -> (app, id) of polled stored fds
         self._nursery: trio.Nursery | None = None
+        self.quiet = _Quiet()
 
     # -- from the table, at start -------------------------------------------------------------
     def load(self) -> None:
-        """Find the stores the table holds (a target's or a restored daemon's) and take them up."""
+        """Find the stores the table holds (a target's or a restored daemon's) and take them up. It
+        writes nothing: the names memfd is shared with the previous owner, which goes on using it
+        if a handoff fails. A store it cannot take up stays as plain entries, logged."""
         by_app: dict[str, dict[int, Entry]] = {}
-        for e in self.st.table:
-            app = fs.app_of(e.name)
+        for name, id_ in self.st.table.keys_with_prefix(fs.PREFIX):
+            app = fs.app_of(name)
             if app is not None:
-                by_app.setdefault(app, {})[e.id] = e
+                by_app.setdefault(app, {})[id_] = self.st.table.find(name, id_)
         for app, entries in sorted(by_app.items()):
-            sock, names = entries.get(fs.NOTIFY_ID), entries.get(fs.NAMES_ID)
-            if sock is None or names is None:
-                log.warning("event=fdstore_incomplete app=%s note=entries-kept-as-plain-entries", app)
-                continue
-            meta = fs.Log.replay(_read_all(names.fd))
-            stored = {i for i in entries if i >= 0}
-            for i in stored - set(meta.names):  # a name lost with a write cut short: systemd's default name
-                meta.names[i] = ("stored", True)
-            for i in set(meta.names) - stored:
-                del meta.names[i]
-            a = AppStore(app, sock.fd, names.fd, meta, socket.socket(fileno=sock.fd))
-            self.apps[app] = a
-            self._ensure_epoll()
-            self._rewrite(a)
-            for i, (_, poll) in sorted(meta.names.items()):
-                a.index(i, entries[i])
-                if poll:
-                    self._watch(a, i, entries[i].fd)
-            log.info("event=fdstore_loaded app=%s fds=%d max=%d", app, a.stored(), meta.max)
+            try:
+                self._load_one(app, entries)
+            except Exception as e:  # noqa: BLE001 - a store must never keep the daemon from serving
+                log.error("event=fdstore_not_loaded app=%s error=%r note=entries-kept-as-plain-entries", app, str(e))
+                self.apps.pop(app, None)
+
+    def _load_one(self, app: str, entries: dict[int, Entry]) -> None:
+        sock, names = entries.get(fs.NOTIFY_ID), entries.get(fs.NAMES_ID)
+        if sock is None or names is None:
+            log.warning("event=fdstore_incomplete app=%s note=entries-kept-as-plain-entries", app)
+            return
+        data = _read_all(names.fd)
+        meta, lines = fs.Log.replay(data)
+        meta.path = self.socket_path(app)
+        stored = {i for i in entries if i >= 0}
+        for i in stored - set(meta.names):  # a name lost with a write cut short: systemd's default name
+            meta.names[i] = ("stored", True)
+        for i in set(meta.names) - stored:
+            del meta.names[i]
+        a = AppStore(app, sock.fd, names.fd, meta, socket.socket(fileno=sock.fd), status=meta.status,
+                     log_lines=lines, log_size=len(data), fid=file_id(meta.path))
+        self.apps[app] = a
+        self._ensure_epoll()
+        for i, (_, poll) in sorted(meta.names.items()):
+            a.index(i, entries[i])
+            if poll:
+                self._watch(a, i, entries[i].fd)
+        log.info("event=fdstore_loaded app=%s fds=%d max=%d", app, a.stored(), meta.max)
+
+    def socket_path(self, app: str) -> str:
+        return os.path.join(os.path.dirname(self.st.control_path), "fdstore", f"{app}.sock")
 
     # -- running --------------------------------------------------------------------------------
     async def run(self, nursery: trio.Nursery) -> None:
@@ -148,7 +187,12 @@ class FdStores:
             await self.life.until_thawed()
             if self.life.handed_off:
                 return
-            await trio.lowlevel.wait_readable(a.sock_fd)
+            try:
+                await trio.lowlevel.wait_readable(a.sock_fd)
+            except trio.ClosedResourceError:  # the store was removed
+                return
+            if self.apps.get(a.app) is not a:
+                return
             if self.life.frozen or self.life.handed_off:
                 continue  # what arrives now waits in the socket for whoever owns the table next
             try:
@@ -191,6 +235,7 @@ class FdStores:
                 creds = _UCRED.unpack_from(blob)
         with fds:
             self.handle(a, data, flags, creds, fds)
+        self.st.flush()  # a stand-in's changes reach the new program before anything else happens
         return True
 
     def handle(self, a: AppStore, data: bytes, flags: int, creds: tuple[int, int, int] | None, fds: OwnedFds) -> None:
@@ -198,17 +243,18 @@ class FdStores:
         the caller)."""
         notice = fs.parse(data, flags, creds[0] if creds else None)
         if isinstance(notice, str):
-            log.warning("event=fdstore_dropped app=%s reason=%r fds=%d", a.app, notice, len(fds))
+            self.quiet.warn("fdstore_dropped", a.app, "reason=%r fds=%d", notice, len(fds), kind=notice)
             return
         pid, uid, _ = creds  # type: ignore[misc]
         if uid not in self.st.allowed_uids:
-            log.warning("event=fdstore_refused app=%s pid=%d uid=%d fds=%d", a.app, pid, uid, len(fds))
+            self.quiet.warn("fdstore_refused", a.app, "pid=%d uid=%d fds=%d", pid, uid, len(fds))
             return
         d = fs.decide(notice, len(fds))
         for w in d.warnings:
-            log.warning("event=fdstore_notice app=%s pid=%d note=%r", a.app, pid, w)
-        if d.status is not None:
-            a.status = d.status or None  # an empty STATUS= clears it
+            self.quiet.warn("fdstore_notice", a.app, "pid=%d note=%r", pid, w, kind=re.sub(r"\d+", "N", w)[:48])
+        if d.status is not None and (d.status or None) != a.status:
+            a.status = a.meta.status = d.status or None  # an empty STATUS= clears it
+            self._append(a, fs.Log.line_status(a.status))
         if d.remove is not None:
             self.remove_name(a, d.remove)
         elif d.store:
@@ -221,12 +267,12 @@ class FdStores:
         n = 0
         for fd in list(fds.fds):
             if a.stored() >= a.meta.max:
-                log.warning("event=fdstore_full app=%s max=%d note=closing-the-remaining-fds", a.app, a.meta.max)
+                self.quiet.warn("fdstore_full", a.app, "max=%d note=closing-the-remaining-fds", a.meta.max)
                 break
             try:
                 ident = classify(fd)
             except BadFd as e:
-                log.warning("event=fdstore_refused_fd app=%s error=%r", a.app, str(e))
+                self.quiet.warn("fdstore_refused_fd", a.app, "error=%r", str(e))
                 continue
             dup, pos = self._stored_already(a, (ident.dev, ident.ino), fd)
             if dup:
@@ -235,7 +281,7 @@ class FdStores:
             try:
                 self.room()
             except CapacityError as e:
-                log.warning("event=fdstore_no_room app=%s error=%r", a.app, str(e))
+                self.quiet.warn("fdstore_no_room", a.app, "error=%r", str(e))
                 break
             i = a.next_id
             entry = self.st.table.save(key, i, fd, ident)
@@ -298,7 +344,24 @@ class FdStores:
         ids = list(a.meta.names)
         for i in ids:
             self._remove(a, i)
+        self.st.flush()
         return len(ids)
+
+    def remove_store(self, app: str) -> int:
+        """Remove the app's store: its fds, its notify socket (and the socket's file), its names."""
+        a = self._get(app)
+        n = self.clean(app)
+        trio.lowlevel.notify_closing(a.sock_fd)  # its reader, waiting on the socket, returns
+        a.raw.detach()
+        del self.apps[app]
+        key = fs.entry_name(app)
+        for i in (fs.NOTIFY_ID, fs.NAMES_ID):
+            if self.st.table.find(key, i) is not None:
+                self.st.table.delete(key, i)
+        unlink_if_same(a.meta.path, a.fid)  # its file, unless something else was bound there since
+        self.st.flush()
+        log.info("event=fdstore_removed app=%s fds=%d", app, n)
+        return n
 
     def _remove(self, a: AppStore, i: int) -> None:
         e = self.st.table.find(fs.entry_name(a.app), i)
@@ -316,7 +379,7 @@ class FdStores:
             raise UsageError(f"the fd store limit {max_fds} is outside 0..{fs.MAX_LIMIT}")
         a = self.apps.get(app)
         if a is None:
-            path = os.path.join(os.path.dirname(self.st.control_path), "fdstore", f"{app}.sock")
+            path = self.socket_path(app)
             self.room()
             sock = bind_datagram(path, f"fd store of {app}", shared)
             key = fs.entry_name(app)
@@ -338,10 +401,11 @@ class FdStores:
                 os.close(memfd)
                 raise
             meta = fs.Meta(max=fs.DEFAULT_MAX if max_fds is None else max_fds, path=path)
-            a = AppStore(app, sfd, memfd, meta, socket.socket(fileno=sfd))
+            a = AppStore(app, sfd, memfd, meta, socket.socket(fileno=sfd), fid=file_id(path))
             self.apps[app] = a
             self._ensure_epoll()
             self._rewrite(a)
+            self.st.flush()
             log.info("event=fdstore_opened app=%s socket=%s max=%d", app, path, meta.max)
             if self._nursery is not None:
                 self._nursery.start_soon(self._read, a)
@@ -465,6 +529,7 @@ class FdStores:
                     log.info("event=fdstore_hangup app=%s id=%d fdname=%r events=%#x", app, i,
                              a.meta.names.get(i, ("?",))[0], events)
                     self._remove(a, i)
+            self.st.flush()
 
 
 def _read_all(fd: int) -> bytes:

@@ -64,6 +64,21 @@ class DaemonState:
     source_died: bool = False
     replies: ReplyCache = field(default_factory=ReplyCache)
     started: float = field(default_factory=time.time)
+    stream: Any = None  # an upgrade's stand-in: its journal to the new program (standin.Stream)
+
+    def answered(self, rid: str, reply: dict[str, Any]) -> None:
+        """A mutation was answered (or failed): remember the answer for retries, and in a stand-in
+        send it with the change to the new program before the client hears it."""
+        self.replies.remember(rid, reply)
+        if self.stream is not None:
+            self.stream.answer(rid, reply)
+            self.stream.flush()
+
+    def flush(self) -> None:
+        """In a stand-in: send the table's changes so far to the new program (before anyone is told
+        of them). Elsewhere nothing."""
+        if self.stream is not None:
+            self.stream.flush()
 
     @property
     def allowed_uids(self) -> set[int]:

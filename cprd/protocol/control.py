@@ -46,7 +46,7 @@ OPS: dict[str, tuple[dict[str, type], dict[str, tuple[type, Any]], int]] = {
     "handoff": ({"to": str}, {"batch": (int, 253), "window": (int, 4)}, 0),
     "upgrade": ({}, {"program": (str, ""), "timeout": (float, 0.0)}, 0),
     # an app's fd store (systemd's protocol): action open (made if missing; its fds come with the
-    # reply, newest first), socket (made if missing), list, clean; max: its limit (-1: as it is)
+    # reply, newest first), socket (made if missing), list, clean, remove; max: its limit (-1: as it is)
     "fdstore": ({"app": str, "action": str}, {"max": (int, -1)}, 0),
 }
 
