@@ -94,6 +94,23 @@ def test_fdstore_json_has_the_fields():
     assert r.returncode == 2 and "--fds and --senders must be at least 1" in r.stderr
 
 
+def test_upgrade_json_has_the_fields():
+    rows = json_of(run("bench", "upgrade", "--sizes", "50", "--reps", "1", "--json", timeout=120))
+    assert [r["fds"] for r in rows] == [50]
+    r = rows[0]
+    assert r["pid_kept"] is True and r["answered_during"] > 0
+    assert r["unserved_ms"] > 0 and r["unserved_ms_max"] >= r["unserved_ms"] and r["ms"] > 0
+
+
+def test_ls_json_has_the_fields():
+    row = json_of(run("bench", "ls", "--fds", "200", "--seconds", "0.5", "--json", timeout=120))
+    assert row["fds"] == 200
+    for phase in ("alone", "with_ls", "with_ls_and_churn"):
+        g = row[f"get_{phase}"]
+        assert g["n"] > 0 and 0 < g["p50_ms"] <= g["p99_ms"] <= g["max_ms"], (phase, g)
+    assert row["ls_per_s_with_ls"] > 0 and row["ls_per_s_with_ls_and_churn"] > 0
+
+
 def test_bad_sizes_are_usage_errors():
     for args in (["find", "--sizes", "a,b"], ["memory", "--sizes", "0"], ["find", "--reps", "0"]):
         p = run("bench", *args, "--json")

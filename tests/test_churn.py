@@ -34,6 +34,31 @@ def test_stress_model_check_across_a_chain_of_handoffs():
     assert all(h["freeze_ms"] > 0 for h in res["handoffs"])
 
 
+@pytest.mark.slow
+def test_stress_model_check_across_handoffs_and_upgrades():
+    r = subprocess.run([sys.executable, "-m", "cprd", "stress", "--fds", "400", "--rate", "400", "--handoffs", "2",
+                        "--upgrades", "2", "--duration", "5", "--clients", "4", "--json"], capture_output=True,
+                       text=True, timeout=180)
+    res = json.loads(r.stdout)
+    assert r.returncode == 0, (res["failures"], res["violation_details"], r.stderr[-2000:])
+    assert res["failed"] == 0 and res["violations"] == 0
+    assert [m["move"] for m in res["moves"]] == ["handoff", "upgrade", "handoff", "upgrade"]
+    assert len(res["upgrades"]) == 2 and all(u["standin_journal"] > 0 for u in res["upgrades"]), res["upgrades"]
+    starts = [m["t_s"] for m in res["moves"]]
+    assert all(b - a > 0.5 for a, b in zip(starts, starts[1:])), f"the moves are spread over the run: {starts}"
+
+
+def test_moves_are_spread_evenly():
+    from cprd.tools.stress import plan_moves
+
+    assert plan_moves(3, 2) == ["handoff", "upgrade", "handoff", "upgrade", "handoff"]
+    assert plan_moves(0, 2) == ["upgrade", "upgrade"] and plan_moves(2, 0) == ["handoff", "handoff"]
+    for h in range(6):
+        for u in range(6):
+            plan = plan_moves(h, u)
+            assert plan.count("upgrade") == u and plan.count("handoff") == h
+
+
 class Hammer:
     """Clients that put new keys (an eventfd whose counter is unique to the key) and delete some,
     remembering exactly what was acknowledged: our own copy of each fd that is in the table, so that
@@ -157,22 +182,29 @@ async def test_mutations_that_meet_the_freeze_are_retried_at_the_target_exactly_
 PRECOPY = "source:batch:last:sleep=0.3"
 
 
-@pytest.mark.parametrize("step", ["delta", "delete", "results"])
-async def test_target_killed_mid_precopy_leaves_every_mutation_at_the_source(cluster, step):
-    src = await trio.to_thread.run_sync(lambda: cluster.source("files=500,eventfds=500",
-                                                               env={"CPRD_FAULT": PRECOPY}))
-    originals = cluster.keep(Copies(cluster.control, src.pid))
+async def _failed_handoff_under_churn(cluster, listen: str, error: type) -> Hammer:
+    """Three clients hammer while a handoff to `listen` fails with `error` (a fault point); the
+    Hammer, stopped, holds what was acknowledged."""
     h = cluster.keep(Hammer(cluster.control))
-    tgt, listen = await trio.to_thread.run_sync(lambda: cluster.target(env={"CPRD_FAULT": f"target:{step}:first"}))
     async with trio.open_nursery() as n:
         for i in range(3):
             n.start_soon(h.run, i)
         await trio.sleep(0.1)
         async with AsyncClient(cluster.control, retry_for=0) as c:
-            with pytest.raises(HandoffError):
+            with pytest.raises(error):
                 await c.handoff(listen)
         await trio.sleep(0.2)
         h.stop.set()
+    return h
+
+
+@pytest.mark.parametrize("step", ["delta", "delete", "results"])
+async def test_target_killed_mid_precopy_leaves_every_mutation_at_the_source(cluster, step):
+    src = await trio.to_thread.run_sync(lambda: cluster.source("files=500,eventfds=500",
+                                                               env={"CPRD_FAULT": PRECOPY}))
+    originals = cluster.keep(Copies(cluster.control, src.pid))
+    tgt, listen = await trio.to_thread.run_sync(lambda: cluster.target(env={"CPRD_FAULT": f"target:{step}:first"}))
+    h = await _failed_handoff_under_churn(cluster, listen, HandoffError)
     assert await trio.to_thread.run_sync(tgt.wait, 10) == -signal.SIGKILL
     logs = cluster.logs()
     assert "event=fault_fired side=source step=batch" in logs and f"side=target step={step}" in logs
@@ -191,17 +223,8 @@ async def test_source_killed_mid_precopy_leaves_the_target_only_genuine_fds(clus
     src = await trio.to_thread.run_sync(lambda: cluster.source(
         "files=500,eventfds=500", env={"CPRD_FAULT": f"{PRECOPY},source:{step}:first"}))
     originals = cluster.keep(Copies(cluster.control, src.pid))
-    h = cluster.keep(Hammer(cluster.control))
     tgt, listen = await trio.to_thread.run_sync(cluster.target)
-    async with trio.open_nursery() as n:
-        for i in range(3):
-            n.start_soon(h.run, i)
-        await trio.sleep(0.1)
-        async with AsyncClient(cluster.control, retry_for=0) as c:
-            with pytest.raises(CprdError):
-                await c.handoff(listen)
-        await trio.sleep(0.2)
-        h.stop.set()
+    h = await _failed_handoff_under_churn(cluster, listen, CprdError)
     assert await trio.to_thread.run_sync(src.wait, 10) == -signal.SIGKILL
     assert f"event=fault_fired side=source step={step}" in cluster.logs()
     # A mutation the source applied but answered only in a Results message that died with it is not

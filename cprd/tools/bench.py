@@ -7,6 +7,7 @@ handoff  for each N: the SCM_RIGHTS floor (plain sendmsg/recvmsg of N eventfds i
          verification), and cprd's full handoff between two real daemons (verification included).
 fdstore  systemd's fd store protocol against cprd's own client: fds stored per second from
          concurrent senders, and the time to start a program with N stored fds (bench_fdstore.py).
+upgrade  in-place upgrades under polling clients; ls: get latency while ls loops (bench_serving.py).
 memory   for each N: what an FdTable of N real entries costs the process that owns it, in Python
          allocations (tracemalloc) and in resident memory (RSS), per entry.
 
@@ -46,22 +47,27 @@ HANDOFF_GOAL_X_FLOOR = 5
 
 def add_parser(b: argparse.ArgumentParser) -> None:
     sub = b.add_subparsers(dest="bench", required=True, metavar="BENCH")
-    f = sub.add_parser("find", help="N finds in an N-entry table: linear list vs hash table")
-    f.add_argument("--sizes", default="540,2870,7530", help="comma-separated table sizes")
-    f.add_argument("--reps", type=int, default=5, help="repetitions (median reported)")
-    f.add_argument("--json", action="store_true")
-    f.add_argument("--plot", metavar="FILE.png", help="also draw time vs N, log-log (needs cprd[plot])")
-    h = sub.add_parser("handoff", help="handoff time vs the SCM_RIGHTS floor and one-fd-per-message")
-    h.add_argument("--sizes", default="540,2870,7530,19000", help="comma-separated fd counts")
-    h.add_argument("--fds", type=int, help="one size (short for --sizes N)")
+
+    def sized(name: str, help: str, sizes: str, reps: int, one: bool, plot: bool) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--sizes", default=sizes, help=f"comma-separated sizes (default {sizes})")
+        if one:
+            p.add_argument("--fds", type=int, help="one size (short for --sizes N)")
+        p.add_argument("--reps", type=int, default=reps, help=f"repetitions, median reported (default {reps})")
+        p.add_argument("--json", action="store_true")
+        if plot:
+            p.add_argument("--plot", metavar="FILE.png", help="also draw time vs N, log-log (needs cprd[plot])")
+        return p
+
+    sized("find", "N finds in an N-entry table: linear list vs hash table", "540,2870,7530", 5, False, True)
+    h = sized("handoff", "handoff time vs the SCM_RIGHTS floor and one-fd-per-message", "540,2870,7530,19000", 3,
+              True, True)
     h.add_argument("--kinds", default="mixed", choices=["mixed", "eventfd", "file", "socket"])
-    h.add_argument("--reps", type=int, default=3, help="repetitions (median reported)")
-    h.add_argument("--json", action="store_true")
-    h.add_argument("--plot", metavar="FILE.png", help="also draw time vs N, log-log (needs cprd[plot])")
-    u = sub.add_parser("upgrade", help="in-place upgrade: how long no request is served")
-    u.add_argument("--fds", type=int, default=7530, help="fds in the table (default 7530)")
-    u.add_argument("--reps", type=int, default=5, help="upgrades in a row (median reported)")
-    u.add_argument("--json", action="store_true")
+    sized("upgrade", "in-place upgrade: the longest a polling client waits for an answer", "7530", 5, True, False)
+    ls = sub.add_parser("ls", help="get latency while another client loops ls on a large table")
+    ls.add_argument("--fds", type=int, default=19000, help="fds in the table (default 19000)")
+    ls.add_argument("--seconds", type=float, default=5.0, help="seconds of each phase (default 5)")
+    ls.add_argument("--json", action="store_true")
     s = sub.add_parser("fdstore", help="systemd's fd store protocol: fds stored per second from 4 senders, and how "
                                         "long `cprd run` takes to start a program with N stored fds; the same for "
                                         "cprd's own client (put, get)")
@@ -98,16 +104,19 @@ def main(a: argparse.Namespace) -> int:
             plot_find(rows, plot)
         return 0
     if a.bench == "upgrade":
-        if a.fds < 0:
+        from .bench_serving import bench_upgrade, print_upgrade
+
+        if a.fds is not None and a.fds < 0:
             raise UsageError(f"--fds {a.fds}: expected a number of fds >= 0")
-        row = bench_upgrade(a.fds, a.reps)
-        if a.json:
-            print(json.dumps(row))
-        else:
-            print(f"in-place upgrade of a daemon with {row['fds']} fds, {row['reps']} in a row: no request served for "
-                  f"{row['ms']:.1f} ms (median; min {row['ms_min']:.1f}, max {row['ms_max']:.1f}); a client "
-                  f"saw at most {row['client_stall_ms_max']:.1f} ms between answers; refused connections: "
-                  f"{row['refused']}, failed requests: {row['failed_requests']}")
+        rows = bench_upgrade([a.fds] if a.fds is not None else _sizes(a.sizes), a.reps)
+        _emit(rows, a.json, print_upgrade)
+        return 0
+    if a.bench == "ls":
+        from .bench_serving import bench_ls, print_ls
+
+        if a.fds < 1 or a.seconds <= 0:
+            raise UsageError("--fds must be at least 1 and --seconds above 0")
+        _emit(bench_ls(a.fds, a.seconds), a.json, print_ls)
         return 0
     if a.bench == "fdstore":
         from .bench_fdstore import bench_fdstore, print_fdstore
@@ -280,16 +289,23 @@ def _cprd_handoffs(counts: dict[str, int], reps: int, d: str) -> list[dict]:
     return results
 
 
-def bench_handoff(sizes: list[int], kinds: str, reps: int, progress: bool = False) -> list[dict]:
+def _measurable(sizes: list[int], counts_of, progress: bool, rows: list[dict]):
+    """(n, counts, total fds) for each size this process has the fds for; a skipped row (saying why)
+    into rows for the others."""
     budget = fd_budget()
-    rows = []
     for n in sizes:
-        counts = _counts(kinds, n)
+        counts = counts_of(n)
         total = spec_fds(counts)
         skipped = _skipped(total, budget, progress)
         if skipped:
             rows.append(skipped)
             continue
+        yield n, counts, total
+
+
+def bench_handoff(sizes: list[int], kinds: str, reps: int, progress: bool = False) -> list[dict]:
+    rows: list[dict] = []
+    for n, counts, total in _measurable(sizes, lambda n: _counts(kinds, n), progress, rows):
         with tempfile.TemporaryDirectory(prefix="cprd-bench-") as d:
             os.chmod(d, 0o700)
             floor, one = [], []
@@ -420,15 +436,8 @@ def _in_child(fn, *args) -> dict:
 
 
 def bench_memory(sizes: list[int], progress: bool = False) -> list[dict]:
-    budget = fd_budget()
-    rows = []
-    for n in sizes:
-        counts = mixed_spec(n)
-        total = spec_fds(counts)
-        skipped = _skipped(total, budget, progress)
-        if skipped:
-            rows.append(skipped)
-            continue
+    rows: list[dict] = []
+    for n, counts, total in _measurable(sizes, mixed_spec, progress, rows):
         with tempfile.TemporaryDirectory(prefix="cprd-bench-") as d:
             os.chmod(d, 0o700)
             res = _in_child(_memory_one, counts, os.path.join(d, "files"))
@@ -567,70 +576,3 @@ def plot_handoff(rows: list[dict], path: str) -> None:
     ax.set_ylabel("time to move N fds (ms)")
     ax.set_title(f"{_reps(done[0]['reps'])}; {_machine()}{note}", fontsize=8)
     _save(fig, path)
-
-
-# -- upgrade -----------------------------------------------------------------------------------
-def bench_upgrade(fds: int, reps: int) -> dict:
-    """Upgrade a populated daemon in place `reps` times. `ms` is measured by the daemon itself: from
-    the moment it stops serving (freeze) to the moment the new program serves again. A client
-    polling status on fresh connections meanwhile measures the longest gap between answers."""
-    import socket as _socket
-    import threading
-
-    from ..client import Client
-    from .procs import spawn, stop, wait_for_socket
-
-    counts = mixed_spec(fds) if fds else {}
-    with tempfile.TemporaryDirectory(prefix="cprd-bench-") as d:
-        os.chmod(d, 0o700)
-        control = os.path.join(d, "control.sock")
-        src = spawn(["source", "--control", control, "--populate", spec_string(counts), "--state-dir",
-                     os.path.join(d, "state")])
-        done, gaps, refused, failed = threading.Event(), [], [0], [0]
-
-        def poll() -> None:
-            """Status on a fresh connection, again and again: count refused connects (there must be
-            none), and time the gaps between answers."""
-            last = time.perf_counter()
-            while not done.is_set():
-                probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
-                try:
-                    probe.connect(control)
-                except ConnectionRefusedError:
-                    refused[0] += 1
-                    continue
-                finally:
-                    probe.close()
-                try:
-                    with Client(control, timeout=30) as c:
-                        c.status()
-                except CprdError:
-                    failed[0] += 1
-                    continue
-                now = time.perf_counter()
-                gaps.append((now - last) * 1e3)
-                last = now
-
-        try:
-            wait_for_socket(control, src)
-            with Client(control) as c:
-                c.status()
-            t = threading.Thread(target=poll)
-            t.start()
-            results = []
-            for _ in range(reps):
-                with Client(control, timeout=120, retry_for=0) as c:
-                    res = c._call("upgrade", program="")
-                if res["rolled_back"]:
-                    raise RuntimeError(f"upgrade rolled back: {res['reason']}")
-                results.append(res["ms"])
-                time.sleep(0.05)
-            done.set()
-            t.join()
-        finally:
-            done.set()
-            stop(src)
-    return {"fds": spec_fds(counts) if counts else 0, "reps": reps, "ms": round(statistics.median(results), 3),
-            "ms_min": round(min(results), 3), "ms_max": round(max(results), 3),
-            "client_stall_ms_max": round(max(gaps, default=0.0), 3), "refused": refused[0],
-            "failed_requests": failed[0]}

@@ -115,7 +115,8 @@ def _libsystemd() -> bool:
 
 def bench_fdstore(n: int, senders: int, reps: int) -> dict[str, Any]:
     from ..client import Client
-    from .procs import spawn, stop, wait_for_socket
+    from .bench_serving import serving_daemon
+    from .procs import stop
 
     if not _libsystemd():
         raise RuntimeError("libsystemd is not installed (Debian: apt-get install libsystemd0): it is the client "
@@ -124,10 +125,8 @@ def bench_fdstore(n: int, senders: int, reps: int) -> dict[str, Any]:
     row: dict[str, Any] = {"fds_per_sender": n, "senders": senders, "reps": reps}
     with tempfile.TemporaryDirectory(prefix="cprd-bench-") as d:
         os.chmod(d, 0o700)
-        control = os.path.join(d, "control.sock")
-        src = spawn(["source", "--control", control])
+        src, control, _ = serving_daemon(d, 0)
         try:
-            wait_for_socket(control, src)
             env = {**os.environ, "CPRD_CONTROL": control}
             sd_rates, put_rates, run_n, run_0, get_n, ready = [], [], [], [], [], []
             for rep in range(reps):

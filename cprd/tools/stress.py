@@ -46,7 +46,13 @@ class Stats:
     failures: list[str] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
     handoffs: list[dict] = field(default_factory=list)
+    upgrades: list[dict] = field(default_factory=list)
     retries: int = 0
+    slow: list[tuple[float, str, float]] = field(default_factory=list)  # (when, op, ms) of requests over SLOW_MS
+    moves: list[tuple[str, float, float]] = field(default_factory=list)  # (move, start, end), CLOCK_MONOTONIC
+
+
+SLOW_MS = 10.0  # a request that took longer is listed (when, which op, during which move)
 
 
 def _new_fd(kind: int, directory: str, n: int) -> tuple[int, list[int]]:
@@ -78,12 +84,15 @@ class _Worker:
         self.next_id = 0
 
     async def _timed(self, op: str, coro) -> object:
-        t0 = time.perf_counter()
+        t0 = time.monotonic()
         try:
             return await coro
         finally:
-            self.stats.latencies.append((time.perf_counter() - t0) * 1e3)
+            ms = (time.monotonic() - t0) * 1e3
+            self.stats.latencies.append(ms)
             self.stats.ops[op] = self.stats.ops.get(op, 0) + 1
+            if ms > SLOW_MS:
+                self.stats.slow.append((t0, op, ms))
 
     async def run(self, stop_at: float) -> None:
         async with AsyncClient(self.control, timeout=60) as c:
@@ -141,13 +150,40 @@ class _Worker:
                                          f"{self.model[key]}")
 
 
-async def _handoffs(n: int, start: float, duration: float, control: str, d: str, owners: list, bases: dict,
-                    stats: Stats, external: bool) -> None:
-    """n handoffs at even intervals, each from the current owner to a fresh target we start. owners
-    holds each owner in turn: a Popen we started, or the pid of a daemon we found running."""
-    for h in range(n):
-        await trio.sleep_until(start + duration * (h + 1) / (n + 1))
+def plan_moves(handoffs: int, upgrades: int) -> list[str]:
+    """The order of the moves of the table: handoffs and in-place upgrades, spread evenly (3 and 2:
+    handoff, upgrade, handoff, upgrade, handoff)."""
+    total = handoffs + upgrades
+    at = {int((k + 0.5) * total / upgrades) for k in range(upgrades)} if upgrades else set()
+    return ["upgrade" if i in at else "handoff" for i in range(total)]
+
+
+async def _moves(handoffs: int, upgrades: int, start: float, duration: float, control: str, d: str, owners: list,
+                 bases: dict, stats: Stats, external: bool) -> None:
+    """The moves of plan_moves at even intervals: a handoff from the current owner to a fresh target
+    we start, or an in-place upgrade of the current owner (which keeps its pid). owners holds each
+    owner in turn: a Popen we started, or the pid of a daemon we found running."""
+    plan = plan_moves(handoffs, upgrades)
+    h = 0
+    for i, move in enumerate(plan):
+        await trio.sleep_until(start + duration * (i + 1) / (len(plan) + 1))
+        t_move = time.monotonic()
+        if move == "upgrade":
+            pid = _pid(owners[-1])
+            try:
+                async with AsyncClient(control, timeout=120, retry_for=0) as c:
+                    res = await c._call("upgrade", program="")
+            except CprdError as e:
+                stats.violations.append(f"upgrade {len(stats.upgrades)} failed: {e}")
+                return
+            stats.moves.append(("upgrade", t_move, time.monotonic()))
+            stats.upgrades.append(res)
+            if res["rolled_back"] or res["pid"] != pid:
+                stats.violations.append(f"upgrade of pid {pid}: rolled back ({res.get('reason')}) or another pid "
+                                        f"({res['pid']})")
+            continue
         listen = os.path.join(d, f"handoff-{h}.sock")
+        h += 1
         # A target that may go on serving someone else's table after we exit must not hold our stderr.
         tgt = spawn(["target", "--listen", listen], stderr=subprocess.DEVNULL if external else None)
         owners.append(tgt)
@@ -158,9 +194,10 @@ async def _handoffs(n: int, start: float, duration: float, control: str, d: str,
             async with AsyncClient(control, timeout=120, retry_for=0) as c:
                 res = await c.handoff(listen)
         except CprdError as e:
-            stats.violations.append(f"handoff {h} failed: {e}")
+            stats.violations.append(f"handoff {h - 1} failed: {e}")
             return
         stats.handoffs.append(res)
+        stats.moves.append(("handoff", t_move, time.monotonic()))
         code = await trio.to_thread.run_sync(_exit_code, old)
         if code != 0:
             stats.violations.append(f"old owner pid {_pid(old)} exited {code}, not 0")
@@ -203,7 +240,7 @@ def _pct(xs: list[float], p: float) -> float:
 
 
 async def run(fds: int, rate: float, handoffs: int, duration: float, clients: int, seed: int,
-              progress: bool, control: str | None = None) -> dict:
+              progress: bool, control: str | None = None, upgrades: int = 0) -> dict:
     """Churn and handoffs against our own source (populated with `fds`), or, with `control`, against a
     daemon already running there: then only keys of our own ("stress/...") are touched, they are
     deleted at the end, and the last target we hand the table to goes on serving it."""
@@ -241,7 +278,9 @@ async def run(fds: int, rate: float, handoffs: int, duration: float, clients: in
             async with trio.open_nursery() as n:
                 for w in workers:
                     n.start_soon(w.run, stop_at)
-                n.start_soon(_handoffs, handoffs, t0, duration, control, d, owners, bases, stats, external)
+                # trio's clock is not time.monotonic(): the moves are timed on trio's
+                n.start_soon(_moves, handoffs, upgrades, trio.current_time(), duration, control, d, owners, bases,
+                             stats, external)
                 if progress:
                     n.start_soon(_progress, stats, stop_at)
             elapsed = time.monotonic() - t0
@@ -283,9 +322,22 @@ async def run(fds: int, rate: float, handoffs: int, duration: float, clients: in
                      for h in stats.handoffs],
         "stall_ms_p50": round(_pct(lat, 50), 3), "stall_ms_p99": round(_pct(lat, 99), 3),
         "stall_ms_max": round(max(lat, default=0.0), 3),
+        "upgrades": [{k: u.get(k) for k in ("entries", "ms", "standin_pid", "standin_journal")}
+                     for u in stats.upgrades],
+        "moves": [{"move": m, "t_s": round(a - t0, 3), "s": round(b - a, 3)} for m, a, b in stats.moves],
+        "slow": [{"t_s": round(t - t0, 3), "op": op, "ms": round(ms, 1), "during": _during(t, ms, stats.moves)}
+                 for t, op, ms in sorted(stats.slow, key=lambda x: -x[2])[:20]],
         "freeze_ms_max": round(max(freezes, default=0.0), 3),
         "freeze_ms_median": round(statistics.median(freezes), 3) if freezes else 0.0,
     }
+
+
+def _during(t: float, ms: float, moves: list[tuple[str, float, float]]) -> str:
+    """Which move a request overlapped ("handoff", "upgrade"), or "" (between moves)."""
+    for move, a, b in moves:
+        if t <= b and t + ms / 1e3 >= a:
+            return move
+    return ""
 
 
 def _check_table(final: dict, model: dict, stats: Stats) -> None:
@@ -308,23 +360,32 @@ def _check_fds(pid: int, entries: int, bases: dict, stats: Stats, first: bool) -
 
 
 def main(a) -> int:
-    if a.fds < 0 or a.rate <= 0 or a.handoffs < 0 or a.clients < 1 or (a.duration is not None and a.duration <= 0):
+    if (a.fds < 0 or a.rate <= 0 or a.handoffs < 0 or a.upgrades < 0 or a.clients < 1
+            or (a.duration is not None and a.duration <= 0)):
         from ..errors import UsageError
 
-        raise UsageError("--fds and --handoffs must be >= 0, --rate and --duration > 0 and --clients >= 1")
-    duration = a.duration if a.duration else max(2.0, a.handoffs * 1.0 + 1.0)
+        raise UsageError("--fds, --handoffs and --upgrades must be >= 0, --rate and --duration > 0 and --clients >= 1")
+    duration = a.duration if a.duration else max(2.0, a.handoffs * 1.0 + a.upgrades * 1.5 + 1.0)
     progress = sys.stderr.isatty() and not a.json
-    res = trio.run(run, a.fds, a.rate, a.handoffs, duration, a.clients, a.seed, progress, a.control)
+    res = trio.run(run, a.fds, a.rate, a.handoffs, duration, a.clients, a.seed, progress, a.control, a.upgrades)
     if a.json:
         print(json.dumps(res))
     else:
         print(f"cprd stress: {res['ops']} ops in {res['duration_s']} s ({res['ops_per_s']}/s, "
-              f"{res['clients']} clients, {res['entries']} entries at the end), {len(res['handoffs'])} handoffs")
+              f"{res['clients']} clients, {res['entries']} entries at the end), {len(res['handoffs'])} handoffs, "
+              f"{len(res['upgrades'])} upgrades")
         for h in res["handoffs"]:
             print(f"  handoff to pid {h['target_pid']}: {h['entries']} entries, {h['ms']:.1f} ms, freeze "
                   f"{h['freeze_ms']:.1f} ms, {h['rounds']} pre-copy rounds, {h['delta_ops']} delta ops")
+        for u in res["upgrades"]:
+            print(f"  upgrade in place: {u['entries']} entries, no request served for {u['ms']:.1f} ms; the stand-in "
+                  f"(pid {u['standin_pid']}) journaled {u['standin_journal']} changes")
         print(f"  client stall ms: p50 {res['stall_ms_p50']}  p99 {res['stall_ms_p99']}  max {res['stall_ms_max']}"
               f"  (retries {res['retries']})")
+        if res["slow"]:
+            print("  slowest requests over {:g} ms: ".format(SLOW_MS) + ", ".join(
+                f"{x['op']} {x['ms']} ms at {x['t_s']} s{' (' + x['during'] + ')' if x['during'] else ''}"
+                for x in res["slow"][:5]))
         print(f"  failed requests: {res['failed']}   violations: {res['violations']}")
         for line in res["failures"][:5] + res["violation_details"][:10]:
             print(f"    {line}")
