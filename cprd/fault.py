@@ -18,7 +18,9 @@ a handoff (several specs, comma-separated, act in the order given when they name
 - action: ``kill`` (default: SIGKILL itself), ``shutdown`` (shut the handoff socket down, a broken
   connection while both processes live), ``rlimit=N`` (lower its RLIMIT_NOFILE soft limit to N,
   to run out of fds mid-transfer), ``sleep=S`` (stop for S seconds: for ``freeze``, mutations
-  wait that long, so that clients meet the freeze and the handoff).
+  wait that long, so that clients meet the freeze and the handoff), ``sndbuf=N`` (``standin:forked``
+  only: shrink the send buffers of the stand-in's journal to N bytes, so that the kernel refuses the
+  journal after a few changes, as it does a non-root daemon's after a few hundred).
 
 Every fault that fires logs ``event=fault_fired`` first, so a test can tell that its fault
 happened. A spec that names an unknown side, step or action is refused when the daemon starts
@@ -73,11 +75,13 @@ def _parse(spec: str) -> tuple[str, str, str, str]:
     name, _, value = action.partition("=")
     try:
         ok = (action in ("kill", "shutdown") or (name == "rlimit" and int(value) > 0)
-              or (name == "sleep" and 0 <= float(value) <= 3600))
+              or (name == "sleep" and 0 <= float(value) <= 3600)
+              or (name == "sndbuf" and int(value) > 0 and (side, step) == ("standin", "forked")))
     except ValueError:
         ok = False
     if not ok:
-        raise UsageError(f"CPRD_FAULT={spec!r}: unknown action {action!r}; one of kill, shutdown, rlimit=N, sleep=S")
+        raise UsageError(f"CPRD_FAULT={spec!r}: unknown action {action!r}; one of kill, shutdown, rlimit=N, sleep=S, "
+                         "sndbuf=N (standin:forked only)")
     return side, step, n, action
 
 
@@ -129,6 +133,9 @@ def _act(side: str, step: str, n: int | None, action: str, sock) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (int(action[len("rlimit="):]), hard))
     elif action.startswith("sleep="):
         time.sleep(float(action[len("sleep="):]))  # blocks the whole daemon, as a stalled process would
+    elif action.startswith("sndbuf=") and sock is not None:
+        for s in sock:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, int(action[len("sndbuf="):]))
 
 
 async def apoint(side: str, step: str, n: int | None = None, sock=None, last: int | None = None) -> None:

@@ -262,7 +262,7 @@ def _close_all_but(keep: set[int]) -> None:
                 pass
 
 
-def _alive(pid: int | None) -> bool:
+def alive(pid: int | None) -> bool:
     """Whether process `pid` runs (a zombie does not)."""
     if not pid:
         return False
@@ -292,7 +292,7 @@ def _standin_keeps_it(signal_fd: int | None, standin: int) -> bool:
     restore); its end closing without a word means it died (restore). It always speaks at once
     when the new program's pid goes, so the wait is bounded; if it is stopped, it keeps the table."""
     if signal_fd is None:
-        return _alive(standin)
+        return alive(standin)
     poller = select.poll()
     poller.register(signal_fd, select.POLLIN)
     deadline = time.monotonic() + 30
@@ -304,7 +304,7 @@ def _standin_keeps_it(signal_fd: int | None, standin: int) -> bool:
         except InterruptedError:
             continue
         return word == STANDIN_OWNS
-    return _alive(standin)
+    return alive(standin)
 
 
 def _guard(r: int, watch: int, daemon_pid: int, state: dict[str, Any], state_fd: int,
@@ -335,8 +335,13 @@ def _guard(r: int, watch: int, daemon_pid: int, state: dict[str, Any], state_fd:
             why = "the new program died before it confirmed; the guardian"
         elif watch in ready:
             why = "the new program died before it confirmed; the guardian"
-    # The new program is dead or hung: kill it and whatever it forked in its group (which may hold
-    # copies of the table), wait until its pid is gone, then restore from our own copies.
+    # The new program is dead or hung: kill it (through its pidfd: it may have left its process
+    # group) and whatever it forked in its group (which may hold copies of the table), wait until
+    # its pid is gone, then restore from our own copies.
+    try:
+        signal.pidfd_send_signal(watch, signal.SIGKILL)
+    except OSError:
+        pass
     try:
         os.killpg(daemon_pid, signal.SIGKILL)
     except OSError:

@@ -21,6 +21,7 @@ from cprd.errors import UsageError
     ("target:batch:x", "N must be a number"),
     ("target:batch:1:explode", "unknown action 'explode'"),
     ("target:batch:1:rlimit=lots", "unknown action"),
+    ("source:ready::sndbuf=4096", "sndbuf=N (standin:forked only)"),  # only the stand-in's journal has one
     ("target", "expected SIDE:STEP"),
     ("target:hello,source:nope", "unknown step 'nope'"),
 ])

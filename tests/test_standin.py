@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -16,7 +18,10 @@ import time
 import psutil
 import pytest
 
+from cprd import upgrade as up
 from cprd.client import Client
+from cprd.daemon.standin import _drain
+from cprd.table import FdTable
 from helpers import close_copies, hold_copies, num_fds, settled_fds, snapshot
 from test_handoff_e2e import prove_same
 from test_upgrade import SPEC, _memfd_of, pids_holding
@@ -148,3 +153,114 @@ def test_mutations_during_the_upgrade_reach_the_new_program_and_the_stand_in_exi
     finally:
         close_copies(copies)
         close_copies(churn.mine)
+
+
+def test_a_journal_the_kernel_refuses_makes_the_stand_in_keep_the_table(cluster):
+    """A change the stand-in cannot journal (here the kernel refuses it: queues shrunk to a few
+    messages, as a non-root daemon's hold a few hundred) must never be taken over from a journal
+    with a hole: the stand-in stops the new program before it answers that change, keeps the
+    table, and every acknowledged put is there (kcmp)."""
+    src = cluster.source(SPEC, env={"CPRD_FAULT": "standin:forked::sndbuf=4096"})
+    with cluster.client() as c:
+        copies = hold_copies(c)
+    serving = None
+    try:
+        with Churn(cluster.control) as churn:
+            r = cluster.ctl("upgrade", "--json")
+        assert not churn.failed, churn.failed
+        res = json.loads(r.stdout)
+        serving = res["pid"]
+        logs = cluster.logs()
+        assert "event=fault_fired side=standin step=forked" in logs and "event=standin_journal_broken" in logs
+        assert r.returncode == 1 and res["rolled_back"] is True, (r.stdout, r.stderr)
+        assert "the journal could not be sent" in res["reason"] and "queue is full" in res["reason"], res
+        assert serving != src.pid and src.wait(10) == -signal.SIGKILL, "the new program was stopped"
+        with cluster.client() as c:
+            st = c.status()
+            assert st["pid"] == serving and st["state"] == "serving"
+            assert st["entries"] == len(copies) + len(churn.mine)
+        assert len(churn.mine) > 20, "puts went on, answered by the stand-in, after its journal broke"
+        prove_same(cluster, {**copies, **churn.mine})
+        with cluster.client() as c:
+            before = snapshot(c)
+        assert pids_holding(_memfd_of(before)) == {serving, os.getpid()}, "no guardian or new program holds it"
+    finally:
+        close_copies(copies)
+        if "churn" in locals():
+            close_copies(churn.mine)
+        if serving and serving != src.pid:
+            os.kill(serving, signal.SIGTERM)
+            psutil.Process(serving).wait(10)
+
+
+def _journal(*messages: bytes) -> socket.socket:
+    """The new program's end of a journal that holds `messages` (the stand-in's end closed)."""
+    mine, standin = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with standin:
+        for m in messages:
+            standin.send(m)
+    mine.setblocking(False)
+    return mine
+
+
+DEL = up.encode_journal([["R", "gone", 1]], [["rid-1", {"ok": True}]])  # a delete of a key nobody has
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_journal_with_a_hole_is_never_taken_over_from(strict):
+    """Done carries how many messages the stand-in sent; a new program that got fewer, or one it
+    cannot apply, must not take over (it raises; the stand-in, seeing it gone, keeps the table).
+    Only a rollback restoring from the guardian's copy, the last resort, keeps what applies."""
+    cases = [((DEL, DEL, up.DONE + b"2"), None),
+             ((DEL, DEL, up.DONE + b"3"), "the stand-in sent '3' journal messages and 2 arrived whole"),
+             ((DEL, b"?junk", DEL, up.DONE + b"3"), "a journal message of kind b'?'"),
+             ((DEL, up.JOURNAL + b"{not json", up.DONE + b"2"), "malformed message")]
+    for messages, error in cases:
+        out = {"answers": [], "messages": 0, "strict": strict}
+        with _journal(*messages) as sock:
+            if error and strict:
+                with pytest.raises(up.UpgradeError, match=re.escape(error)):
+                    _drain(sock, FdTable(), out)
+            else:
+                assert _drain(sock, FdTable(), out) == up.DONE
+                assert out["answers"][0] == ["rid-1", {"ok": True}]
+                assert out["messages"] == (2 if error is None else sum(m == DEL for m in messages))
+
+
+def test_once_the_stand_in_is_done_an_old_connection_never_reads_the_table_as_it_was(cluster):
+    """After Done the new program may serve at once, while the stand-in has yet to read Taken (here
+    it takes 1 s to): a read on a connection the stand-in holds must wait and be retried at the new
+    program, never answered from the stand-in's table, which no longer changes."""
+    cluster.source(SPEC, env={"CPRD_FAULT": "standin:done::sleep=1"})
+    stop, old, new = threading.Event(), [], []
+
+    def old_connection() -> None:
+        with Client(cluster.control, timeout=60) as c:  # one connection, made before the upgrade
+            while not stop.is_set():
+                t = time.monotonic()
+                old.append((t, c.status()["upgrades"]))
+
+    def new_connections() -> None:
+        while not stop.is_set():
+            with Client(cluster.control, timeout=60) as c:
+                new.append((time.monotonic(), c.status()["upgrades"]))
+            time.sleep(0.005)
+
+    threads = [threading.Thread(target=old_connection), threading.Thread(target=new_connections)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.2)
+        r = cluster.ctl("upgrade", "--json")
+        assert r.returncode == 0 and not json.loads(r.stdout)["rolled_back"], (r.stdout, r.stderr)
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert "event=fault_fired side=standin step=done" in cluster.logs()
+    t_new = min(t for t, upgrades in new if upgrades == 1)  # the new program served from then on
+    assert old[-1][1] == 1, "the old connection's client reached the new program in the end"
+    assert any(t < t_new for t, _ in old), "the old connection was served before the take-over"
+    stale = [(round(t - t_new, 3), upgrades) for t, upgrades in old if t > t_new and upgrades == 0]
+    assert not stale, f"read the stand-in's table after the new program served: {stale[:5]}"

@@ -68,6 +68,8 @@ class Handlers:
         self._fd_rest = FD_REST_GUESS
 
     async def __call__(self, req: cp.Request, fds: OwnedFds, conn: Any, uid: int) -> Reply:
+        if self.life.frozen_for_all:  # a stand-in's last moments: the new program may serve already
+            await self.life.until_thawed()
         if self.life.handed_off:
             raise Unanswered()
         return await self.table[req.op](req, fds, conn)

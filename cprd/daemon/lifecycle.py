@@ -16,8 +16,10 @@ Theory of operation
 While it hands off or upgrades, the daemon *freezes* mutations for the last moments (a handoff's
 last delta and commit; the whole upgrade): a put or del waits until ``thaw``, and then finds the
 daemon serving again (a failed handoff or upgrade: it is applied) or handed off (it is not: its
-client retries at the new owner). ``committing`` is set when the listening socket is about to
-travel with the Commit: from then on the daemon never removes its socket file.
+client retries at the new owner). A stand-in that has sent its last changes freezes every
+request, reads too (``freeze(everything=True)``): the new program may already serve, and an old
+connection must not read the table as it was. ``committing`` is set when the listening socket is
+about to travel with the Commit: from then on the daemon never removes its socket file.
 
 What this module may know: trio events. Nothing of sockets or tables.
 """
@@ -49,12 +51,13 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
 
 
 class Lifecycle:
-    __slots__ = ("phase", "committing", "_frozen")
+    __slots__ = ("phase", "committing", "_frozen", "_everything")
 
     def __init__(self) -> None:
         self.phase = Phase.SERVING
         self.committing = False  # the listening socket is (about to be) the target's: never unlink its path
         self._frozen: trio.Event | None = None
+        self._everything = False
 
     def to(self, phase: Phase) -> None:
         if phase not in TRANSITIONS[self.phase]:
@@ -69,11 +72,19 @@ class Lifecycle:
     def frozen(self) -> bool:
         return self._frozen is not None
 
-    def freeze(self) -> None:
-        """Mutations wait from now on (until thaw)."""
-        self._frozen = trio.Event()
+    @property
+    def frozen_for_all(self) -> bool:
+        """Every request waits, reads too."""
+        return self._frozen is not None and self._everything
+
+    def freeze(self, everything: bool = False) -> None:
+        """Mutations wait from now on (until thaw); with `everything`, every request does."""
+        if self._frozen is None:
+            self._frozen = trio.Event()
+        self._everything = self._everything or everything
 
     def thaw(self) -> None:
+        self._everything = False
         if self._frozen is not None:
             frozen, self._frozen = self._frozen, None
             frozen.set()

@@ -174,7 +174,12 @@ def restore_main(state_fd: int, own_args: tuple[str, ...]) -> int:
         except OSError as e2:
             print(f"cprd: error: cannot run the previous program: {e2}", file=sys.stderr)
         return 1
-    return trio.run(_serve_restored, state, state_fd, table, listener, own_args)
+    try:
+        return trio.run(_serve_restored, state, state_fd, table, listener, own_args)
+    except upgrade.UpgradeError as e:  # the stand-in's journal has a hole: it keeps the table, not we
+        print(f"cprd: error: cannot take over from the stand-in: {e}; it keeps serving the table",
+              file=sys.stderr)
+        return 1
 
 
 def _rebuild(state: dict[str, Any], state_fd: int) -> tuple[FdTable, socket.socket]:
@@ -205,7 +210,8 @@ async def _serve_restored(state: dict[str, Any], state_fd: int, table: FdTable, 
     took: dict[str, Any] = {}
     if standin.get("journal_fd") is not None:  # the stand-in served meanwhile: take its changes and the table over
         took = await take_over(table, standin["journal_fd"], standin.get("pid"),
-                               float(state.get("deadline_s") or upgrade.DEFAULT_TIMEOUT))
+                               float(state.get("deadline_s") or upgrade.DEFAULT_TIMEOUT),
+                               strict=not state.get("rolled_back"))
     if state.get("nice") is not None:  # the old program lowered our priority while the stand-in served
         try:
             os.setpriority(os.PRIO_PROCESS, 0, int(state["nice"]))

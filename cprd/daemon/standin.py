@@ -30,7 +30,13 @@ Failures (each leaves exactly one owner and loses nothing acknowledged):
   the guardian leaves without restoring; had it handed the table over already ("K"), the
   guardian restores, since the new program that held it is gone;
 - both die: the guardian restores the state at the fork plus the journal, of which it receives
-  its own copy (the new program consumes what it reads) (upgrade.py).
+  its own copy (the new program consumes what it reads) (upgrade.py);
+- a change cannot be journaled (a full queue: sends never block): the stand-in stops the new
+  program before it answers that change and keeps the table (``Stream``); a journal that arrives
+  with a hole (Done counts the messages) is never taken over from.
+
+Once it has sent Done, the stand-in answers nothing more, reads included: the new program may
+serve already.
 
 What this module may know: trio, sockets, the table, the journal's format (upgrade.py).
 """
@@ -43,6 +49,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -56,22 +63,27 @@ from .lifecycle import Phase
 log = logging.getLogger("cprd.standin")
 
 SCM_MAX_FD = 253
-SEND_TIMEOUT = 10.0  # a journal message that finds no room for this long: the new program is not reading
 HOLDERS_TIMEOUT = 10.0  # how long the stand-in waits for a new program it killed to be gone
 
 
 class Stream:
     """Collects the table's changes and the answers to mutations; ``flush`` sends them as journal
-    messages. Installed as the table's ``stream`` in the stand-in only."""
+    messages. Installed as the table's ``stream`` in the stand-in only.
 
-    def __init__(self, socks: list[socket.socket]) -> None:
-        self.socks = list(socks)  # to the new program, to the guardian: each one dropped when it fails
+    All or nothing: a change that cannot be journaled to both readers (a full queue, an fd that
+    cannot be copied) breaks the stream, and ``on_break`` runs at once, before the client that
+    made the change hears of it: the stand-in then keeps the table (it stops the new program), so
+    no reader ever holds a journal with a hole in it that it could take over from."""
+
+    def __init__(self, socks: list[socket.socket], on_break: Callable[[str], None]) -> None:
+        self.socks = list(socks)  # to the new program, to the guardian
         for sock in self.socks:
             _roomy(sock)
+        self.on_break = on_break
         self.ops: list[list] = []
         self.fds = OwnedFds()  # copies of the fds of the "S" ops not sent yet
         self.answers: list[list] = []
-        self.sent = 0
+        self.sent = 0  # messages sent (to each reader): Done tells the new program how many
         self.broken: str | None = None
 
     def op(self, op: Op) -> None:
@@ -110,39 +122,42 @@ class Stream:
                 self.answers = []
             anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
             msg = up.encode_journal(ops, answers)
-            for sock in list(self.socks):
-                try:
-                    sock.sendmsg([msg], anc)
-                except OSError as err:
-                    log.warning("event=standin_journal_dropped peer=%s error=%r", _peer_name(sock, self.socks),
-                                str(err))
-                    self.socks.remove(sock)
-            self.sent += 1
-            for fd in fds:
-                os.close(fd)
-            if not self.socks:
-                self._break("nobody reads the journal any more")
+            try:
+                for reader, sock in zip(("the new program", "the guardian"), self.socks):
+                    try:
+                        sock.sendmsg([msg], anc)
+                    except BlockingIOError:
+                        raise OSError(f"{reader}'s queue is full after {self.sent} messages (it has not read "
+                                      "them yet; a non-root daemon's queue holds a few hundred)") from None
+                    except OSError as err:
+                        raise OSError(f"cannot send to {reader}: {err.strerror or err}") from None
+            except OSError as err:
+                self._break(f"the journal could not be sent: {err}")
+            else:
+                self.sent += 1
+            finally:
+                for fd in fds:
+                    os.close(fd)
 
     def _break(self, why: str) -> None:
-        log.error("event=standin_journal_broken reason=%r note=changes-from-now-on-stay-here", why)
+        log.error("event=standin_journal_broken reason=%r note=the-stand-in-keeps-the-table", why)
         self.broken = why
         self.ops, self.answers = [], []
         self.fds.close()
+        self.on_break(why)
 
 
 def _roomy(sock: socket.socket) -> None:
-    """A send buffer as large as allowed: the journal waits in it while the new program starts."""
-    sock.settimeout(SEND_TIMEOUT)
+    """A send buffer as large as allowed: the journal waits in it while the new program starts
+    (root: 16 MiB, some 13,000 messages; others: net.core.wmem_max, a few hundred). Never blocking:
+    a full queue breaks the stream rather than stalling every client."""
+    sock.setblocking(False)
     for opt in (getattr(socket, "SO_SNDBUFFORCE", 32), socket.SO_SNDBUF):
         try:
             sock.setsockopt(socket.SOL_SOCKET, opt, 8 << 20)
             return
         except OSError:
             continue
-
-
-def _peer_name(sock: socket.socket, socks: list[socket.socket]) -> str:
-    return "new-program" if socks and sock is socks[0] else "guardian"
 
 
 class StandIn:
@@ -153,7 +168,7 @@ class StandIn:
         self.d, self.sock, self.gsock, self.watch, self.parent = daemon, jsock, gsock, parent_watch, parent_pid
         self.to_guardian = to_guardian  # a pipe: TAKEN or STANDIN_OWNS, once (upgrade._standin_keeps_it)
         self.timeout, self.notify_socket, self.program = timeout, notify_socket, program
-        self.stream = Stream([jsock, gsock])
+        self.stream = Stream([jsock, gsock], on_break=self._journal_broken)
 
     def start(self) -> None:
         """Right after the fork, before any other task runs: every change from now on is journaled."""
@@ -168,7 +183,7 @@ class StandIn:
         """Stand in until the new program has taken over (None: this process is done and exits) or
         is gone (the answer, rolled back, for the client that asked)."""
         d, life = self.d, self.d.life
-        fault.point("standin", "forked")
+        fault.point("standin", "forked", sock=self.stream.socks)
         why = await self._wait_for(up.TAKE_OVER)
         if why is None:
             log.info("event=standin_asked_to_stop entries=%d", len(d.st.table))
@@ -176,11 +191,15 @@ class StandIn:
             life.freeze()
             await d.endpoint.stop_accepting()
             d.st.flush()
-            try:
-                self.sock.send(up.DONE)
+            why = "journal" if self.stream.broken else None
+        if why is None:
+            try:  # how many messages came before: the new program checks it got them all
+                self.sock.send(up.DONE + str(self.stream.sent).encode())
             except OSError as e:
                 log.warning("event=standin_done_failed error=%r", str(e))
-            fault.point("standin", "done")
+            # From now on the new program may serve: old connections must not read the table here.
+            life.freeze(everything=True)
+            await fault.apoint("standin", "done")
             why = await self._wait_for(up.TAKEN)
             if why is None:
                 self._tell_guardian(up.TAKEN)  # were the new program to die now, the guardian restores
@@ -191,6 +210,7 @@ class StandIn:
                 life.thaw()  # waiting mutations hang up: their clients retry and reach the new program
                 d.nursery_start(self._exit_soon)
                 return None
+        if life.frozen:
             life.thaw()
             d.endpoint.start_accepting()
         return await self._keep(why)
@@ -214,19 +234,36 @@ class StandIn:
                 if got == b"":  # nobody holds the other end any more: the new program is gone
                     return "died"
                 log.warning("event=standin_unexpected message=%r", got[:16])
+        return "hung"
+
+    def _stop_new_program(self) -> None:
+        """SIGKILL the new program (through its pidfd: it may have left its process group) and its
+        process group (what it forked before it confirmed)."""
+        try:
+            signal.pidfd_send_signal(self.watch, signal.SIGKILL)
+        except OSError:
+            pass
         try:
             os.killpg(self.parent, signal.SIGKILL)
         except OSError:
             pass
-        with trio.move_on_after(HOLDERS_TIMEOUT):
-            await trio.lowlevel.wait_readable(self.watch)
-        return "hung"
+
+    def _journal_broken(self, why: str) -> None:
+        """The journal has a hole: no one may take over from it. At once, before the client whose
+        change could not be journaled hears of it: stop the new program and tell the guardian that
+        we keep the table (it reads that once the new program is gone, and leaves)."""
+        self._stop_new_program()
+        self._tell_guardian(up.STANDIN_OWNS)
 
     async def _keep(self, why: str) -> dict[str, Any]:
-        """The new program is gone: keep the table, in this pid."""
+        """The new program is gone, or must go: keep the table, in this pid."""
         d, st = self.d, self.d.st
         self._tell_guardian(up.STANDIN_OWNS)  # the guardian leaves: nobody restores an older table beside us
+        self._stop_new_program()  # dead already, or silent, or hung, or its journal broke: serve alone
+        with trio.move_on_after(HOLDERS_TIMEOUT):
+            await trio.lowlevel.wait_readable(self.watch)
         st.table.stream = st.stream = None
+        self.stream.fds.close()
         self.sock.close()
         self.gsock.close()
         os.close(self.watch)
@@ -237,10 +274,15 @@ class StandIn:
         sdnotify.mainpid(os.getpid())
         sdnotify.ready(d.status_line())
         prog = self.program[0] if self.program else "the new program"
-        reason = (f"the new program ({prog}) died before it confirmed; the stand-in (pid {os.getpid()}) keeps "
-                  "serving the table" if why == "died" else
-                  f"the new program ({prog}) did not confirm within {self.timeout:g} s; the stand-in killed its "
-                  f"process group and keeps serving the table in pid {os.getpid()}")
+        if self.stream.broken:
+            reason = (f"{self.stream.broken}; the stand-in stopped the new program ({prog}) and keeps serving the "
+                      f"table in pid {os.getpid()}; upgrade again when fewer changes are in flight")
+        elif why == "died":
+            reason = (f"the new program ({prog}) died before it confirmed; the stand-in (pid {os.getpid()}) keeps "
+                      "serving the table")
+        else:
+            reason = (f"the new program ({prog}) did not confirm within {self.timeout:g} s; the stand-in killed its "
+                      f"process group and keeps serving the table in pid {os.getpid()}")
         log.error("event=upgrade_rolled_back pid=%d reason=%r entries=%d", os.getpid(), reason, len(st.table))
         return {"pid": os.getpid(), "entries": len(st.table), "ms": 0.0, "rolled_back": True, "reason": reason,
                 "program": self.program, "previous_pid": self.parent}
@@ -281,13 +323,19 @@ async def _first_readable(fds: list[int]) -> int:
 
 
 # -- the new program's side ------------------------------------------------------------------------
-async def take_over(table: Any, journal_fd: int, standin_pid: int | None, timeout: float) -> dict[str, Any]:
+async def take_over(table: Any, journal_fd: int, standin_pid: int | None, timeout: float,
+                    strict: bool = True) -> dict[str, Any]:
     """Apply the stand-in's journal to `table` (restored from the state at the fork), ask it to stop,
     apply the rest, and tell it we have taken over. Returns the answers it gave ("answers"), whether
-    it handed over ("handed_over": False if it died) and when we asked (``t_asked``, trio time)."""
+    it handed over ("handed_over": False if it died) and when we asked (``t_asked``, trio time).
+
+    A journal with a hole (a message that does not apply, a count in Done that differs from what
+    arrived) raises UpgradeError before we tell the stand-in anything: we must not take over, and
+    the stand-in, seeing us gone, keeps the table. Unless not `strict` (a rollback restoring from
+    the guardian's copy, the last resort): then what applies is kept and the rest logged."""
     raw = socket.socket(fileno=journal_fd)
     raw.setblocking(False)
-    out: dict[str, Any] = {"answers": [], "messages": 0, "handed_over": False}
+    out: dict[str, Any] = {"answers": [], "messages": 0, "handed_over": False, "strict": strict}
     try:
         _drain(raw, table, out)  # what it sent while we started
         fault.point("upgrade", "restored")
@@ -307,11 +355,7 @@ async def take_over(table: Any, journal_fd: int, standin_pid: int | None, timeou
         if cs.cancelled_caught:  # it does not answer (stopped?): what it acknowledged is in the journal
             log.warning("event=standin_silent pid=%s seconds=%g note=killed;taking-over-from-its-journal",
                         standin_pid, timeout)
-            if standin_pid:
-                try:
-                    os.kill(standin_pid, signal.SIGKILL)
-                except OSError:
-                    pass
+            _kill_child(standin_pid)
             with trio.move_on_after(10):
                 while _drain(raw, table, out) is None:
                     await trio.lowlevel.wait_readable(raw.fileno())
@@ -321,10 +365,37 @@ async def take_over(table: Any, journal_fd: int, standin_pid: int | None, timeou
                 raw.send(up.TAKEN)
             except OSError:
                 pass
+        else:  # the journal ended without Done: the stand-in is gone; make sure (it is our child)
+            await _gone(standin_pid)
         fault.point("upgrade", "taken")
     finally:
         raw.close()
     return out
+
+
+def _kill_child(pid: int | None) -> bool:
+    """SIGKILL `pid` if it is our child (the stand-in is the new program's: forked by the old program
+    in this pid; a pid of ours cannot be reused before we reap it). A rollback that restores from the
+    guardian's copy runs in another pid and kills nothing: the stand-in there is gone or going."""
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            if int(f.read().rsplit(")", 1)[1].split()[1]) != os.getpid():
+                return False
+        os.kill(pid, signal.SIGKILL)
+    except (OSError, ValueError, IndexError):
+        return False
+    return True
+
+
+async def _gone(pid: int | None) -> None:
+    """Make sure the stand-in is dead before we serve: it cannot serve beside us. Bounded: a
+    SIGKILLed process ends."""
+    if _kill_child(pid):
+        with trio.move_on_after(HOLDERS_TIMEOUT):
+            while up.alive(pid):
+                await trio.sleep(0.002)
 
 
 def _drain(raw: socket.socket, table: Any, out: dict[str, Any]) -> bytes | None:
@@ -347,13 +418,19 @@ def _drain(raw: socket.socket, table: Any, out: dict[str, Any]) -> bytes | None:
         with fds:
             if not data:
                 return b""
-            if data[:1] == up.DONE:
-                return up.DONE
-            if data[:1] != up.JOURNAL or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-                log.error("event=journal_message_dropped kind=%r flags=%#x", data[:1], flags)
-                continue
             try:
+                if data[:1] == up.DONE:
+                    if data[1:] != str(out["messages"]).encode():
+                        raise up.UpgradeError(f"the stand-in sent {data[1:].decode(errors='replace')!r} journal "
+                                              f"messages and {out['messages']} arrived whole")
+                    return up.DONE
+                if data[:1] != up.JOURNAL or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                    raise up.UpgradeError(f"a journal message of kind {data[:1]!r} arrived with flags {flags:#x}")
                 out["answers"].extend(up.apply_journal(table, data, fds.fds))
                 out["messages"] += 1
             except up.UpgradeError as e:
-                log.error("event=journal_message_failed error=%r", str(e))
+                log.error("event=journal_message_failed error=%r strict=%s", str(e), out["strict"])
+                if out["strict"]:
+                    raise
+                if data[:1] == up.DONE:
+                    return up.DONE
