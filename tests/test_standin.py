@@ -70,6 +70,28 @@ def _program(tmp_path, env: str) -> str:
     return str(p)
 
 
+def _one_owner_holds_every_acknowledged_entry(cluster, serving: int, copies: dict, churn: Churn) -> None:
+    """The daemon in pid `serving` serves every entry acknowledged, each the very open file
+    description put (kcmp), and no other process (guardian, stand-in, new program) holds the table."""
+    with cluster.client() as c:
+        st = c.status()
+        assert st["pid"] == serving and st["state"] == "serving"
+        assert st["entries"] == len(copies) + len(churn.mine)
+    prove_same(cluster, {**copies, **churn.mine})
+    with cluster.client() as c:
+        before = snapshot(c)
+    assert pids_holding(_memfd_of(before)) == {serving, os.getpid()}, "exactly one process holds the table"
+
+
+def _clean_up(src, serving: int | None, copies: dict, churn: Churn | None) -> None:
+    close_copies(copies)
+    if churn is not None:
+        close_copies(churn.mine)
+    if serving and serving != src.pid:  # the cluster stops the daemons it started, not a stand-in
+        os.kill(serving, signal.SIGTERM)
+        psutil.Process(serving).wait(10)
+
+
 CASES = {
     # name: (fault in the stand-in, fault in the new program, who serves afterwards)
     "standin-killed-right-after-the-fork": ("standin:forked", "", "daemon"),
@@ -113,21 +135,9 @@ def test_a_failure_at_each_step_leaves_one_owner_with_every_acknowledged_entry(c
                 assert "the stand-in (pid" in res["reason"]
             else:
                 assert "the guardian restored" in res["reason"]
-        with cluster.client() as c:
-            st = c.status()
-            assert st["pid"] == serving and st["state"] == "serving"
-            assert st["entries"] == len(copies) + len(churn.mine)
-        prove_same(cluster, {**copies, **churn.mine})
-        with cluster.client() as c:
-            before = snapshot(c)
-        assert pids_holding(_memfd_of(before)) == {serving, os.getpid()}, "exactly one process holds the table"
+        _one_owner_holds_every_acknowledged_entry(cluster, serving, copies, churn)
     finally:
-        close_copies(copies)
-        if "churn" in locals():
-            close_copies(churn.mine)
-        if serving and serving != src.pid:
-            os.kill(serving, signal.SIGTERM)
-            psutil.Process(serving).wait(10)
+        _clean_up(src, serving, copies, locals().get("churn"))
 
 
 def test_mutations_during_the_upgrade_reach_the_new_program_and_the_stand_in_exits(cluster):
@@ -175,22 +185,10 @@ def test_a_journal_the_kernel_refuses_makes_the_stand_in_keep_the_table(cluster)
         assert r.returncode == 1 and res["rolled_back"] is True, (r.stdout, r.stderr)
         assert "the journal could not be sent" in res["reason"] and "queue is full" in res["reason"], res
         assert serving != src.pid and src.wait(10) == -signal.SIGKILL, "the new program was stopped"
-        with cluster.client() as c:
-            st = c.status()
-            assert st["pid"] == serving and st["state"] == "serving"
-            assert st["entries"] == len(copies) + len(churn.mine)
         assert len(churn.mine) > 20, "puts went on, answered by the stand-in, after its journal broke"
-        prove_same(cluster, {**copies, **churn.mine})
-        with cluster.client() as c:
-            before = snapshot(c)
-        assert pids_holding(_memfd_of(before)) == {serving, os.getpid()}, "no guardian or new program holds it"
+        _one_owner_holds_every_acknowledged_entry(cluster, serving, copies, churn)
     finally:
-        close_copies(copies)
-        if "churn" in locals():
-            close_copies(churn.mine)
-        if serving and serving != src.pid:
-            os.kill(serving, signal.SIGTERM)
-            psutil.Process(serving).wait(10)
+        _clean_up(src, serving, copies, locals().get("churn"))
 
 
 def _journal(*messages: bytes) -> socket.socket:
