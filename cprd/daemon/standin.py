@@ -193,10 +193,7 @@ class StandIn:
             d.st.flush()
             why = "journal" if self.stream.broken else None
         if why is None:
-            try:  # how many messages came before: the new program checks it got them all
-                self.sock.send(up.DONE + str(self.stream.sent).encode())
-            except OSError as e:
-                log.warning("event=standin_done_failed error=%r", str(e))
+            await self._send_done()
             # From now on the new program may serve: old connections must not read the table here.
             life.freeze(everything=True)
             await fault.apoint("standin", "done")
@@ -214,6 +211,23 @@ class StandIn:
             life.thaw()
             d.endpoint.start_accepting()
         return await self._keep(why)
+
+    async def _send_done(self) -> None:
+        """Done, with how many messages came before (the new program checks it got them all). The
+        new program reads on since it asked, so a full queue has room again soon; if it does not
+        within the deadline, or the new program is gone, waiting for Taken tells which."""
+        done = up.DONE + str(self.stream.sent).encode()
+        with trio.move_on_after(self.timeout):
+            while True:
+                try:
+                    self.sock.send(done)
+                    return
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(self.sock.fileno())
+                except OSError as e:
+                    log.warning("event=standin_done_failed error=%r", str(e))
+                    return
+        log.warning("event=standin_done_failed error='no room within %g s'", self.timeout)
 
     async def _wait_for(self, word: bytes) -> str | None:
         """None once `word` arrives; else why not: the new program died, or hung (then it is killed
