@@ -307,6 +307,10 @@ class Daemon:
                 raise Unanswered()  # the new program answers the client that asked
             return result
         os.close(hw)
+        try:  # the same from this side: out of our group before either process runs on (a group kill)
+            os.setpgid(pid, pid)
+        except OSError:
+            pass  # it is gone already (it does the same itself)
         log.info("event=upgrade_forked standin_pid=%d fork_ms=%.1f entries=%d", pid,
                  (time.perf_counter() - t_fork) * 1e3, len(st.table))
         self._exec_upgrade(program, timeout, t0, conn, pid, jp, jc, gp, gc, hr, watch)  # never returns

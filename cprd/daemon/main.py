@@ -176,9 +176,9 @@ def restore_main(state_fd: int, own_args: tuple[str, ...]) -> int:
         return 1
     try:
         return trio.run(_serve_restored, state, state_fd, table, listener, own_args)
-    except upgrade.UpgradeError as e:  # the stand-in's journal has a hole: it keeps the table, not we
-        print(f"cprd: error: cannot take over from the stand-in: {e}; it keeps serving the table",
-              file=sys.stderr)
+    except upgrade.UpgradeError as e:  # the stand-in's journal has a hole: we must not take over
+        print(f"cprd: error: cannot take over from the stand-in: {e}; the stand-in keeps serving the table "
+              "(or, if it is gone, the guardian restores it)", file=sys.stderr)
         return 1
 
 
