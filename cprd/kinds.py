@@ -82,6 +82,22 @@ class Identity(NamedTuple):
             "flags": self.flags,
         }
 
+    def to_json(self) -> list[int]:
+        """[kind code, mode, dev, ino, flags]: how an identity travels in JSON (an upgrade's state
+        and journal); ``from_json`` is its inverse. The handoff protocol has its binary record."""
+        return [int(self.kind), self.mode, self.dev, self.ino, self.flags]
+
+    @classmethod
+    def from_json(cls, v: object) -> Identity:
+        """ValueError unless v is what to_json makes (callers say which record it was)."""
+        try:
+            kind, mode, dev, ino, flags = v  # type: ignore[misc]
+            if not all(isinstance(x, int) and not isinstance(x, bool) for x in (kind, mode, dev, ino, flags)):
+                raise TypeError
+            return cls(KIND_BY_CODE[kind], mode, dev, ino, flags)
+        except (TypeError, ValueError, KeyError):
+            raise ValueError(f"not an fd identity: {v!r:.120}") from None
+
 
 KIND_BY_CODE: dict[int, Kind] = {int(k): k for k in Kind}
 
