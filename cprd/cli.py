@@ -51,8 +51,11 @@ def _config(a: argparse.Namespace):
         raise UsageError("--idle-timeout and --queue-timeout must be positive and --max-clients at least 1")
     if not 0 < a.upgrade_timeout <= 3600:
         raise UsageError(f"--upgrade-timeout {a.upgrade_timeout:g} must be more than 0 and at most 3600 seconds")
+    if not 0 < a.answer_timeout <= 60:
+        raise UsageError(f"--answer-timeout {a.answer_timeout:g} must be more than 0 and at most 60 seconds")
     return Config(allow_uids=_uid_list(a.allow_uid), idle_timeout=a.idle_timeout, max_clients=a.max_clients,
-                  queue_timeout=a.queue_timeout, upgrade_timeout=a.upgrade_timeout, own_args=_own_args())
+                  queue_timeout=a.queue_timeout, upgrade_timeout=a.upgrade_timeout, answer_timeout=a.answer_timeout,
+                  own_args=_own_args())
 
 
 def _print(obj: Any, as_json: bool, human: str) -> None:
@@ -213,9 +216,10 @@ def cmd_status(a: argparse.Namespace) -> int:
 
 def cmd_handoff(a: argparse.Namespace) -> int:
     to = os.path.abspath(a.to)
-    if len(to.encode()) > 107:
-        raise UsageError(f"--to {to} is {len(to.encode())} bytes; UNIX socket paths are limited to 107: give the "
-                         "target a shorter --listen path")
+    from .limits import unix_path_problem
+
+    if (problem := unix_path_problem(to, "--to")) is not None:
+        raise UsageError(f"{problem} (the target's --listen)")
     with _client(a) as c:
         res = c.handoff(to, batch=a.batch, window=a.window)
     human = (f"handed off {res['entries']} entries ({res['fds']} fds) to pid {res['target_pid']} in "
@@ -227,12 +231,9 @@ def cmd_handoff(a: argparse.Namespace) -> int:
 def cmd_upgrade(a: argparse.Namespace) -> int:
     if a.timeout is not None and not 0 < a.timeout <= 3600:
         raise UsageError(f"--timeout {a.timeout:g} must be more than 0 and at most 3600 seconds")
-    args: dict[str, Any] = {"program": os.path.abspath(a.program) if a.program else ""}
-    if a.timeout is not None:
-        args["timeout"] = a.timeout
-    # the answer comes once the new program confirmed, or after the rollback the deadline triggers
+    # the answer comes once the new program took over, or from whoever keeps the table after a failure
     with _client(a, timeout=(a.timeout or 3600) + 60, retry_for=0) as c:
-        res = c._call("upgrade", **args)
+        res = c.upgrade(os.path.abspath(a.program) if a.program else None, a.timeout)
     if res["rolled_back"]:
         human = (f"upgrade did not take: {res['reason']}; pid {res['pid']} serves {res['entries']} entries with the "
                  "previous program")
@@ -354,6 +355,12 @@ def cmd_stress(a: argparse.Namespace) -> int:
     return stress.main(a)
 
 
+def cmd_chaos(a: argparse.Namespace) -> int:
+    from .tools import chaos
+
+    return chaos.main(a)
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
     from .tools import bench
 
@@ -384,8 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --max-clients busy, a client waits at most S seconds for one to end before it "
                              "is told Busy (default 5)")
         sp.add_argument("--upgrade-timeout", type=float, default=30.0, metavar="S",
-                        help="a new program that has not confirmed an in-place upgrade after S seconds is killed and "
-                             "the previous one restored (default 30; ctl upgrade --timeout overrides)")
+                        help="a new program that has not asked to take over an in-place upgrade after S seconds is "
+                             "killed and the stand-in keeps the table (default 30; ctl upgrade --timeout overrides)")
+        sp.add_argument("--answer-timeout", type=float, default=1.0, metavar="S",
+                        help="during an in-place upgrade, a process (the stand-in, the new program, the guardian) "
+                             "that does not answer within S seconds is killed and the others go on without it "
+                             "(default 1)")
         sp.add_argument("--restore-fd", type=int, metavar="FD",
                         help="(used by an in-place upgrade) restore the daemon from the state in FD")
 
@@ -496,6 +507,17 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="print one JSON object")
     st.set_defaults(func=cmd_stress)
 
+    ch = sub.add_parser("chaos", help="rounds of handoffs and in-place upgrades under churn, with random SIGKILLs and "
+                                      "SIGSTOPs of every role; every acknowledged entry checked by kcmp")
+    ch.add_argument("--rounds", type=int, default=20, help="rounds, each a move with one or two faults (default 20)")
+    ch.add_argument("--seed", type=int, help="random seed (default: a new one, printed; reuse it to reproduce)")
+    ch.add_argument("--fds", type=int, default=200, help="eventfds the first source holds (default 200)")
+    ch.add_argument("--clients", type=int, default=3, help="concurrent clients churning (default 3)")
+    ch.add_argument("--rate", type=float, default=100, help="requests per second of each client (default 100)")
+    ch.add_argument("--keep-logs", action="store_true", help="keep the daemons' logs (their directory is printed)")
+    ch.add_argument("--json", action="store_true", help="print one JSON object")
+    ch.set_defaults(func=cmd_chaos)
+
     b = sub.add_parser("bench", help="benchmarks")
     from .tools import bench
 
@@ -517,8 +539,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.cmd in ("source", "target"):
             from . import fault
+            from .fds import install_closer
 
             fault.check()  # a test's fault spec that names nothing known must not pass unnoticed
+            install_closer()  # a daemon never closes what a client handed over on its serving thread
         return a.func(a)
     except UsageError as e:
         print(f"cprd: error: {e}", file=sys.stderr)

@@ -11,8 +11,9 @@
 Every method raises the CprdError subclass the daemon reported, with its message.
 
 Retries: once a client has reached a daemon, a request that gets no answer (the connection
-closed or broke, or the socket refused while a new owner takes over) is sent again on a new
-connection to the same path, for up to `retry_for` seconds. That is what makes a handoff
+closed or broke, the socket refused while a new owner takes over, or no answer within ATTEMPT_S
+on this connection) is sent again on a new connection to the same path, for up to `retry_for`
+seconds. That is what makes a handoff
 invisible to clients: the old owner hangs up on requests it will not apply, the new one answers.
 Mutations (put, del) carry a request id (`rid`); a daemon remembers its answers to recent ones
 (and hands them on with the table), so a retried mutation is applied exactly once. Handoff and
@@ -47,11 +48,12 @@ import trio
 from . import scm
 from .errors import ControlError, CprdError, UntrustedPeer, UsageError, error_from_code
 from .fds import OwnedFds
-from .paths import connect_seqpacket, control_path, peer_cred, user_name
+from .paths import connect_seqpacket, control_path, peer_cred, trusted_uids, user_name
 from .protocol import control as cp
 
 MUTATIONS = ("put", "del")
 RETRY_FOR = 30.0
+ATTEMPT_S = 10.0  # a request that may be retried and has no answer by then is sent again on a new connection
 ENV_TRUST = "CPRD_TRUST_UID"
 
 
@@ -75,7 +77,7 @@ class _Session:
         self.path = control_path(path)
         self.timeout = timeout
         self.retry_for = retry_for
-        self.trusted = {os.geteuid(), 0, *(env_trust_uids() if trust_uids is None else trust_uids)}
+        self.trusted = trusted_uids() | set(env_trust_uids() if trust_uids is None else trust_uids)
         self._cid = uuid.uuid4().hex[:12]
         self._n = itertools.count(1)
         self._ever = False  # reached a daemon once: from then on, connection failures are retried
@@ -85,6 +87,16 @@ class _Session:
         if op in MUTATIONS and not args.get("rid"):
             args = {**args, "rid": f"{self._cid}-{next(self._n)}"}
         return args
+
+    def attempt(self, op: str) -> float | None:
+        """How long one attempt of `op` waits for its answer. A daemon that stopped answering on this
+        connection (a stand-in frozen and fenced, which holds it until it is thawed) is judged by
+        that: a request that may be retried goes again on a new connection, where the owner of the
+        table answers (its request id makes a mutation apply once). Handoff and upgrade wait the
+        whole timeout."""
+        if self.timeout is None or op in ("handoff", "upgrade"):
+            return self.timeout
+        return min(self.timeout, ATTEMPT_S)
 
     def may_retry(self, op: str, deadline: float) -> bool:
         return op not in ("handoff", "upgrade") and self._ever and time.monotonic() < deadline
@@ -264,6 +276,7 @@ class Client:
                 if self._sock is None:
                     self.connect()
                 assert self._sock is not None
+                self._sock.settimeout(self._s.attempt(op))
                 return _request(self._sock, op, list(fds or []), args)
             except RETRYABLE:
                 self.close()
@@ -300,6 +313,11 @@ class Client:
 
     def handoff(self, to: str, batch: int = 253, window: int = 4) -> dict[str, Any]:
         return self._call("handoff", to=to, batch=batch, window=window)
+
+    def upgrade(self, program: str | None = None, timeout: float | None = None) -> dict[str, Any]:
+        """Upgrade the daemon in place (to `program`, an absolute path, or the cprd it runs); the new
+        program (or whoever keeps the table: ``rolled_back``) answers. Never retried."""
+        return self._call("upgrade", **_upgrade_args(program, timeout))
 
     def fdstore_open(self, app: str, max_fds: int | None = None) -> tuple[dict[str, Any], list[int]]:
         """The app's fd store (made if missing, with limit max_fds if given): its notify socket and
@@ -383,10 +401,13 @@ class AsyncClient:
         deadline, delay = time.monotonic() + self._s.retry_for, 0.002
         while True:
             try:
-                if self._s.timeout is None:
+                attempt = self._s.attempt(op)
+                if attempt is None:
                     return await self._once(op, list(fds or []), args)
-                with trio.fail_after(self._s.timeout):
+                with trio.move_on_after(attempt):
                     return await self._once(op, list(fds or []), args)
+                raise ControlError(f"control {op}: no answer from the daemon within {attempt:g} s; is it hung? "
+                                   "(`cprd ctl status` tells whether it serves at all)")
             except RETRYABLE:
                 self.close()
                 if not self._s.may_retry(op, deadline):
@@ -423,3 +444,13 @@ class AsyncClient:
 
     async def handoff(self, to: str, batch: int = 253, window: int = 4) -> dict[str, Any]:
         return await self._call("handoff", to=to, batch=batch, window=window)
+
+    async def upgrade(self, program: str | None = None, timeout: float | None = None) -> dict[str, Any]:
+        return await self._call("upgrade", **_upgrade_args(program, timeout))
+
+
+def _upgrade_args(program: str | None, timeout: float | None) -> dict[str, Any]:
+    args: dict[str, Any] = {"program": program or ""}
+    if timeout is not None:
+        args["timeout"] = timeout
+    return args

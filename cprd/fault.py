@@ -15,7 +15,8 @@ a handoff (several specs, comma-separated, act in the order given when they name
   Confirm) (STEPS);
 - n: a number, or ``first``, ``middle``, ``last`` (for ``batch``: of the snapshot batches);
   empty or ``*`` for any;
-- action: ``kill`` (default: SIGKILL itself), ``shutdown`` (shut the handoff socket down, a broken
+- action: ``kill`` (default: SIGKILL itself), ``stop`` (SIGSTOP itself: alive, answering nothing,
+  until a SIGCONT or a fence), ``shutdown`` (shut the handoff socket down, a broken
   connection while both processes live), ``rlimit=N`` (lower its RLIMIT_NOFILE soft limit to N,
   to run out of fds mid-transfer), ``sleep=S`` (stop for S seconds: for ``freeze``, mutations
   wait that long, so that clients meet the freeze and the handoff), ``sndbuf=N`` (``standin:forked``
@@ -52,8 +53,9 @@ STEPS = {  # the fault points of each side
     "restore": ("raise",),  # restore:raise: the new program of an upgrade fails while it restores
     # an upgrade's stand-in (daemon/standin.py): right after the fork, once asked to stop (T), after Done
     "standin": ("forked", "takeover", "done"),
-    # the new program of an upgrade: state restored (before T), after asking (T), after Taken (K)
-    "upgrade": ("restored", "asked", "taken"),
+    # the new program of an upgrade: state restored (before T), after asking (T), after Taken (K),
+    # once the stand-in released the table (B, before C to the guardian)
+    "upgrade": ("restored", "asked", "taken", "released"),
 }
 _SPEC = os.environ.get("CPRD_FAULT", "")
 
@@ -74,14 +76,14 @@ def _parse(spec: str) -> tuple[str, str, str, str]:
         raise UsageError(f"CPRD_FAULT={spec!r}: N must be a number, first, middle, last, * or empty")
     name, _, value = action.partition("=")
     try:
-        ok = (action in ("kill", "shutdown") or (name == "rlimit" and int(value) > 0)
+        ok = (action in ("kill", "shutdown", "stop") or (name == "rlimit" and int(value) > 0)
               or (name == "sleep" and 0 <= float(value) <= 3600)
               or (name == "sndbuf" and int(value) > 0 and (side, step) == ("standin", "forked")))
     except ValueError:
         ok = False
     if not ok:
-        raise UsageError(f"CPRD_FAULT={spec!r}: unknown action {action!r}; one of kill, shutdown, rlimit=N, sleep=S, "
-                         "sndbuf=N (standin:forked only)")
+        raise UsageError(f"CPRD_FAULT={spec!r}: unknown action {action!r}; one of kill, stop, shutdown, rlimit=N, "
+                         "sleep=S, sndbuf=N (standin:forked only)")
     return side, step, n, action
 
 
@@ -124,6 +126,8 @@ def _act(side: str, step: str, n: int | None, action: str, sock) -> None:
         h.flush()
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)  # as a debugger or an operator's kill -STOP would
     elif action == "shutdown" and sock is not None:
         sock.shutdown(socket.SHUT_RDWR)
         if side == "source":

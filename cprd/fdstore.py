@@ -34,17 +34,16 @@ What this module may know: strings, fds as numbers to compare. Nothing of socket
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import json
 import os
-import platform
 import re
 import socket
 import stat
 from dataclasses import dataclass, field
 
+from . import proc
 from .errors import UsageError
 
 PREFIX = "fdstore/"
@@ -158,21 +157,9 @@ def decide(n: Notice, nfds: int) -> Decision:
 
 
 # -- the same open file description ----------------------------------------------------------------
-_KCMP = {"x86_64": 312, "aarch64": 272, "riscv64": 272, "ppc64le": 354, "s390x": 343, "i686": 349}
-_libc: ctypes.CDLL | None = None
-
-
 def _kcmp_file(a: int, b: int) -> int:
-    """kcmp(KCMP_FILE) of fds a and b of this process: 0 the same open file description, 1 a's
-    first, 2 b's first, 3 different but unordered; -1 where kcmp cannot tell (refused, not built)."""
-    global _libc
-    nr = _KCMP.get(platform.machine())
-    if nr is None:
-        return -1
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    pid = os.getpid()
-    return _libc.syscall(nr, pid, pid, 0, a, b)
+    """kcmp(KCMP_FILE) of fds a and b of this process (proc.kcmp_file)."""
+    return proc.kcmp_file(os.getpid(), a, os.getpid(), b)
 
 
 def file_order(a: int, b: int) -> int | None:

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from . import fault, scm
+from . import fault, proc, scm
 from .client import probe_status
 from .errors import CapacityError, CprdError, HandoffError, ProtocolError, UsageError, VerifyError
 from .fds import OwnedFds
@@ -84,8 +84,7 @@ def raise_nofile() -> tuple[int, int]:
     return soft, hard
 
 
-def open_fd_count() -> int:
-    return len(os.listdir("/proc/self/fd")) - 1  # minus the fd listdir itself opened
+open_fd_count = proc.fd_count
 
 
 TARGET_OWN_FDS = 32  # fds a target has open besides the table when it answers a hello (about 12), with room
@@ -196,15 +195,7 @@ async def peer_fate(pidfd: int | None, peer_pid: int, control_path: str, timeout
 # -- flow control --------------------------------------------------------------------------------
 def _exempt_from_inflight_limit() -> bool:
     """CAP_SYS_RESOURCE or CAP_SYS_ADMIN lift the kernel's limit on fds in flight."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("CapEff:"):
-                    caps = int(line.split()[1], 16)
-                    return bool(caps & (1 << 24 | 1 << 21))
-    except OSError:
-        pass
-    return False
+    return bool(proc.capabilities() & (1 << 24 | 1 << 21))
 
 
 def flow_limits(batch: int, window: int) -> tuple[int, int]:

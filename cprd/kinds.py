@@ -27,6 +27,7 @@ import stat
 from enum import IntEnum
 from typing import NamedTuple
 
+from . import proc
 from .errors import BadFd, UsageError
 
 
@@ -112,10 +113,7 @@ def _fstat(fd: int) -> os.stat_result:
 
 
 def _link(fd: int) -> str:
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        return ""
+    return proc.fd_path(fd)
 
 
 def kind_of(fd: int, st: os.stat_result | None = None) -> Kind:

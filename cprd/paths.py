@@ -42,11 +42,12 @@ import stat
 import struct
 from collections.abc import Callable
 
+from . import limits, proc
 from .errors import ControlError, UnsafePath, UsageError
 
 ENV_CONTROL = "CPRD_CONTROL"
 _MAX_SYMLINKS = 40  # as the kernel's path walk
-_PATH_MAX_UNIX = 107  # sockaddr_un.sun_path holds 108 bytes with the terminating NUL
+_PATH_MAX_UNIX = limits.UNIX_PATH_MAX
 
 
 def default_control_path() -> str:
@@ -66,7 +67,9 @@ def control_path(arg: str | None) -> str:
 
 
 def trusted_uids() -> set[int]:
-    """Who may own a directory on a trusted path: this process's user and root."""
+    """This process's user and root: who may own a directory on a trusted path, serve a control
+    socket a client talks to, hand a table to a daemon or take one from it, and ask a daemon to hand
+    off or upgrade (the one place cprd says whom it trusts by default)."""
     return {os.geteuid(), 0}
 
 
@@ -286,11 +289,7 @@ async def connect_seqpacket(path: str, timeout: float) -> object:
 
 def max_backlog() -> int:
     """The largest listen backlog the system allows (net.core.somaxconn caps any larger value)."""
-    try:
-        with open("/proc/sys/net/core/somaxconn") as f:
-            return max(socket.SOMAXCONN, int(f.read()))
-    except (OSError, ValueError):
-        return socket.SOMAXCONN
+    return max(socket.SOMAXCONN, proc.sysctl_int("net.core.somaxconn") or 0)
 
 
 def _socket_owner(addr: str, describe: Callable[[socket.socket], str] | None) -> str | None:

@@ -35,6 +35,7 @@ import stat
 import time
 from collections.abc import Mapping, MutableMapping
 
+from . import limits
 from .errors import UsageError
 
 log = logging.getLogger("cprd.sdnotify")
@@ -56,7 +57,7 @@ def _address(value: str) -> str | None:
         addr = value
     else:  # e.g. "vsock:CID:PORT" (newer systemd), or a relative path, which sd_notify refuses too
         return None
-    if len(addr.encode()) > 107 or len(value) < 2:
+    if len(addr.encode()) > limits.UNIX_PATH_MAX or len(value) < 2:
         return None
     return addr
 

@@ -8,7 +8,8 @@ except ``walk`` and iteration.
 
 Ownership: a table owns the fds of its entries. ``save`` takes ownership of the fd only when it
 succeeds; when it raises, the caller still owns the fd and must close it. ``delete`` and a
-``save(..., replace=True)`` close the fd they drop. ``pop`` hands ownership back to the caller.
+``save(..., replace=True)`` close the fd they drop (``fds.close_later``: in a daemon, on a closer
+thread, since a client's fd may block its close). ``pop`` hands ownership back to the caller.
 
 Journal: while a live handoff copies the table, ``start_journal`` returns a ``Journal`` to which
 every mutation appends a typed op (``Saved(entry)`` or ``Removed(key)``), and the fds mutations
@@ -16,13 +17,12 @@ drop stay open in its graveyard instead of being closed, because a snapshot bein
 name them. ``stop_journal`` closes the graveyard.
 
 What this module may know: fds as numbers it owns (it closes what it drops) and the Identity
-record of ``kinds``. Nothing of sockets, trio or the wire format; it imports only ``kinds`` and
-``errors``.
+record of ``kinds``. Nothing of sockets, trio or the wire format; it imports only ``kinds``,
+``fds`` and ``errors``.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import unicodedata
 from collections import Counter
@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 from .errors import BadKey, KeyExists, KeyMissing
+from .fds import close_all_later, close_later
 from .kinds import Identity
 
 NAME_MAX_BYTES = 255
@@ -153,17 +154,13 @@ class FdTable:
     def stop_journal(self) -> None:
         """Stop journaling and close the fds mutations dropped meanwhile."""
         journal, self.journal = self.journal, None
-        for fd in journal.graveyard if journal is not None else ():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        close_all_later(journal.graveyard if journal is not None else ())
 
     def _drop(self, fd: int) -> None:
         if self.journal is not None:
             self.journal.graveyard.append(fd)
         else:
-            os.close(fd)
+            close_later(fd)
 
     def __len__(self) -> int:
         return len(self._d)
@@ -313,8 +310,4 @@ class FdTable:
         entries, self._d = list(self._d.values()), {}
         self.version += 1
         self._kinds = Counter()
-        for e in entries:
-            try:
-                os.close(e.fd)
-            except OSError:
-                pass
+        close_all_later(e.fd for e in entries)

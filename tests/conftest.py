@@ -72,6 +72,12 @@ def _python3_systemd() -> bool:
         return False
 
 
+def _freezer():
+    from helpers import Freezer
+
+    return Freezer.available()
+
+
 def _tool(name: str) -> Callable[[], bool]:
     return lambda: shutil.which(name) is not None
 
@@ -88,6 +94,9 @@ FEATURES: dict[str, tuple[Callable[[], bool], str]] = {
     "kcmp": (_kcmp, "kcmp(KCMP_FILE) or pidfd_getfd is refused here (a seccomp profile, or no ptrace permission), "
                     "and only kcmp proves the same open file description of every kind: run where it is allowed"),
     "root": (lambda: os.geteuid() == 0, "needs root, to act as another uid (nobody)"),
+    "cgroup-freezer": (lambda: _freezer() is not None,
+                       "no cgroup freezer this process may use (cgroup v1's freezer or cgroup v2's cgroup.freeze, as "
+                       "root): a frozen process is the fault it plays"),
     "wrk": (_tool("wrk"), "wrk is missing: " + APT.format("wrk", "wrk")),
     "strace": (_tool("strace"), "strace is missing: " + APT.format("strace", "strace")),
     "systemd-analyze": (_tool("systemd-analyze"), "systemd-analyze is missing: " + APT.format("systemd", "systemd")),

@@ -6,12 +6,17 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 
+import psutil
+
 from cprd.client import Client
 from cprd.errors import ControlError
+from cprd.kinds import Kind
+from cprd.tools.proof import check_populated, same_open_file
 from cprd.tools.procs import cprd_cmd, quiet_fds, stop, wait_for_socket
 
 
@@ -85,6 +90,73 @@ class Cluster:
         FIRED.update(re.findall(r"event=fault_fired side=(\w+) step=(\w+)", self.logs()))
 
 
+class Freezer:
+    """Freeze a process with a cgroup freezer, as an orchestrator or a container runtime does: it
+    stops without a signal, and a SIGKILL sent to it takes effect only once it is thawed (cgroup
+    v1) or at once (cgroup v2). Prefers v1, the harder case."""
+
+    V1, V2 = "/sys/fs/cgroup/freezer", "/sys/fs/cgroup/unified"
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.kind = pid, Freezer.available()
+        assert self.kind is not None, "no cgroup freezer"
+        root = self.V1 if self.kind == "v1" else self.V2
+        self.dir = os.path.join(root, f"cprd-test-{os.getpid()}-{pid}")
+        os.mkdir(self.dir)
+        with open(os.path.join(self.dir, "tasks" if self.kind == "v1" else "cgroup.procs"), "w") as f:
+            f.write(str(pid))
+        self._write("FROZEN" if self.kind == "v1" else "1")
+
+    def _write(self, value: str) -> None:
+        with open(os.path.join(self.dir, "freezer.state" if self.kind == "v1" else "cgroup.freeze"), "w") as f:
+            f.write(value)
+
+    def thaw(self) -> None:
+        if self.dir is None:
+            return
+        self._write("THAWED" if self.kind == "v1" else "0")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # a killed process leaves its cgroup once it has ended
+            try:
+                os.rmdir(self.dir)
+                break
+            except OSError:
+                time.sleep(0.02)
+        self.dir = None
+
+    @classmethod
+    def available(cls) -> str | None:
+        for kind, root in (("v1", cls.V1), ("v2", cls.V2)):
+            probe = os.path.join(root, f"cprd-probe-{os.getpid()}")
+            try:
+                os.mkdir(probe)
+            except OSError:
+                continue
+            ok = os.path.exists(os.path.join(probe, "freezer.state" if kind == "v1" else "cgroup.freeze"))
+            os.rmdir(probe)
+            if ok:
+                return kind
+        return None
+
+
+def child_named(pid: int, name: str, timeout: float = 20.0) -> psutil.Process:
+    """The child of `pid` that calls itself `name` (an upgrade's cprd-standin or cprd-guardian), as
+    soon as there is one."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            for p in psutil.Process(pid).children():
+                try:
+                    if p.name() == name:
+                        return p
+                except psutil.NoSuchProcess:
+                    continue
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.001)
+    raise AssertionError(f"no child {name} of pid {pid} within {timeout} s")
+
+
 def num_fds(pid: int) -> int:
     """The daemon's fd count once it is quiet (client connections we just closed closed on its side too)."""
     return quiet_fds(pid, interval=0.05)
@@ -124,3 +196,77 @@ def hold_copies(client: Client) -> dict[tuple[str, int], tuple[int, str]]:
 def close_copies(copies: dict) -> None:
     for fd, _ in copies.values():
         os.close(fd)
+
+
+UPGRADE_SPEC = "files=40,eventfds=40,memfds=10,pipes=5,sockets=5,devices=3"  # a small table of every kind
+
+
+def prove_same(cluster, copies) -> None:
+    """Every entry the daemon now serves is the same open file description as our copy."""
+    with cluster.client() as c:
+        assert len(c.ls()) == len(copies)
+        for (name, id_), (mine, kind) in copies.items():
+            _, theirs = c.get(name, id_)
+            try:
+                ok, method = same_open_file(mine, theirs, Kind.from_label(kind))
+                assert ok, f"({name!r}, {id_}) is not the same open file ({method})"
+                assert method.startswith("kcmp"), f"({name!r}, {id_}) proved only by {method}"
+                assert check_populated(name, id_, theirs) is None
+            finally:
+                os.close(theirs)
+
+
+def pids_holding(ident: dict) -> set[int]:
+    """Every process with an fd open on the inode of an entry (judged by the kernel: /proc)."""
+    out = set()
+    for pid in psutil.pids():
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    st = os.stat(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if (st.st_dev, st.st_ino) == (ident["dev"], ident["ino"]):
+                    out.add(pid)
+        except OSError:
+            continue
+    return out
+
+
+def memfd_of(snap: dict) -> dict:
+    return next(v for (name, _), v in snap.items() if name == "memfd")
+
+
+class Churn:
+    """Puts of new eventfds, one after another, on one client (which retries across the upgrade with
+    the same request id): every put must be acknowledged, exactly once."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.stop, self.failed = path, threading.Event(), []
+        self.mine: dict[tuple[str, int], tuple[int, str]] = {}  # acknowledged: our copy of each fd put
+        self.t = threading.Thread(target=self.run)
+
+    def run(self) -> None:
+        i = 0
+        with Client(self.path, timeout=60) as c:
+            while not self.stop.is_set():
+                ev = os.eventfd(i)
+                try:
+                    c.put("churn", i, ev)
+                    self.mine[("churn", i)] = (ev, "eventfd")
+                except Exception as e:  # noqa: BLE001 - any failure at all fails the test
+                    self.failed.append(repr(e))
+                    os.close(ev)
+                i += 1
+                time.sleep(0.002)
+
+    def __enter__(self) -> Churn:
+        self.t.start()
+        time.sleep(0.2)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        time.sleep(0.2)
+        self.stop.set()
+        self.t.join(60)
+        assert not self.t.is_alive()

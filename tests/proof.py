@@ -13,16 +13,10 @@ that need them declare ``@pytest.mark.requires("kcmp")``.
 
 from __future__ import annotations
 
-import ctypes
 import os
-import platform
 
+from cprd import proc
 from cprd.client import Client
-
-_KCMP = {"x86_64": 312, "aarch64": 272, "riscv64": 272, "ppc64le": 354, "s390x": 343}
-_PIDFD_GETFD = 438  # the same number on every architecture (Linux 5.6)
-_KCMP_FILE = 0
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class NoProof(AssertionError):
@@ -30,14 +24,11 @@ class NoProof(AssertionError):
 
 
 def kcmp_file(pid1: int, fd1: int, pid2: int, fd2: int) -> bool:
-    """True when fd1 of pid1 and fd2 of pid2 are the same open file description."""
-    nr = _KCMP.get(platform.machine())
-    if nr is None:
-        raise NoProof(f"no kcmp syscall number known for {platform.machine()}")
-    r = _libc.syscall(nr, pid1, pid2, _KCMP_FILE, fd1, fd2)
+    """True when fd1 of pid1 and fd2 of pid2 are the same open file description (cprd.proc's kcmp)."""
+    r = proc.kcmp_file(pid1, fd1, pid2, fd2)
     if r < 0:
-        e = ctypes.get_errno()
-        raise NoProof(f"kcmp({pid1}, {fd1}, {pid2}, {fd2}) failed: {os.strerror(e)}")
+        raise NoProof(f"kcmp({pid1}, {fd1}, {pid2}, {fd2}) was refused (no ptrace permission, or a seccomp "
+                      "profile)")
     return r == 0
 
 
@@ -57,11 +48,9 @@ def take_fd(pid: int, fd: int) -> int:
     """A copy, in this process, of fd `fd` of process `pid` (the same open file description)."""
     pidfd = os.pidfd_open(pid)
     try:
-        r = _libc.syscall(_PIDFD_GETFD, pidfd, fd, 0)
-        if r < 0:
-            raise NoProof(f"pidfd_getfd({pid}, {fd}) failed: {os.strerror(ctypes.get_errno())}")
-        os.set_inheritable(r, False)
-        return r
+        return proc.pidfd_getfd(pidfd, fd)
+    except OSError as e:
+        raise NoProof(f"pidfd_getfd({pid}, {fd}) failed: {e.strerror}") from None
     finally:
         os.close(pidfd)
 

@@ -28,7 +28,7 @@ def test_stress_model_check_across_a_chain_of_handoffs():
     r = subprocess.run([sys.executable, "-m", "cprd", "stress", "--fds", "400", "--rate", "400", "--handoffs", "3",
                         "--duration", "3", "--clients", "4", "--json"], capture_output=True, text=True, timeout=120)
     res = json.loads(r.stdout)
-    assert r.returncode == 0, (res["failures"], res["violation_details"], r.stderr[-2000:])
+    assert r.returncode == 0, (res["failures"], res["violation_details"], r.stderr[-8000:])
     assert res["failed"] == 0 and res["violations"] == 0
     assert len(res["handoffs"]) == 3 and res["ops"] > 500
     assert all(h["freeze_ms"] > 0 for h in res["handoffs"])
@@ -40,7 +40,7 @@ def test_stress_model_check_across_handoffs_and_upgrades():
                         "--upgrades", "2", "--duration", "5", "--clients", "4", "--json"], capture_output=True,
                        text=True, timeout=180)
     res = json.loads(r.stdout)
-    assert r.returncode == 0, (res["failures"], res["violation_details"], r.stderr[-2000:])
+    assert r.returncode == 0, (res["failures"], res["violation_details"], r.stderr[-8000:])
     assert res["failed"] == 0 and res["violations"] == 0
     assert [m["move"] for m in res["moves"]] == ["handoff", "upgrade", "handoff", "upgrade"]
     assert len(res["upgrades"]) == 2 and all(u["standin_journal"] > 0 for u in res["upgrades"]), res["upgrades"]

@@ -11,10 +11,8 @@ import pytest
 
 from cprd import scm
 from cprd.errors import CapacityError, HandoffError
-from cprd.kinds import Kind
-from cprd.tools.proof import check_populated, same_open_file
 from cprd.protocol import handoff as hp
-from helpers import close_copies, hold_copies, num_fds, settled_fds, snapshot
+from helpers import prove_same, close_copies, hold_copies, num_fds, settled_fds, snapshot
 from proof import Copies, kcmp_file
 
 pytestmark = pytest.mark.requires("kcmp")
@@ -31,21 +29,6 @@ SPECS = {
     "sockets": "sockets=10",
     "devices": "devices=4",
 }
-
-
-def prove_same(cluster, copies) -> None:
-    """Every entry the daemon now serves is the same open file description as our copy."""
-    with cluster.client() as c:
-        assert len(c.ls()) == len(copies)
-        for (name, id_), (mine, kind) in copies.items():
-            _, theirs = c.get(name, id_)
-            try:
-                ok, method = same_open_file(mine, theirs, Kind.from_label(kind))
-                assert ok, f"({name!r}, {id_}) is not the same open file ({method})"
-                assert method.startswith("kcmp"), f"({name!r}, {id_}) proved only by {method}"
-                assert check_populated(name, id_, theirs) is None
-            finally:
-                os.close(theirs)
 
 
 @pytest.mark.parametrize("verify", VERIFY)

@@ -342,7 +342,7 @@ def test_a_burst_of_first_time_clients_is_answered_also_during_a_handoff_and_an_
 
     async def upgrade() -> None:
         async with AsyncClient(cluster.control, timeout=120, retry_for=0) as c:
-            res = await c._call("upgrade")
+            res = await c.upgrade()
             assert res["pid"] == tgt.pid and not res["rolled_back"]
 
     assert trio.run(_burst, cluster.control, BURST, upgrade) == (BURST, [])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import sys
@@ -18,49 +17,15 @@ import time
 import psutil
 import pytest
 
-from cprd import upgrade as up
 from cprd.client import Client
-from cprd.daemon.standin import _drain
+from cprd.daemon.takeover import TakeOver, _Journal
+from cprd.protocol import upgrade as pu
+from cprd.protocol.upgrade import Ev
 from cprd.table import FdTable
-from helpers import close_copies, hold_copies, num_fds, settled_fds, snapshot
-from test_handoff_e2e import prove_same
-from test_upgrade import SPEC, _memfd_of, pids_holding
+from helpers import UPGRADE_SPEC as SPEC
+from helpers import Churn, close_copies, hold_copies, memfd_of, num_fds, pids_holding, prove_same, settled_fds
+from helpers import snapshot
 
-
-
-class Churn:
-    """Puts of new eventfds, one after another, on one client (which retries across the upgrade with
-    the same request id): every put must be acknowledged, exactly once."""
-
-    def __init__(self, path: str) -> None:
-        self.path, self.stop, self.failed = path, threading.Event(), []
-        self.mine: dict[tuple[str, int], tuple[int, str]] = {}  # acknowledged: our copy of each fd put
-        self.t = threading.Thread(target=self.run)
-
-    def run(self) -> None:
-        i = 0
-        with Client(self.path, timeout=60) as c:
-            while not self.stop.is_set():
-                ev = os.eventfd(i)
-                try:
-                    c.put("churn", i, ev)
-                    self.mine[("churn", i)] = (ev, "eventfd")
-                except Exception as e:  # noqa: BLE001 - any failure at all fails the test
-                    self.failed.append(repr(e))
-                    os.close(ev)
-                i += 1
-                time.sleep(0.002)
-
-    def __enter__(self) -> Churn:
-        self.t.start()
-        time.sleep(0.2)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        time.sleep(0.2)
-        self.stop.set()
-        self.t.join(60)
-        assert not self.t.is_alive()
 
 
 def _program(tmp_path, env: str) -> str:
@@ -80,7 +45,7 @@ def _one_owner_holds_every_acknowledged_entry(cluster, serving: int, copies: dic
     prove_same(cluster, {**copies, **churn.mine})
     with cluster.client() as c:
         before = snapshot(c)
-    assert pids_holding(_memfd_of(before)) == {serving, os.getpid()}, "exactly one process holds the table"
+    assert pids_holding(memfd_of(before)) == {serving, os.getpid()}, "exactly one process holds the table"
 
 
 def _clean_up(src, serving: int | None, copies: dict, churn: Churn | None) -> None:
@@ -99,7 +64,10 @@ CASES = {
     "standin-killed-after-done": ("standin:done", "", "daemon"),
     "new-program-killed-before-asking": ("", "upgrade:restored", "standin"),
     "new-program-killed-after-asking": ("", "upgrade:asked", "standin"),
-    "new-program-killed-after-taken": ("", "upgrade:taken", "guardian"),
+    # K is out: the stand-in either reads it while the new program still lives (it releases: the
+    # guardian restores) or sees it dead first (it keeps the table); either way one owner
+    "new-program-killed-after-taken": ("", "upgrade:taken", "standin|guardian"),
+    "new-program-killed-after-released": ("", "upgrade:released", "guardian"),
     "both-killed": ("standin:takeover", "upgrade:asked", "guardian"),
 }
 
@@ -130,11 +98,13 @@ def test_a_failure_at_each_step_leaves_one_owner_with_every_acknowledged_entry(c
         else:
             assert r.returncode == 1 and res["rolled_back"] is True, (r.stdout, r.stderr)
             assert serving != src.pid and src.wait(10) == -signal.SIGKILL
-            assert "died before it confirmed" in res["reason"]
-            if owner == "standin":
-                assert "the stand-in (pid" in res["reason"]
-            else:
+            assert "died before it took over" in res["reason"]
+            who = "standin" if "the stand-in (pid" in res["reason"] else "guardian"
+            assert who in owner.split("|"), res["reason"]
+            if who == "guardian":
                 assert "the guardian restored" in res["reason"]
+            # the process that answers is the one the reason names (the stand-in renamed itself)
+            assert (psutil.Process(serving).name() == "cprd-standin") is (who == "standin")
         _one_owner_holds_every_acknowledged_entry(cluster, serving, copies, churn)
     finally:
         _clean_up(src, serving, copies, locals().get("churn"))
@@ -201,28 +171,30 @@ def _journal(*messages: bytes) -> socket.socket:
     return mine
 
 
-DEL = up.encode_journal([["R", "gone", 1]], [["rid-1", {"ok": True}]])  # a delete of a key nobody has
+DEL = pu.encode_journal([pu.remove_op("gone", 1)], [["rid-1", {"ok": True}]])  # a delete of a key nobody has
 
 
 @pytest.mark.parametrize("strict", [True, False])
 def test_a_journal_with_a_hole_is_never_taken_over_from(strict):
     """Done carries how many messages the stand-in sent; a new program that got fewer, or one it
-    cannot apply, must not take over (it raises; the stand-in, seeing it gone, keeps the table).
-    Only a rollback restoring from the guardian's copy, the last resort, keeps what applies."""
-    cases = [((DEL, DEL, up.DONE + b"2"), None),
-             ((DEL, DEL, up.DONE + b"3"), "the stand-in sent '3' journal messages and 2 arrived whole"),
-             ((DEL, b"?junk", DEL, up.DONE + b"3"), "a journal message of kind b'?'"),
-             ((DEL, up.JOURNAL + b"{not json", up.DONE + b"2"), "malformed message")]
-    for messages, error in cases:
-        out = {"answers": [], "messages": 0, "strict": strict}
-        with _journal(*messages) as sock:
-            if error and strict:
-                with pytest.raises(up.UpgradeError, match=re.escape(error)):
-                    _drain(sock, FdTable(), out)
-            else:
-                assert _drain(sock, FdTable(), out) == up.DONE
-                assert out["answers"][0] == ["rid-1", {"ok": True}]
-                assert out["messages"] == (2 if error is None else sum(m == DEL for m in messages))
+    cannot apply, sees a hole (its session then exits without taking over, and the stand-in keeps
+    the table). Not strict (restoring from the guardian's copy, the last resort), what applies is
+    kept."""
+    cases = [((DEL, DEL, pu.encode_done(2)), [Ev.DONE], 2),
+             ((DEL, DEL, pu.encode_done(3)), [Ev.DONE_HOLE], 2),
+             ((DEL, b"?junk", DEL, pu.encode_done(3)), [Ev.DONE_HOLE, Ev.DONE_HOLE], 2),
+             ((DEL, pu.Msg.JOURNAL + b"{not json", pu.encode_done(2)), [Ev.DONE_HOLE, Ev.DONE_HOLE] if strict
+              else [Ev.DONE_HOLE], 1)]
+    for messages, events, applied in cases:
+        out = TakeOver()
+        sock = _journal(*messages)
+        j = _Journal(sock.detach(), FdTable(), out, strict)
+        try:
+            got = j.read()
+        finally:
+            j.close()
+        assert got == [*events, Ev.STANDIN_GONE], (messages, got)  # and then its end
+        assert out.messages == applied and out.answers[0] == ["rid-1", {"ok": True}]
 
 
 def test_once_the_stand_in_is_done_an_old_connection_never_reads_the_table_as_it_was(cluster):

@@ -16,10 +16,9 @@ import psutil
 import pytest
 
 from cprd.client import Client
-from helpers import close_copies, hold_copies, num_fds, settled_fds, snapshot
-from test_handoff_e2e import prove_same
+from helpers import UPGRADE_SPEC as SPEC
+from helpers import close_copies, hold_copies, memfd_of, num_fds, pids_holding, prove_same, settled_fds, snapshot
 
-SPEC = "files=40,eventfds=40,memfds=10,pipes=5,sockets=5,devices=3"
 
 
 def _program(tmp_path, name: str, body: str, mode: int = 0o755) -> str:
@@ -156,7 +155,7 @@ def test_new_program_that_cannot_restore_rolls_back_in_the_same_pid(cluster, tmp
     assert code == 0 and res["pid"] == src.pid
 
 
-def test_new_program_killed_before_it_confirms_is_restored_by_the_guardian(cluster, tmp_path):
+def test_new_program_killed_before_it_takes_over_leaves_the_stand_in_owning(cluster, tmp_path):
     src = cluster.source(SPEC)
     with cluster.client() as c:
         before = snapshot(c)
@@ -166,9 +165,9 @@ def test_new_program_killed_before_it_confirms_is_restored_by_the_guardian(clust
     try:
         code, res, err = _upgrade(cluster, "--program", killer)
         assert code == 1 and res["rolled_back"] is True, err
-        assert "died before it confirmed" in res["reason"]
+        assert "died before it took over; the stand-in (pid" in res["reason"]
         restored = res["pid"]
-        assert restored != src.pid, "the guardian restores in its own pid"
+        assert restored != src.pid and psutil.Process(restored).name() == "cprd-standin", "the stand-in keeps it"
         assert src.wait(10) == -signal.SIGKILL
         with cluster.client() as c:
             assert c.status()["pid"] == restored
@@ -218,27 +217,6 @@ def test_no_leftover_state_or_close_on_exec_slip(cluster):
     assert stat.S_ISSOCK(os.stat(cluster.control).st_mode)
 
 
-def pids_holding(ident: dict) -> set[int]:
-    """Every process with an fd open on the inode of an entry (judged by the kernel: /proc)."""
-    out = set()
-    for pid in psutil.pids():
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                try:
-                    st = os.stat(f"/proc/{pid}/fd/{fd}")
-                except OSError:
-                    continue
-                if (st.st_dev, st.st_ino) == (ident["dev"], ident["ino"]):
-                    out.add(pid)
-        except OSError:
-            continue
-    return out
-
-
-def _memfd_of(snap: dict) -> dict:
-    return next(v for (name, _), v in snap.items() if name == "memfd")
-
-
 def _stop_restored(pid: int | None) -> None:
     if pid:
         os.kill(pid, signal.SIGTERM)
@@ -247,8 +225,9 @@ def _stop_restored(pid: int | None) -> None:
 
 def test_new_program_that_never_confirms_is_killed_with_what_it_forked_and_rolled_back(cluster, tmp_path):
     """A new program that hangs (here a script with a child in the background and one in the
-    foreground, both holding every fd of the table) is killed, its whole process group with it,
-    once the deadline passes, and the guardian restores the table."""
+    foreground, both holding every fd of the table, and one that escapes its group) is killed, its
+    whole process group with it, once the deadline passes; the stand-in keeps the table, and the
+    guardian kills what escaped (it holds the upgrade's state)."""
     src = cluster.source(SPEC)
     with cluster.client() as c:
         before = snapshot(c)
@@ -259,22 +238,23 @@ def test_new_program_that_never_confirms_is_killed_with_what_it_forked_and_rolle
     try:
         code, res, err = _upgrade(cluster, "--program", hang, "--timeout", "2")
         assert code == 1 and res["rolled_back"] is True, err
-        assert "did not confirm within 2 s" in res["reason"] and "killed its process group" in res["reason"]
+        assert "did not ask to take over within 2 s; the stand-in killed its process group" in res["reason"]
         restored = res["pid"]
+        assert psutil.Process(restored).name() == "cprd-standin"
         assert restored != src.pid and src.wait(10) == -signal.SIGKILL
         with cluster.client() as c:
             assert c.status()["pid"] == restored and c.status()["state"] == "serving"
             assert snapshot(c) == before
         prove_same(cluster, copies)
-        assert pids_holding(_memfd_of(before)) == {restored, os.getpid()}, "no sleep is left holding the table"
+        assert pids_holding(memfd_of(before)) == {restored, os.getpid()}, "no sleep is left holding the table"
     finally:
         close_copies(copies)
         _stop_restored(restored)
 
 
 def test_new_program_that_dies_leaving_a_child_with_its_fds_is_rolled_back(cluster, tmp_path):
-    """The guardian watches the daemon's pid, not only its pipe: a child the new program forked
-    keeps the pipe's write end open after the program itself is gone."""
+    """The stand-in and the guardian watch the daemon's pid (a pidfd), not a pipe: a child the new
+    program forked keeps the pipes' ends open after the program itself is gone."""
     src = cluster.source(SPEC)
     with cluster.client() as c:
         before = snapshot(c)
@@ -283,13 +263,14 @@ def test_new_program_that_dies_leaving_a_child_with_its_fds_is_rolled_back(clust
     try:
         code, res, err = _upgrade(cluster, "--program", dying, "--timeout", "60")
         assert code == 1 and res["rolled_back"] is True, err
-        assert "died before it confirmed" in res["reason"]
+        assert "died before it took over; the stand-in (pid" in res["reason"]
         restored = res["pid"]
+        assert psutil.Process(restored).name() == "cprd-standin"
         assert src.wait(10) == -signal.SIGKILL
         with cluster.client() as c:
             assert c.status()["pid"] == restored
             assert snapshot(c) == before
-        assert pids_holding(_memfd_of(before)) == {restored}
+        assert pids_holding(memfd_of(before)) == {restored}
     finally:
         _stop_restored(restored)
 
@@ -303,7 +284,7 @@ def test_a_wrapper_that_forks_before_it_execs_cprd_leaves_nobody_else_holding_th
     assert code == 0 and not res["rolled_back"] and res["pid"] == src.pid, err
     with cluster.client() as c:
         assert snapshot(c) == before
-    assert pids_holding(_memfd_of(before)) == {src.pid}
+    assert pids_holding(memfd_of(before)) == {src.pid}
     assert "event=upgrade_strays_killed" in cluster.logs()
     assert not [p for p in psutil.Process(src.pid).children() if p.status() != psutil.STATUS_ZOMBIE]
 
@@ -355,5 +336,5 @@ def test_a_wrapper_child_that_escapes_its_group_and_parent_is_found_by_the_state
                        '#!/bin/sh\n( setsid sleep 100000 & )\nexec {python} -m cprd "$@"\n')
     code, res, err = _upgrade(cluster, "--program", wrapper)
     assert code == 0 and res["pid"] == src.pid, err
-    assert pids_holding(_memfd_of(before)) == {src.pid}
+    assert pids_holding(memfd_of(before)) == {src.pid}
     assert "event=upgrade_strays_killed" in cluster.logs()

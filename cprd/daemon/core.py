@@ -16,8 +16,14 @@ The two requests that move the whole table live here, as they drive the lifecycl
   meanwhile waits in the backlog, it is never refused). Success: handed-off; the daemon answers
   the requester and exits; mutations that waited hang up and are retried at the target. Failure:
   serving again, accepting again, nothing lost.
-- **upgrade**: serving -> upgrading. Mutations freeze, accepting stops, the new program is exec'd
-  in this very process (upgrade.py) and answers the requester; if the exec fails, serving again.
+- **upgrade**: serving -> upgrading. With SIGHUP, SIGTERM and SIGINT blocked (a reload that
+  arrives now waits for the new program's handlers instead of killing it), the daemon forks: the
+  child, the stand-in (standin.py), serves on with the table and every connection; this process
+  never returns to the event loop: it writes the state as it was at the fork, forks the guardian
+  and execs the new program in this very pid (upgrade.py), which takes the table over from the
+  stand-in (takeover.py) and answers the requester. An error before the fork: serving again,
+  nothing changed. Who owns the table after any failure is the upgrade's sessions' to say
+  (protocol/upgrade.py).
 
 What this module may know: trio, the lifecycle, the endpoint, the handoff driver, the upgrade.
 """
@@ -39,7 +45,8 @@ from .. import sdnotify
 from ..errors import Busy, CprdError, HandoffError, UsageError
 from ..fds import OwnedFds
 from ..handoff import Result, SourceHooks, send_table
-from ..paths import unlink_if_same
+from ..limits import unix_path_problem
+from ..paths import trusted_uids, unlink_if_same
 from ..protocol import control as cp
 from .endpoint import Endpoint, Unanswered
 from .handlers import Handlers, Reply, upgrade_timeout
@@ -51,7 +58,10 @@ from .state import DaemonState
 log = logging.getLogger("cprd.daemon")
 
 
-def _yield_cpu(state: dict[str, Any]) -> None:
+RELOAD_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+
+
+def _yield_cpu(state: Any) -> None:
     """The new program starts (an interpreter, trio, cprd, the state verified: a few hundred ms of
     CPU) while the stand-in serves on the same cores: let the stand-in go first. Only as root, who
     may take the priority back once the new program serves (upgrade state "nice")."""
@@ -62,7 +72,7 @@ def _yield_cpu(state: dict[str, Any]) -> None:
         os.setpriority(os.PRIO_PROCESS, 0, min(19, old + 10))
     except OSError:
         return
-    state["nice"] = old
+    state.nice = old
 
 
 class Daemon:
@@ -95,7 +105,7 @@ class Daemon:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = self.endpoint.nursery = nursery
-                nursery.start_soon(self._watch_signals)
+                await nursery.start(self._watch_signals)
                 self.endpoint.start_accepting()
                 if not stores_after:
                     await self.stores.run(nursery)
@@ -113,6 +123,10 @@ class Daemon:
             self.stores.close()
         return self.exit_code
 
+    @property
+    def nursery(self) -> trio.Nursery | None:
+        return self._nursery
+
     def nursery_start(self, fn: Callable[[], Awaitable[None]]) -> None:
         assert self._nursery is not None
         self._nursery.start_soon(fn)
@@ -122,8 +136,12 @@ class Daemon:
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
-    async def _watch_signals(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+    async def _watch_signals(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(*RELOAD_SIGNALS) as signals:
+            # An upgrade blocked them before its exec (a reload that arrived meanwhile waits, instead
+            # of killing the new program): our handlers are in place, so let them in, queued ones too.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, RELOAD_SIGNALS)
+            task_status.started()
             async for signum in signals:
                 if signum == signal.SIGHUP:  # systemd's ExecReload=: upgrade in place to the same program
                     assert self._nursery is not None
@@ -189,9 +207,8 @@ class Daemon:
             raise Busy(f"a handoff is already {self.life.phase.value}; wait for it to finish")
         if not os.path.isabs(to):
             raise UsageError(f"handoff target path {to!r} must be absolute")
-        if len(to.encode()) > 107:
-            raise UsageError(f"handoff target path {to} is {len(to.encode())} bytes; UNIX socket paths are limited "
-                             "to 107: give the target a shorter --listen path")
+        if (problem := unix_path_problem(to, "handoff target path")) is not None:
+            raise UsageError(f"{problem} (the target's --listen)")
         st, life, endpoint = self.st, self.life, self.endpoint
         life.to(Phase.HANDING_OFF)
         stopped = False
@@ -200,6 +217,7 @@ class Daemon:
             life.freeze()
 
         async def before_commit() -> None:
+            log.info("event=shared pid=%d why=handoff-ready note=the-target-holds-every-entry", os.getpid())
             nonlocal stopped
             stopped = life.committing = True
             await endpoint.stop_accepting()
@@ -208,7 +226,7 @@ class Daemon:
             res: Result = await send_table(
                 st.table, to, listener_fd=st.listener.fileno(), control_path=st.control_path, batch=batch,
                 window=window, hooks=SourceHooks(freeze, before_commit, st.replies.since),
-                allowed_uids={os.geteuid(), 0})  # the table goes only to our own user or root
+                allowed_uids=trusted_uids())  # the table goes only to our own user or root
         except BaseException as e:
             life.to(Phase.SERVING)
             life.committing = False
@@ -218,6 +236,7 @@ class Daemon:
                 endpoint.start_accepting()
             if isinstance(e, (CprdError, OSError)):
                 log.warning("event=handoff_failed to=%s error=%r entries_kept=%d", to, str(e), len(st.table))
+            log.info("event=sole_owner pid=%d role=%s", os.getpid(), st.role)
             if isinstance(e, OSError):
                 raise HandoffError(f"handoff to {to} failed: {e}; the source keeps every entry") from None
             raise
@@ -247,8 +266,9 @@ class Daemon:
         program in this pid. In this process it returns only if nothing was forked (an error before
         the fork: everything as it was); in the stand-in it returns the answer of a rolled-back
         upgrade, or raises Unanswered when the new program has taken over (which answers)."""
-        from .. import upgrade
+        from .. import proc, upgrade
         from ..paths import check_program
+        from ..protocol.upgrade import Deadlines
 
         st, life = self.st, self.life
         if life.phase is not Phase.SERVING:
@@ -261,91 +281,106 @@ class Daemon:
             except CprdError as e:
                 raise type(e)(f"{e}; the running daemon (pid {os.getpid()}) goes on serving, nothing changed") \
                     from None
+        deadlines = Deadlines(start_s=timeout, answer_s=st.config.answer_timeout)
         # From here to the fork nothing awaits: the table at the fork is the one the state describes.
         life.to(Phase.UPGRADING)
         t0 = upgrade.now_ms()
-        jp = jc = gp = gc = None
-        watch = hr = hw = -1
+        socks: list[socket.socket] = []
+        fds: list[int] = []
+        mask = None
         try:
             upgrade.new_argv(program, list(st.config.own_args))  # a missing program: nothing happens
-            # the journal, to the new program (jp) and to the guardian (gp): see standin.py
-            jp, jc = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-            gp, gc = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            pair = lambda: socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)  # noqa: E731
+            jp, jc = pair()  # the journal: the new program's end, the stand-in's
+            gp, gc = pair()  # the guardian's copy of it: the guardian's end, the stand-in's
+            lp, lg = pair()  # the guardian's link: the new program's end, the guardian's
+            socks += [jp, jc, gp, gc, lp, lg]
             hr, hw = os.pipe2(os.O_CLOEXEC)  # the stand-in's word to the guardian
+            fds += [hr, hw]
             watch = os.pidfd_open(os.getpid())  # the stand-in's view of this pid
+            fds.append(watch)
             parent = os.getpid()
             if os.getpgid(0) != parent:  # lead a process group of our own (upgrade.py), before the fork
                 os.setpgid(0, 0)
+            # A reload or a stop that arrives from now until the new program's handlers are in place
+            # waits (the mask survives the exec); SIGHUP's default action would kill the new program.
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, RELOAD_SIGNALS)
             t_fork = time.perf_counter()
             pid = os.fork()
         except BaseException as e:
-            for sock in (jp, jc, gp, gc):
-                if sock is not None:
-                    sock.close()
-            for fd in (watch, hr, hw):
-                if fd >= 0:
-                    os.close(fd)
+            for sock in socks:
+                sock.close()
+            for fd in fds:
+                os.close(fd)
+            if mask is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             life.to(Phase.SERVING)
             if isinstance(e, OSError):  # a memfd, a socket or the fork could not be made (at the fd limit?)
                 raise upgrade.UpgradeError(f"cannot prepare the upgrade: {e}; the running daemon (pid "
                                            f"{os.getpid()}) goes on serving, nothing changed") from None
             raise
         if pid == 0:  # the stand-in
-            jp.close()
-            gp.close()
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # it serves as the daemon did, signals included
+            for sock in (jp, gp, lp, lg):
+                sock.close()
             os.close(hr)
             try:
                 os.setpgid(0, 0)  # out of the daemon's group, which a failed upgrade kills
             except OSError:
                 pass
+            proc.set_name("cprd-standin")
             notify = os.environ.pop("NOTIFY_SOCKET", None)  # the service manager hears the daemon's pid only
-            s = StandIn(self, jc, gc, hw, watch, parent, timeout, notify,
+            s = StandIn(self, jc, gc, hw, watch, parent, deadlines, notify,
                         upgrade.new_argv(program, list(st.config.own_args)))
             s.start()
             result = await s.serve()
             if result is None:
                 raise Unanswered()  # the new program answers the client that asked
             return result
+        for sock in (jc, gc):
+            sock.close()
         os.close(hw)
+        os.close(watch)
         try:  # the same from this side: out of our group before either process runs on (a group kill)
             os.setpgid(pid, pid)
         except OSError:
             pass  # it is gone already (it does the same itself)
         log.info("event=upgrade_forked standin_pid=%d fork_ms=%.1f entries=%d", pid,
                  (time.perf_counter() - t_fork) * 1e3, len(st.table))
-        self._exec_upgrade(program, timeout, t0, conn, pid, jp, jc, gp, gc, hr, watch)  # never returns
+        self._exec_upgrade(program, deadlines, t0, conn, pid, jp, gp, lp, lg, hr)  # never returns
         raise AssertionError("exec returned")  # pragma: no cover
 
-    def _exec_upgrade(self, program: str | None, timeout: float, t0: float, conn: Any, standin: int,
-                      jp: socket.socket, jc: socket.socket, gp: socket.socket, gc: socket.socket, hr: int,
-                      watch: int) -> NoReturn:
+    def _exec_upgrade(self, program: str | None, deadlines: Any, t0: float, conn: Any, standin: int,
+                      jp: socket.socket, gp: socket.socket, lp: socket.socket, lg: socket.socket, hr: int) -> NoReturn:
         """The old program after the fork: the state of the table as it was at the fork (this
         process's copy of it no longer changes), the guardian, the exec. It must never return to
         the event loop (the stand-in is the daemon now): if even running the previous program again
         fails, it exits, and the stand-in keeps the table."""
-        from .. import upgrade
+        from .. import proc, upgrade
+        from ..protocol.upgrade import Standin
 
         st = self.st
+        log.info("event=shared pid=%d why=upgrade standin=%d", os.getpid(), standin)
         try:
-            jc.close()
-            gc.close()
-            os.close(watch)
-            state = st.upgrade_state(t0, conn.fileno() if conn is not None else None)
-            state["standin"] = {"journal_fd": jp.fileno(), "pid": standin, "guardian_journal_fd": gp.fileno(),
-                                "guardian_signal_fd": hr}
-            prep = upgrade.prepare(state, program, list(st.config.own_args), timeout)
+            standin_pidfd = proc.pidfd_open(standin)  # for the guardian, to fence it
+            state = st.upgrade_state(t0, conn.fileno() if conn is not None else None, deadlines)
+            state.standin = Standin(standin, jp.fileno())
+            prep = upgrade.prepare(state, program, list(st.config.own_args))
             _yield_cpu(prep.state)
-            prep.guard(standin)  # writes the state again, "nice" included
-            gp.close()  # the guardian has its copies; the new program must not hold them
+            prep.guard(lp.fileno(), lg.fileno(), hr, gp.fileno(), standin_pidfd, jp.fileno())
+            lg.close()  # the guardian has its copies; the new program must not hold them
+            gp.close()
             os.close(hr)
-            sdnotify.reloading(f"upgrading in place to {prep.argv[0]} with {len(self.st.table)} entries")
-            log.info("event=upgrade_exec program=%r entries=%d guardian_pid=%s standin_pid=%d", prep.argv,
+            if standin_pidfd is not None:
+                os.close(standin_pidfd)
+            sdnotify.reloading(f"upgrading in place to {prep.state.argv_new[0]} with {len(self.st.table)} entries")
+            log.info("event=upgrade_exec program=%r entries=%d guardian_pid=%s standin_pid=%d", prep.state.argv_new,
                      len(self.st.table), prep.guardian_pid, standin)
             try:
                 prep.exec()
             except OSError as e:
-                reason = (f"cannot run {prep.argv[0]}: {e.strerror}; the previous program took the table back in "
-                          f"pid {os.getpid()} and goes on serving, nothing changed")
+                reason = (f"cannot run {prep.state.argv_new[0]}: {e.strerror}; the previous program took the table "
+                          f"back in pid {os.getpid()} and goes on serving, nothing changed")
                 upgrade.rollback(prep.state_fd, prep.state, reason)
         except BaseException as e:  # noqa: BLE001 - nothing may return into the event loop
             log.error("event=upgrade_exec_failed error=%r note=the-stand-in-keeps-the-table", str(e))

@@ -28,6 +28,7 @@ request means.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -35,15 +36,15 @@ import os
 import resource
 import socket
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 import trio
 
 from .. import scm
 from ..errors import Busy, CapacityError, CprdError, Denied
-from ..fds import OwnedFds
-from ..paths import max_backlog, peer_cred, user_name
+from ..fds import OwnedFds, close_later
+from ..paths import max_backlog, peer_cred, trusted_uids, user_name
 from ..protocol import control as cp
 from .state import Config
 
@@ -141,8 +142,8 @@ class Endpoint:
         if self.conns >= most:  # none ended within queue_timeout
             return Busy(f"the daemon serves {most} connections already and none ended within "
                         f"{self.config.queue_timeout:g} s; close idle clients and retry")
-        if uid not in (os.geteuid(), 0):
-            others = sum(n for u, n in self.by_uid.items() if u not in (os.geteuid(), 0))
+        if uid not in (own := trusted_uids()):
+            others = sum(n for u, n in self.by_uid.items() if u not in own)
             if others >= most // 2 or self.by_uid[uid] >= max(1, most // 4):
                 return Busy(f"{user_name(uid)} holds {self.by_uid[uid]} connections and other users "
                             f"{others}: they may hold at most {max(1, most // 4)} each and {most // 2} together "
@@ -162,6 +163,8 @@ class Endpoint:
         accept the connection, tell the client why, and take the spare back."""
         log.warning("event=fd_limit_reached where=accept %s", self.describe_load())
         if self._spare is None:
+            self._spare = _reopen_spare()
+        if self._spare is None:
             await trio.sleep(0.05)
             return
         os.close(self._spare)
@@ -178,15 +181,16 @@ class Endpoint:
                 f"{self.conns} clients; close idle clients, delete entries or raise its limit (LimitNOFILE=, "
                 "ulimit -n)"))
         finally:
-            try:
-                self._spare = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                self._spare = None
+            # the refused connection closes on a closer thread (fds.py): its slot frees in a moment
+            with trio.move_on_after(1.0):
+                while (spare := _reopen_spare()) is None:
+                    await trio.sleep(0.002)
+            self._spare = spare
 
     # -- one connection ------------------------------------------------------------------------
     async def _serve(self, conn: Any, uid: int) -> None:
         try:
-            with conn:
+            with closing_later(conn):
                 while not self.closing:
                     with trio.move_on_after(self.config.idle_timeout) as cs:
                         try:
@@ -204,7 +208,7 @@ class Endpoint:
                         try:
                             req = cp.decode_request(data, len(fds))
                             op = req.op
-                            if req.op in ADMIN_OPS and uid not in (os.geteuid(), 0):
+                            if req.op in ADMIN_OPS and uid not in trusted_uids():
                                 who = "root" if os.geteuid() == 0 else f"{user_name(os.geteuid())} and root"
                                 raise Denied(f"{user_name(uid)} may use this cprd's table but not {req.op} it: "
                                              f"only {who} may; ask its operator")
@@ -244,6 +248,13 @@ class Endpoint:
         return True
 
 
+def _reopen_spare() -> int | None:
+    try:
+        return os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
 def _copies(fds: list[int]) -> OwnedFds:
     out = OwnedFds()
     try:
@@ -259,12 +270,26 @@ def _copies(fds: list[int]) -> OwnedFds:
     return out
 
 
+@contextlib.contextmanager
+def closing_later(conn: Any) -> Iterator[Any]:
+    """Close a client's connection on a closer thread once done with it: its last close also closes
+    whatever fds the client queued in it unread, and any of them may block (fds.py)."""
+    try:
+        yield conn
+    finally:
+        if conn.fileno() >= 0:
+            trio.lowlevel.notify_closing(conn.fileno())  # as trio's close() would: no task waits on it after
+        fd = conn.detach()
+        if fd >= 0:
+            close_later(fd)
+
+
 def refuse(conn: Any, err: CprdError) -> None:
     """Answer a connection we will not serve with err and close it at once, never waiting for the
     client. What it already sent is read and dropped first (its fds closed), so that the close does
     not reset the connection; a request that arrives after the close fails to send, and cprd's
     client then reads this answer, which waits in its queue."""
-    with conn:
+    with closing_later(conn):
         raw = socket.socket(fileno=conn.fileno())  # borrowed for a send that must not wait
         try:
             for f in cp.encode_error(err):

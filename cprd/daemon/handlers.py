@@ -31,7 +31,7 @@ import trio
 
 from .. import __version__
 from ..errors import CapacityError, CprdError, KeyMissing, UsageError, error_from_code
-from ..fds import OwnedFds
+from ..fds import OwnedFds, closer
 from ..handoff import fd_capacity, table_limit
 from ..kinds import classify
 from ..protocol import control as cp
@@ -209,10 +209,17 @@ class Handlers:
             "control": st.control_path, "handoffs_received": st.handoffs,
             "upgrades": st.upgrades,
             "uptime_s": round(time.time() - st.started, 3),
+            "closes_pending": closes_pending(),
             **({"salvage": st.salvage} if st.salvage else {}),
             **({"source_died": True} if st.source_died else {}),
             **self.status_extra(),
         }
+
+
+def closes_pending() -> int:
+    """Fds queued for or in a close on the closer's threads (one that blocks shows here)."""
+    c = closer()
+    return c.pending() if c is not None else 0
 
 
 def upgrade_timeout(req: cp.Request, default: float) -> float:

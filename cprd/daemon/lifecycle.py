@@ -14,7 +14,7 @@ Theory of operation
                                                    +--the new program failed--> serving (it keeps the table)
 
 While it hands off or upgrades, the daemon *freezes* mutations for the last moments (a handoff's
-last delta and commit; the whole upgrade): a put or del waits until ``thaw``, and then finds the
+last delta and commit; a stand-in's hand-over to the new program): a put or del waits until ``thaw``, and then finds the
 daemon serving again (a failed handoff or upgrade: it is applied) or handed off (it is not: its
 client retries at the new owner). A stand-in that has sent its last changes freezes every
 request, reads too (``freeze(everything=True)``): the new program may already serve, and an old

@@ -19,7 +19,7 @@ from .. import fault, sdnotify
 from ..errors import CapacityError, CprdError
 from ..handoff import fd_capacity, table_limit
 from ..kinds import classify
-from ..paths import unlink_if_same
+from ..paths import trusted_uids, unlink_if_same
 from ..protocol import control as cp
 from ..table import FdTable
 from .core import Daemon
@@ -84,7 +84,10 @@ async def serve_source(control: str, *, spec: str = "", state_dir: str | None = 
                                 f"{e.strerror or e}; a state file is never opened through a symlink") from None
             log.info("event=populated entries=%d ms=%.1f state_dir=%s", len(st.table),
                      (time.perf_counter() - t0) * 1e3, directory)
-        return await Daemon(st).run()
+        async def on_serving() -> None:
+            log.info("event=sole_owner pid=%d role=source", os.getpid())
+
+        return await Daemon(st).run(on_serving)
     except BaseException:
         unlink_if_same(control, st.control_fid)
         st.table.close_all()
@@ -108,7 +111,7 @@ async def serve_target(listen: str, *, config: Config = Config()) -> int:
     log.info("event=waiting listen=%s pid=%d", listen, os.getpid())
     sdnotify.ready(f"waiting for a handoff on {listen}")
     try:
-        inc = await accept_handoff(trio.socket.from_stdlib_socket(hs), {os.geteuid(), 0})
+        inc = await accept_handoff(trio.socket.from_stdlib_socket(hs), trusted_uids())
     finally:
         unlink_if_same(listen, fid)
         hs.close()
@@ -141,6 +144,7 @@ async def serve_target(listen: str, *, config: Config = Config()) -> int:
         if received.committed:
             await confirm(inc.sock, received)
         inc.close()
+        log.info("event=sole_owner pid=%d role=target", os.getpid())
 
     return await Daemon(st).run(on_serving, stores_after=True)
 
@@ -150,15 +154,19 @@ def restore_main(state_fd: int, own_args: tuple[str, ...]) -> int:
     """`cprd ... --restore-fd N`: rebuild the daemon from the state an upgrade left in fd N and serve.
     When it cannot, run the previous program again with the same state (a rollback)."""
     from .. import upgrade
+    from ..protocol import upgrade as pu
 
     try:
-        state = upgrade.read_state(state_fd, check_version=False)
+        raw = upgrade.read_raw(state_fd)
+        env = pu.envelope(raw)
     except (CprdError, OSError) as e:
-        # Without a readable state there is nothing to roll back with; exiting lets the guardian restore.
+        # Without a readable state there is nothing to roll back with: the stand-in, seeing us gone,
+        # keeps the table (or the guardian restores it).
         print(f"cprd: error: cannot read the upgrade state in fd {state_fd}: {e}", file=sys.stderr)
         return 1
+    state = None
     try:
-        upgrade.check_state_version(state)  # a version this program does not know: roll back (below)
+        state = pu.UpgradeState.from_json(raw, upgrade.max_state_version())
         if fault.armed("restore", "raise"):
             log.warning("event=fault_fired side=restore step=raise n=None action=raise")
             raise RuntimeError("test fault: restore raises")
@@ -166,12 +174,16 @@ def restore_main(state_fd: int, own_args: tuple[str, ...]) -> int:
         table, listener = _rebuild(state, state_fd)
         log.info("event=restored entries=%d ms=%.1f", len(table), (time.perf_counter() - t0) * 1e3)
     except Exception as e:  # noqa: BLE001 - whatever went wrong, the previous program takes over again
-        if state.get("rolled_back"):  # we are the previous program and cannot restore either
+        if env.get("rolled_back"):  # we are the previous program and cannot restore either
             print(f"cprd: error: the rollback cannot restore either: {e}", file=sys.stderr)
             return 1
+        reason = f"the new program could not restore: {type(e).__name__}: {e}"
         try:
-            upgrade.rollback(state_fd, state, f"the new program could not restore: {type(e).__name__}: {e}")
-        except OSError as e2:
+            if state is not None:
+                upgrade.rollback(state_fd, state, reason)
+            else:  # a state this program cannot read: what every version keeps is enough to hand it back
+                upgrade.rollback_raw(state_fd, reason)
+        except (OSError, CprdError) as e2:
             print(f"cprd: error: cannot run the previous program: {e2}", file=sys.stderr)
         return 1
     try:
@@ -182,89 +194,66 @@ def restore_main(state_fd: int, own_args: tuple[str, ...]) -> int:
         return 1
 
 
-def _rebuild(state: dict[str, Any], state_fd: int) -> tuple[FdTable, socket.socket]:
+def _rebuild(state: Any, state_fd: int) -> tuple[FdTable, socket.socket]:
     """The table and listener the state describes, every fd verified and close-on-exec again."""
     from .. import upgrade
-    from ..kinds import KIND_BY_CODE, Identity, verify
+    from ..kinds import verify
 
-    for fd in upgrade.crossing_fds(state, state_fd):
+    for fd in state.crossing_fds(state_fd):
         os.set_inheritable(fd, False)
     table = FdTable()
-    for name, id_, fd, kind, mode, dev, ino, flags in state["entries"]:
-        ident = Identity(KIND_BY_CODE[kind], mode, dev, ino, flags)
-        bad = verify(fd, ident)
+    for e in state.entries:
+        bad = verify(e.fd, e.ident)
         if bad is not None:
             table.forget_all()  # the fds are not ours to close: the rollback takes them all back
-            raise upgrade.UpgradeError(f"entry ({name!r}, {id_}) fd {fd} does not verify: {bad}")
-        table.insert_unchecked_entry(name, id_, fd, ident)
+            raise upgrade.UpgradeError(f"entry ({e.name!r}, {e.id}) fd {e.fd} does not verify: {bad}")
+        table.insert_unchecked_entry(e.name, e.id, e.fd, e.ident)
     table.by_kind()  # counted now, while the stand-in serves, not by the first status after the take-over
-    return table, socket.socket(fileno=state["listener_fd"])
+    return table, socket.socket(fileno=state.listener_fd)
 
 
-async def _serve_restored(state: dict[str, Any], state_fd: int, table: FdTable, listener: socket.socket,
+async def _serve_restored(state: Any, state_fd: int, table: FdTable, listener: socket.socket,
                           own_args: tuple[str, ...]) -> int:
     from .. import upgrade
-    from .standin import take_over
+    from .takeover import reap, take_over
 
-    standin = state.get("standin") or {}
-    took: dict[str, Any] = {}
-    if standin.get("journal_fd") is not None:  # the stand-in served meanwhile: take its changes and the table over
-        took = await take_over(table, standin["journal_fd"], standin.get("pid"),
-                               float(state.get("deadline_s") or upgrade.DEFAULT_TIMEOUT),
-                               strict=not state.get("rolled_back"))
-    if state.get("nice") is not None:  # the old program lowered our priority while the stand-in served
+    took = await take_over(table, state, strict=not state.rolled_back)  # answers nobody before it returns
+    if state.nice is not None:  # the old program lowered our priority while the stand-in served
         try:
-            os.setpriority(os.PRIO_PROCESS, 0, int(state["nice"]))
+            os.setpriority(os.PRIO_PROCESS, 0, int(state.nice))
         except (OSError, ValueError):
-            log.warning("event=priority_not_restored nice=%r", state["nice"])
+            log.warning("event=priority_not_restored nice=%r", state.nice)
     st = DaemonState.restored(state, table, listener, own_args)
-    st.replies.take_from(took.get("answers", []))
+    st.replies.take_from(took.answers)
     d = Daemon(st)
 
     async def on_serving() -> None:
-        gw, gpid, cpid = state.get("guardian_fd"), state.get("guardian_pid"), standin.get("pid")
-        ms = ((trio.current_time() - took["t_asked"]) * 1e3 if "t_asked" in took
-              else upgrade.now_ms() - state["t_freeze_ms"])
-        if gw is not None:
-            try:
-                os.write(gw, upgrade.CONFIRM)
-            except OSError:
-                pass
-            os.close(gw)
-            await _reap(gpid)
-        await _reap(cpid)  # the stand-in exits once it knows we took over
-        strays = upgrade.kill_strays({gpid, cpid}, state_fd)
+        ms = ((trio.current_time() - took.t_asked) * 1e3 if took.t_asked is not None
+              else upgrade.now_ms() - state.t_freeze_ms)
+        # The stand-in and the guardian exit now (a stopped one is fenced): when the requester hears
+        # of the upgrade, no other process holds the table.
+        async with trio.open_nursery() as n:
+            for pid, pidfd in took.children:
+                n.start_soon(reap, pid, pidfd, state.deadlines.answer_s, state.deadlines.fence_s, d.nursery)
+        strays = upgrade.kill_strays({pid for pid, _ in took.children}, state_fd)
         if strays:
             log.warning("event=upgrade_strays_killed pids=%s note=the-new-program-forked-before-it-became-cprd;"
                         "they-held-copies-of-the-table", strays)
         os.close(state_fd)
+        cpid = state.standin.pid if state.standin else None
         result = {"pid": os.getpid(), "entries": len(st.table), "ms": round(ms, 3),
-                  "rolled_back": bool(state.get("rolled_back")), "reason": state.get("rolled_back"),
-                  "program": (state.get("failed_program") if state.get("rolled_back") else state.get("argv_new")),
-                  "previous_pid": state.get("pid"), "standin_pid": cpid,
-                  "standin_journal": took.get("messages", 0), "standin_handed_over": took.get("handed_over")}
-        log.info("event=upgraded pid=%d entries=%d ms=%.1f rolled_back=%s standin=%s journal_messages=%s",
-                 os.getpid(), len(st.table), ms, result["rolled_back"], cpid, took.get("messages"))
-        if os.getpid() != state.get("pid"):
+                  "rolled_back": bool(state.rolled_back), "reason": state.rolled_back,
+                  "program": state.failed_program if state.rolled_back else state.argv_new,
+                  "previous_pid": state.pid, "standin_pid": cpid, "standin_journal": took.messages,
+                  "standin_handed_over": took.handed_over, "fenced": took.fenced}
+        log.info("event=upgraded pid=%d entries=%d ms=%.1f rolled_back=%s standin=%s journal_messages=%s fenced=%s",
+                 os.getpid(), len(st.table), ms, result["rolled_back"], cpid, took.messages, took.fenced)
+        if os.getpid() != state.pid:
             sdnotify.mainpid(os.getpid())
         sdnotify.ready(d.status_line())
-        if state.get("requester_fd") is not None:
-            conn = trio.socket.from_stdlib_socket(socket.socket(fileno=state["requester_fd"]))
+        if state.requester_fd is not None:
+            conn = trio.socket.from_stdlib_socket(socket.socket(fileno=state.requester_fd))
             with conn:
                 await d.endpoint.reply(conn, cp.encode_reply(result), [])
 
     return await d.run(on_serving)
-
-
-async def _reap(pid: int | None) -> None:
-    """Collect the guardian once it has exited (it does as soon as it reads the confirmation)."""
-    if not pid:
-        return
-    for _ in range(200):
-        try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if done:
-            return
-        await trio.sleep(0.005)

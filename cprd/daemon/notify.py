@@ -23,7 +23,6 @@ What this module may know: sockets, trio, the table, the rules of fdstore.py.
 
 from __future__ import annotations
 
-import array
 import fcntl
 import functools
 import logging
@@ -40,6 +39,7 @@ from typing import Any
 import trio
 
 from .. import fdstore as fs
+from .. import proc, scm
 from ..errors import BadFd, CapacityError, UsageError
 from ..fds import OwnedFds
 from ..kinds import classify
@@ -71,7 +71,6 @@ class _Quiet:
                     *args, *((n,) if n else ()))
 
 _UCRED = struct.Struct("iII")  # pid, uid, gid
-_ANC = socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(253 * 4)
 _ORDER_FROM = 8  # a group of stored fds of one inode this large is kept in kcmp's order
 _BATCH = 32  # datagrams handled in a row before other tasks get their turn
 
@@ -221,18 +220,10 @@ class FdStores:
     def receive_one(self, a: AppStore) -> bool:
         """Receive and handle one datagram; False if none is queued."""
         try:
-            data, anc, flags, _ = a.raw.recvmsg(fs.NOTIFY_BUFFER_MAX, _ANC,
-                                                socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+            data, fds, flags, blob = scm.recv_nowait(a.raw, fs.NOTIFY_BUFFER_MAX, creds=True)
         except BlockingIOError:
             return False
-        fds, creds = OwnedFds(), None
-        for level, type_, blob in anc:
-            if level == socket.SOL_SOCKET and type_ == socket.SCM_RIGHTS:
-                got = array.array("i")
-                got.frombytes(blob[: len(blob) - len(blob) % 4])
-                fds.fds.extend(got)
-            elif level == socket.SOL_SOCKET and type_ == socket.SCM_CREDENTIALS and len(blob) >= _UCRED.size:
-                creds = _UCRED.unpack_from(blob)
+        creds = _UCRED.unpack_from(blob) if blob is not None and len(blob) >= _UCRED.size else None
         with fds:
             self.handle(a, data, flags, creds, fds)
         self.st.flush()  # a stand-in's changes reach the new program before anything else happens
@@ -444,7 +435,7 @@ class FdStores:
                 continue
             try:
                 st = os.fstat(e.fd)
-                path = os.readlink(f"/proc/self/fd/{e.fd}")
+                path = proc.fd_path(e.fd)
                 acc = os.O_ACCMODE & fcntl.fcntl(e.fd, fcntl.F_GETFL)
             except OSError:
                 continue

@@ -21,7 +21,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..paths import file_id
+from ..paths import file_id, trusted_uids
+from ..protocol.upgrade import Deadlines, StateEntry, UpgradeState
 from ..table import FdTable
 from .replies import ReplyCache
 
@@ -32,14 +33,15 @@ class Config:
     idle_timeout: float = 60.0
     max_clients: int = 256
     queue_timeout: float = 5.0  # how long clients wait in the backlog for a free slot before Busy
-    upgrade_timeout: float = 30.0  # a new program that has not confirmed by then is killed and rolled back
+    upgrade_timeout: float = 30.0  # a new program that has not asked to take over by then is fenced
+    answer_timeout: float = 1.0  # a peer of an upgrade that has not answered by then is fenced
     own_args: tuple[str, ...] = ()  # the command line after `cprd`, to exec again on an upgrade
 
     def describe(self) -> dict[str, Any]:
         """What an upgrade hands on (own_args come from the new program's own command line)."""
         return {"allow_uids": list(self.allow_uids), "idle_timeout": self.idle_timeout,
                 "max_clients": self.max_clients, "queue_timeout": self.queue_timeout,
-                "upgrade_timeout": self.upgrade_timeout}
+                "upgrade_timeout": self.upgrade_timeout, "answer_timeout": self.answer_timeout}
 
     @classmethod
     def from_state(cls, cfg: dict[str, Any], own_args: tuple[str, ...]) -> Config:
@@ -47,7 +49,8 @@ class Config:
         return cls(allow_uids=tuple(cfg.get("allow_uids", ())), idle_timeout=cfg.get("idle_timeout", d.idle_timeout),
                    max_clients=cfg.get("max_clients", d.max_clients),
                    queue_timeout=cfg.get("queue_timeout", d.queue_timeout),
-                   upgrade_timeout=cfg.get("upgrade_timeout", d.upgrade_timeout), own_args=own_args)
+                   upgrade_timeout=cfg.get("upgrade_timeout", d.upgrade_timeout),
+                   answer_timeout=cfg.get("answer_timeout", d.answer_timeout), own_args=own_args)
 
 
 @dataclass(slots=True)
@@ -82,7 +85,7 @@ class DaemonState:
 
     @property
     def allowed_uids(self) -> set[int]:
-        return {os.geteuid(), 0, *self.config.allow_uids}
+        return trusted_uids() | set(self.config.allow_uids)
 
     # -- the three ways a daemon comes about --------------------------------------------------
     @classmethod
@@ -103,28 +106,23 @@ class DaemonState:
         return st
 
     @classmethod
-    def restored(cls, state: dict[str, Any], table: FdTable, listener: socket.socket,
+    def restored(cls, state: UpgradeState, table: FdTable, listener: socket.socket,
                  own_args: tuple[str, ...]) -> DaemonState:
         """From the state an in-place upgrade wrote (see upgrade_state)."""
-        rolled_back = bool(state.get("rolled_back"))
-        st = cls(state["role"], table, listener, state["control_path"],
-                 tuple(state["control_fid"]) if state.get("control_fid") else None,
-                 Config.from_state(state.get("config", {}), own_args), handoffs=state.get("handoffs", 0),
-                 upgrades=state.get("upgrades", 0) + (0 if rolled_back else 1), salvage=state.get("salvage"),
-                 source_died=bool(state.get("source_died")))
-        st.replies.take_from(state.get("results", []))
+        st = cls(state.role, table, listener, state.control_path, state.control_fid,
+                 Config.from_state(state.config, own_args), handoffs=state.handoffs,
+                 upgrades=state.upgrades + (0 if state.rolled_back else 1), salvage=state.salvage,
+                 source_died=state.source_died)
+        st.replies.take_from(state.results)
         return st
 
-    def upgrade_state(self, t_freeze_ms: float, requester_fd: int | None) -> dict[str, Any]:
-        """What the new program of an in-place upgrade restores from (docs/protocol.md 6.2)."""
-        return {
-            "t_freeze_ms": t_freeze_ms, "role": self.role, "control_path": self.control_path,
-            "control_fid": list(self.control_fid) if self.control_fid else None,
-            "listener_fd": self.listener.fileno(), "requester_fd": requester_fd,
-            "entries": [[e.name, e.id, e.fd, int(e.ident.kind), e.ident.mode, e.ident.dev, e.ident.ino,
-                         e.ident.flags] for e in self.table],
-            "results": self.replies.items(),
-            "config": self.config.describe(),
-            "handoffs": self.handoffs, "upgrades": self.upgrades, "salvage": self.salvage,
-            "source_died": self.source_died, "pid": os.getpid(),
-        }
+    def upgrade_state(self, t_freeze_ms: float, requester_fd: int | None, deadlines: Deadlines) -> UpgradeState:
+        """What the new program of an in-place upgrade restores from (docs/protocol.md 6.2); the
+        upgrade fills in the programs, the stand-in and the guardian."""
+        return UpgradeState(
+            cprd_state=0, previous=[], env={}, crossing=None, argv_new=[], role=self.role,
+            control_path=self.control_path, control_fid=self.control_fid, listener_fd=self.listener.fileno(),
+            requester_fd=requester_fd, entries=[StateEntry(e.name, e.id, e.fd, e.ident) for e in self.table],
+            results=self.replies.items(), config=self.config.describe(), pid=os.getpid(), t_freeze_ms=t_freeze_ms,
+            deadlines=deadlines, handoffs=self.handoffs, upgrades=self.upgrades, salvage=self.salvage,
+            source_died=self.source_died)

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import NamedTuple
 
+from .. import limits
 from ..errors import ProtocolError
 from ..kinds import KIND_BY_CODE, Identity, Kind
 from ..speedups import C
@@ -57,7 +58,7 @@ from . import frame
 MAGIC = b"CPRH"
 VERSION = 1
 MIN_VERSION = 1
-SCM_MAX_FD = 253
+SCM_MAX_FD = limits.SCM_MAX_FD  # the most fds one Batch carries: the kernel's limit for one message
 MAX_PAYLOAD = 128 * 1024  # a full batch of 253 records with 255-byte names is 72 KiB
 DIGEST_SIZE = 16
 

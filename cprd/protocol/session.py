@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from .. import limits
 from ..errors import CapacityError, Closed, CprdError, HandoffError, ProtocolError, VerifyError
 from ..table import Entry, FdTable, Journal, Removed, Saved
 from . import handoff as hp
@@ -346,9 +347,9 @@ class TargetSession:
         """The TargetHello, or ProtocolError/CapacityError (tell the source with abort_for) when the
         control path cannot be a UNIX socket path or the table would not fit."""
         path = self.hello.control_path
-        if not path.startswith("/") or len(path.encode()) >= 108:
-            raise ProtocolError(f"the source's control path {path!r} is not an absolute UNIX socket path under "
-                                "108 bytes")
+        if not path.startswith("/") or limits.unix_path_problem(path, "control path") is not None:
+            raise ProtocolError(f"the source's control path {path!r} is not an absolute UNIX socket path of at most "
+                                f"{limits.UNIX_PATH_MAX} bytes")
         if self.hello.fds + 1 > capacity:
             raise CapacityError(f"this target (pid {pid}) can take {capacity} more fds (RLIMIT_NOFILE soft limit "
                                 f"{fd_limit}, {open_fds} open, {reserve} kept in reserve) but the source has "

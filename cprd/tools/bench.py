@@ -33,13 +33,14 @@ import tempfile
 import time
 import tracemalloc
 
+from .. import limits
 from ..errors import CprdError, UsageError
 from ..kinds import Identity, Kind, classify
 from ..populate import mixed_spec, parse_spec, populate, spec_fds, spec_string
 from ..table import FdTable
 
 QEMU_FIND_NS = {540: (936_753, 393_358), 2870: (24_102_342, 2_212_113), 7530: (152_715_916, 5_474_310)}
-SCM_MAX_FD = 253
+SCM_MAX_FD = limits.SCM_MAX_FD
 FD_OVERHEAD = 200  # fds a benchmark process needs beside the ones it measures
 MEMORY_GOAL_BYTES = 1024  # per entry, in the daemon that owns the table
 HANDOFF_GOAL_X_FLOOR = 5
@@ -68,6 +69,12 @@ def add_parser(b: argparse.ArgumentParser) -> None:
     ls.add_argument("--fds", type=int, default=19000, help="fds in the table (default 19000)")
     ls.add_argument("--seconds", type=float, default=5.0, help="seconds of each phase (default 5)")
     ls.add_argument("--json", action="store_true")
+    cl = sub.add_parser("close", help="get latency while another client makes the daemon close sockets whose close "
+                                      "blocks (SO_LINGER, unsent data, a peer that never reads)")
+    cl.add_argument("--seconds", type=float, default=5.0, help="seconds of each phase (default 5)")
+    cl.add_argument("--closes", type=int, default=20, help="blocking closes during the attacked phase (default 20)")
+    cl.add_argument("--linger", type=int, default=3600, help="seconds each of those closes blocks (default 3600)")
+    cl.add_argument("--json", action="store_true")
     s = sub.add_parser("fdstore", help="systemd's fd store protocol: fds stored per second from 4 senders, and how "
                                         "long `cprd run` takes to start a program with N stored fds; the same for "
                                         "cprd's own client (put, get)")
@@ -117,6 +124,13 @@ def main(a: argparse.Namespace) -> int:
         if a.fds < 1 or a.seconds <= 0:
             raise UsageError("--fds must be at least 1 and --seconds above 0")
         _emit(bench_ls(a.fds, a.seconds), a.json, print_ls)
+        return 0
+    if a.bench == "close":
+        from .bench_serving import bench_close, print_close
+
+        if a.seconds <= 0 or a.closes < 1 or a.linger < 1:
+            raise UsageError("--seconds must be above 0, --closes and --linger at least 1")
+        _emit(bench_close(a.seconds, a.closes, a.linger), a.json, print_close)
         return 0
     if a.bench == "fdstore":
         from .bench_fdstore import bench_fdstore, print_fdstore

@@ -96,6 +96,78 @@ print(i)
 '''
 
 
+# Hands the daemon `closes` sockets whose last close blocks (loopback TCP, unsent data, a peer that
+# never reads, SO_LINGER {1, linger}) over `seconds`: put (our copy closed), then del, so that the
+# daemon closes the last reference. Holds the peers until it ends.
+LINGERER = r'''
+import socket, struct, sys, time
+from cprd.client import Client
+control, closes, seconds, linger = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+srv.bind(("127.0.0.1", 0))
+srv.listen(closes + 1)
+peers = []
+sys.stdout.write("ready\n"); sys.stdout.flush()
+sys.stdin.readline()
+t0 = time.monotonic()
+with Client(control, timeout=120) as c:
+    for i in range(closes):
+        time.sleep(max(0.0, t0 + seconds * i / closes - time.monotonic()))
+        s = socket.create_connection(srv.getsockname())
+        peers.append(srv.accept()[0])
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, linger))
+        s.setblocking(False)
+        try:
+            while True:
+                s.send(b"x" * 65536)
+        except BlockingIOError:
+            pass
+        c.put("lingering", i, s.fileno())
+        s.close()
+        c.delete("lingering", i)
+    pending = c.status().get("closes_pending", 0)
+time.sleep(max(0.0, t0 + seconds - time.monotonic()))
+print(pending)
+'''
+
+
+def bench_close(seconds: float, closes: int, linger: int) -> dict[str, Any]:
+    """`cprd bench close`: get latency of one client, alone and while another makes the daemon close
+    `closes` sockets whose close blocks for `linger` seconds each."""
+    from .procs import stop
+
+    with tempfile.TemporaryDirectory(prefix="cprd-bench-") as d:
+        os.chmod(d, 0o700)
+        src, control, keys = serving_daemon(d, 1000)
+        try:
+            row: dict[str, Any] = {"fds": len(keys), "seconds": seconds, "closes": closes, "linger_s": linger}
+            for phase in ("alone", "attacked"):
+                timer = _start(TIMER, control, "get", str(seconds), stdin_line=json.dumps(keys))
+                procs = [timer]
+                if phase == "attacked":
+                    procs.append(_start(LINGERER, control, str(closes), str(seconds), str(linger)))
+                _go(procs)
+                lat = [x[1] * 1e3 for x in json.loads(_finish(timer))]
+                if phase == "attacked":
+                    row["closes_pending"] = int(_finish(procs[1]).strip() or 0)
+                row[phase] = {"gets": len(lat), "p50_ms": round(_pct(lat, 0.5), 3), "p99_ms": round(_pct(lat, 0.99), 3),
+                              "max_ms": round(max(lat, default=0.0), 3)}
+        finally:
+            stop(src)
+    return row
+
+
+def print_close(row: dict[str, Any]) -> None:
+    print(f"bench close: {row['fds']} entries, {row['seconds']:g} s a phase; the attacker made the daemon close "
+          f"{row['closes']} sockets that each block {row['linger_s']} s (pending at its end: "
+          f"{row.get('closes_pending')})")
+    for phase in ("alone", "attacked"):
+        r = row[phase]
+        print(f"  {phase:<9} get p50 {r['p50_ms']:7.3f} ms  p99 {r['p99_ms']:7.3f} ms  max {r['max_ms']:8.3f} ms  "
+              f"({r['gets']} gets)")
+
+
 def _start(script: str, *args: str, stdin_line: str = "") -> subprocess.Popen:
     p = subprocess.Popen([sys.executable, "-c", script, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
@@ -210,7 +282,7 @@ def bench_upgrade(sizes: list[int], reps: int) -> list[dict[str, Any]]:
                 for _ in range(reps):
                     t0 = time.monotonic()
                     with Client(control, timeout=120, retry_for=0) as c:
-                        res = c._call("upgrade", program="")
+                        res = c.upgrade()
                     windows.append((t0, time.monotonic()))
                     if res["rolled_back"]:
                         raise RuntimeError(f"upgrade rolled back: {res['reason']}")

@@ -8,41 +8,21 @@ and flags add evidence. What this module may know: fds, /proc, the kcmp syscall.
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import os
-import platform
 
+from .. import proc
 from ..kinds import Kind
 from ..populate import (DEVICE_REGION_ID, DEVICE_REGION_MAGIC, DEVICE_REGION_SIZE, REGION_HEADER, device_name,
                         file_content, file_offset, memfd_content)
 
-_KCMP_NR = {"x86_64": 312, "aarch64": 272, "riscv64": 272, "ppc64le": 354, "s390x": 343, "i686": 349}
-_KCMP_FILE = 0
-_libc = None
-
-
 def kcmp_file(pid1: int, fd1: int, pid2: int, fd2: int) -> bool | None:
     """True/False if kcmp(KCMP_FILE) answers, None if it is unavailable or not permitted."""
-    global _libc
-    nr = _KCMP_NR.get(platform.machine())
-    if nr is None:
-        return None
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    r = _libc.syscall(nr, pid1, pid2, _KCMP_FILE, fd1, fd2)
-    if r < 0:
-        return None
-    return r == 0
+    r = proc.kcmp_file(pid1, fd1, pid2, fd2)
+    return None if r < 0 else r == 0
 
 
-def fdinfo(fd: int, pid: int | str = "self") -> dict[str, str]:
-    out = {}
-    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-        for line in f:
-            k, _, v = line.partition(":")
-            out[k.strip()] = v.strip()
-    return out
+fdinfo = proc.fdinfo
 
 
 def same_open_file(a: int, b: int, kind: Kind) -> tuple[bool, str]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import socket
 import statistics
 import subprocess
@@ -172,7 +173,7 @@ async def _moves(handoffs: int, upgrades: int, start: float, duration: float, co
             pid = _pid(owners[-1])
             try:
                 async with AsyncClient(control, timeout=120, retry_for=0) as c:
-                    res = await c._call("upgrade", program="")
+                    res = await c.upgrade()
             except CprdError as e:
                 stats.violations.append(f"upgrade {len(stats.upgrades)} failed: {e}")
                 return
@@ -257,6 +258,7 @@ async def run(fds: int, rate: float, handoffs: int, duration: float, clients: in
                                  "--state-dir", os.path.join(d, "state")]))
         assert control is not None
         final_owner = None
+        stray_owner = None  # a stand-in or guardian that kept the table after a failed upgrade
         try:
             if not external:
                 await trio.to_thread.run_sync(wait_for_socket, control, owners[0])
@@ -291,6 +293,7 @@ async def run(fds: int, rate: float, handoffs: int, duration: float, clients: in
             final_owner = next((o for o in owners if _pid(o) == st["pid"]), None)
             if final_owner is None:
                 stats.violations.append(f"the table is owned by pid {st['pid']}, not one we know")
+                stray_owner = None if external else st["pid"]
             else:
                 _check_fds(st["pid"], st["entries"], bases, stats, first=final_owner is owners[0])
             for o in owners:
@@ -306,6 +309,11 @@ async def run(fds: int, rate: float, handoffs: int, duration: float, clients: in
             for o in owners:
                 if not isinstance(o, int) and o.pid != keep:
                     stop(o)
+            if stray_owner is not None:  # ours (it took our table over), though not our child: stop it too
+                try:
+                    os.kill(stray_owner, signal.SIGTERM)
+                except OSError:
+                    pass
     lat = stats.latencies
     if external and final_owner is not None and not isinstance(final_owner, int):
         print(f"cprd stress: the table at {control} is now served by pid {final_owner.pid}, a cprd target "
