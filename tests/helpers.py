@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
+import socket
+import stat
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 
 import psutil
@@ -270,3 +276,84 @@ class Churn:
         self.stop.set()
         self.t.join(60)
         assert not self.t.is_alive()
+
+
+# -- an fd of every kind a client can put ----------------------------------------------------------
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _libc_fd(fn: str, *args) -> int:
+    f = getattr(_libc, fn, None)
+    if f is None:
+        pytest.skip(f"libc has no {fn}")
+    fd = f(*args)
+    if fd < 0:
+        pytest.skip(f"{fn} failed: {os.strerror(ctypes.get_errno())}")
+    return fd
+
+
+def _timerfd() -> int:
+    if hasattr(os, "timerfd_create"):  # Python 3.13+
+        return os.timerfd_create(time.CLOCK_MONOTONIC, flags=os.TFD_CLOEXEC)
+    return _libc_fd("timerfd_create", time.CLOCK_MONOTONIC, os.O_CLOEXEC)  # TFD_CLOEXEC == O_CLOEXEC
+
+
+def _signalfd() -> int:
+    mask = (ctypes.c_ubyte * 128)()  # an empty sigset_t
+    return _libc_fd("signalfd", -1, mask, os.O_CLOEXEC)
+
+
+def _inotify() -> int:
+    return _libc_fd("inotify_init1", os.O_CLOEXEC)
+
+
+def _blockdev() -> int:
+    for name in sorted(os.listdir("/dev")):
+        path = os.path.join("/dev", name)
+        try:
+            if not stat.S_ISBLK(os.stat(path).st_mode):
+                continue
+        except OSError:
+            continue
+        for flags in (os.O_RDONLY | os.O_NONBLOCK, os.O_PATH):
+            try:
+                return os.open(path, flags | os.O_CLOEXEC)
+            except OSError:
+                pass
+    pytest.skip("no block device that this process can open")
+
+
+def _sock(family: int, type_: int) -> Callable[[], list[int]]:
+    def make() -> list[int]:
+        if family == socket.AF_UNIX:
+            a, b = socket.socketpair(family, type_)
+            return [a.detach(), b.detach()]
+        return [socket.socket(family, type_).detach()]
+
+    return make
+
+
+# kind label -> (expected Kind, maker returning [the fd under test, other fds to close with it])
+MAKERS: dict[str, tuple[Kind, Callable[..., list[int]]]] = {
+    "file": (Kind.FILE, lambda d: [
+        os.open(os.path.join(d, "f"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)]),
+    "file-rdonly-append": (Kind.FILE, lambda d: [
+        os.close(os.open(os.path.join(d, "g"), os.O_CREAT | os.O_WRONLY, 0o600)),
+        os.open(os.path.join(d, "g"), os.O_RDONLY | os.O_APPEND | os.O_CLOEXEC)][1:]),
+    "dir": (Kind.DIR, lambda d: [os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)]),
+    "memfd": (Kind.MEMFD, lambda d: [os.memfd_create("cprd-test", os.MFD_CLOEXEC)]),
+    "eventfd": (Kind.EVENTFD, lambda d: [os.eventfd(3, os.EFD_CLOEXEC)]),
+    "eventfd-nonblock": (Kind.EVENTFD, lambda d: [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)]),
+    "timerfd": (Kind.TIMERFD, lambda d: [_timerfd()]),
+    "signalfd": (Kind.SIGNALFD, lambda d: [_signalfd()]),
+    "inotify": (Kind.INOTIFY, lambda d: [_inotify()]),
+    "pipe-read": (Kind.PIPE, lambda d: list(os.pipe2(os.O_CLOEXEC))),
+    "pipe-write": (Kind.PIPE, lambda d: list(reversed(os.pipe2(os.O_CLOEXEC)))),
+    "unix-stream": (Kind.SOCKET, lambda d: _sock(socket.AF_UNIX, socket.SOCK_STREAM)()),
+    "unix-seqpacket": (Kind.SOCKET, lambda d: _sock(socket.AF_UNIX, socket.SOCK_SEQPACKET)()),
+    "unix-dgram": (Kind.SOCKET, lambda d: _sock(socket.AF_UNIX, socket.SOCK_DGRAM)()),
+    "tcp": (Kind.SOCKET, lambda d: _sock(socket.AF_INET, socket.SOCK_STREAM)()),
+    "chardev": (Kind.CHARDEV, lambda d: [os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)]),
+    "blockdev": (Kind.BLOCKDEV, lambda d: [_blockdev()]),
+    "pidfd": (Kind.PIDFD, lambda d: [os.pidfd_open(os.getpid())]),
+}

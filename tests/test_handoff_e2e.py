@@ -12,7 +12,7 @@ import pytest
 from cprd import scm
 from cprd.errors import CapacityError, HandoffError
 from cprd.protocol import handoff as hp
-from helpers import prove_same, close_copies, hold_copies, num_fds, settled_fds, snapshot
+from helpers import MAKERS, prove_same, close_copies, hold_copies, num_fds, settled_fds, snapshot
 from proof import Copies, kcmp_file
 
 pytestmark = pytest.mark.requires("kcmp")
@@ -277,7 +277,6 @@ def test_any_batch_size_and_window(cluster, batch, window):
 def test_every_kind_a_client_can_put_is_handed_off_as_the_same_open_file(cluster, tmp_path, verify):
     """Beyond what --populate makes: directories, devices, timerfd, signalfd, pidfd, inotify, odd
     sockets and flags, each put by a client, handed off, and found by kcmp to be the very fd."""
-    from test_kinds import MAKERS
 
     src = cluster.source()
     made: list[int] = []
