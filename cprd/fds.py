@@ -14,9 +14,11 @@ every close_later, OwnedFds.close and table drop go to the closer. Elsewhere (th
 tools) close_later is os.close.
 
 The closer's queue is bounded by construction: it holds fds this process has open, which
-RLIMIT_NOFILE bounds, and each at most once. Its threads (at most MAX_THREADS, started when every
-one is busy, ended after IDLE_S without work) each close one fd at a time, so one close that
-blocks for an hour holds up one thread, not the others. ``pending()`` is what status reports.
+RLIMIT_NOFILE bounds, and each at most once. Its threads each close one fd at a time, so one close
+that blocks for an hour holds up one thread, not the others: a thread is started when none is
+idle and fewer than MAX_THREADS are working on closes that have not yet taken STUCK_S (one stuck
+in a close that blocks does not count), up to HARD_CAP threads in all; a thread ends after IDLE_S
+without work. ``pending()`` is what status reports.
 A fork (an upgrade's stand-in) gets a closer with the same queue and no threads (they start again
 on demand); a close in progress in the parent at the fork is the parent's.
 """
@@ -32,14 +34,16 @@ from collections.abc import Iterable
 
 log = logging.getLogger("cprd.fds")
 
-MAX_THREADS = 8
+MAX_THREADS = 8  # threads working on closes that have not blocked (yet)
+HARD_CAP = 256  # threads in all, stuck ones included (each costs a stack's address space, little memory)
+STUCK_S = 0.2  # a close that has taken this long counts as stuck: another thread takes the queue on
 IDLE_S = 5.0
 SLOW_S = 1.0  # a close that takes longer is logged
 
 
 class Closer:
-    def __init__(self, max_threads: int = MAX_THREADS) -> None:
-        self.max_threads = max_threads
+    def __init__(self, max_threads: int = MAX_THREADS, hard_cap: int = HARD_CAP) -> None:
+        self.max_threads, self.hard_cap = max_threads, hard_cap
         self._reset(deque())
         os.register_at_fork(after_in_child=self._after_fork)
 
@@ -48,7 +52,9 @@ class Closer:
         self._queue = queue
         self._threads = 0
         self._idle = 0
-        self._busy = 0
+        self._busy: dict[int, float] = {}  # thread ident -> when its current close began
+        self._rescue_armed = False
+        self._starting = 0  # threads started that have not taken up work yet
         self.slow = 0  # closes that took more than SLOW_S
 
     def _after_fork(self) -> None:
@@ -58,20 +64,49 @@ class Closer:
         """Close fd on a closer thread; never waits."""
         with self._cv:
             self._queue.append(fd)
-            if self._idle == 0 and self._threads < self.max_threads:
-                self._threads += 1
-                threading.Thread(target=self._work, name="cprd-closer", daemon=True).start()
-            else:
-                self._cv.notify()
+            self._staff()
+
+    def _staff(self) -> None:
+        """(Lock held.) Start a thread for the queue if none is idle and fewer than max_threads are
+        working on closes that have not blocked; if the queue must wait for the busy ones, look again
+        in STUCK_S (they may be stuck by then)."""
+        if self._idle >= len(self._queue):
+            self._cv.notify()
+            return
+        now = time.monotonic()
+        working = self._threads - sum(1 for t0 in self._busy.values() if now - t0 > STUCK_S)
+        waiting = len(self._queue) - self._idle - self._starting
+        while waiting > 0 and working < self.max_threads and self._threads < self.hard_cap:
+            self._threads += 1
+            self._starting += 1
+            threading.Thread(target=self._work, name="cprd-closer", daemon=True).start()
+            working += 1
+            waiting -= 1
+        self._cv.notify(len(self._queue))
+        if waiting > 0 and not self._rescue_armed and self._threads < self.hard_cap:
+            self._rescue_armed = True
+            t = threading.Timer(STUCK_S, self._rescue)
+            t.daemon = True
+            t.start()
+
+    def _rescue(self) -> None:
+        with self._cv:
+            self._rescue_armed = False
+            if self._queue:
+                self._staff()
 
     def pending(self) -> int:
         """Fds queued or being closed."""
         with self._cv:
-            return len(self._queue) + self._busy
+            return len(self._queue) + len(self._busy)
 
     def _work(self) -> None:
+        first = True
         while True:
             with self._cv:
+                if first:
+                    self._starting -= 1
+                    first = False
                 self._idle += 1
                 end = time.monotonic() + IDLE_S
                 while not self._queue:
@@ -83,15 +118,15 @@ class Closer:
                     self._cv.wait(left)
                 self._idle -= 1
                 fd = self._queue.popleft()
-                self._busy += 1
-            t0 = time.monotonic()
+                me = threading.get_ident()
+                t0 = self._busy[me] = time.monotonic()
             try:
                 os.close(fd)
             except OSError:
                 pass
             took = time.monotonic() - t0
             with self._cv:
-                self._busy -= 1
+                del self._busy[me]
                 if took > SLOW_S:
                     self.slow += 1
             if took > SLOW_S:
@@ -154,6 +189,15 @@ class OwnedFds:
 
     def close(self) -> None:
         close_all_later(self.take())
+
+    def close_now(self) -> None:
+        """Close on this thread: only for fds known not to be the last reference to their file
+        (copies of fds a table still holds), whose close cannot block."""
+        for fd in self.take():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def __enter__(self) -> OwnedFds:
         return self

@@ -82,7 +82,7 @@ class Daemon:
         self.exit_code = 0
         self._nursery: trio.Nursery | None = None
         self.endpoint = Endpoint(st.listener, st.config, st.allowed_uids, self._handle, self._replied,
-                                 lambda: f"{len(st.table)} entries")
+                                 lambda: f"{len(st.table)} entries", lambda: st.table.version)
         self.handlers = Handlers(st, self.life, lambda: self.endpoint.conns, self._handoff_req, self._upgrade_req,
                                  self._fdstore_req, lambda e: self.stores.describe(e), self._status_extra)
         self.stores = FdStores(st, self.life, self.handlers.check_room)

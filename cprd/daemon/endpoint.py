@@ -63,9 +63,11 @@ Handle = Callable[[cp.Request, OwnedFds, Any, int], Awaitable[tuple[Iterable[byt
 
 class Endpoint:
     def __init__(self, listener: socket.socket, config: Config, allowed_uids: set[int], handle: Handle,
-                 replied: Callable[[str], None], describe_load: Callable[[], str]) -> None:
+                 replied: Callable[[str], None], describe_load: Callable[[], str],
+                 version: Callable[[], int] = lambda: -1) -> None:
         self.listener, self.config, self.allowed_uids = listener, config, allowed_uids
         self.handle, self.replied, self.describe_load = handle, replied, describe_load
+        self.version = version  # changes whenever what lends a reply its fds (the table) drops one
         self.conns = 0
         self.by_uid: Counter[int] = Counter()  # connections served, by the peer's uid
         self.closing = False  # a handoff has committed: each connection ends after its reply
@@ -215,6 +217,7 @@ class Endpoint:
                             frames, lent = await self.handle(req, fds, conn, uid)
                             # The table's own fds: copied before any other task can run (a del, a
                             # hang-up) and close them, so that the reply never carries a reused number.
+                            lent_at = self.version()
                             out = _copies(lent)
                         except Unanswered:
                             # The table moved on while this request waited: hang up without an answer;
@@ -223,9 +226,14 @@ class Endpoint:
                         except CprdError as e:
                             log.info("event=request_failed code=%s error=%r", e.code, str(e))
                             frames, out = cp.encode_error(e), OwnedFds()
-                    with out:
+                            lent_at = None
+                    try:
                         if not await self.reply(conn, frames, out.fds):
                             return
+                    finally:
+                        # A copy is the last reference to its open file (whose close may block) only
+                        # if the table dropped the entry meanwhile; else close it here, at once.
+                        out.close() if lent_at is None or self.version() != lent_at else out.close_now()
                     self.replied(op)
         finally:
             self.conns -= 1

@@ -1,0 +1,96 @@
+"""The closer (cprd/fds.py): closes that block (real lingering TCP sockets) hold up only the threads
+they run on; ordinary closes queued behind them are done meanwhile; its threads end when idle, and
+a fork gets the queue without the threads."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+
+from cprd.fds import Closer
+
+
+def _lingering(n: int):
+    """n sockets whose last close blocks (unsent data, a peer that never reads, SO_LINGER {1, 30}),
+    and their peers (closing a peer ends the linger)."""
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(n)
+    socks, peers = [], []
+    for _ in range(n):
+        s = socket.create_connection(srv.getsockname())
+        peers.append(srv.accept()[0])
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 30))
+        s.setblocking(False)
+        try:
+            while True:
+                s.send(b"x" * 65536)
+        except BlockingIOError:
+            pass
+        socks.append(s.detach())
+    srv.close()
+    return socks, peers
+
+
+def _wait(cond, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_ordinary_closes_go_on_while_closes_that_block_hold_their_threads():
+    c = Closer()
+    stuck, peers = _lingering(20)
+    try:
+        for fd in stuck:  # all at once: more than the pool's working threads
+            c.close(fd)
+        time.sleep(0.05)
+        ordinary = [os.eventfd(0) for _ in range(50)]
+        for fd in ordinary:
+            c.close(fd)
+        assert _wait(lambda: c.pending() == 20), f"ordinary closes still queued: {c.pending()} pending"
+        for fd in ordinary:  # closed for real
+            try:
+                os.fstat(fd)
+                raise AssertionError(f"fd {fd} is still open")
+            except OSError:
+                pass
+        assert c._threads <= 20 + 8  # each stuck close holds one thread, and the pool goes on beside them
+    finally:
+        for p in peers:
+            p.close()  # the lingering closes end
+    assert c.wait_idle(10) and c.pending() == 0
+    assert _wait(lambda: c._threads == 0, 15), "idle threads end"
+
+
+def test_a_fork_keeps_the_queue_and_starts_its_own_threads():
+    c = Closer()
+    stuck, peers = _lingering(1)
+    try:
+        c.close(stuck[0])
+        assert _wait(lambda: len(c._busy) == 1)
+        pid = os.fork()
+        if pid == 0:  # the child: no thread runs here; the queue is its own, and a close still works
+            code = 1
+            try:
+                ev = os.eventfd(0)
+                c.close(ev)
+                if c.wait_idle(5):
+                    try:
+                        os.fstat(ev)
+                    except OSError:
+                        code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        for p in peers:
+            p.close()
+    assert c.wait_idle(10)
