@@ -245,9 +245,10 @@ async def _serve_restored(state: Any, state_fd: int, table: FdTable, listener: s
                   "rolled_back": bool(state.rolled_back), "reason": state.rolled_back,
                   "program": state.failed_program if state.rolled_back else state.argv_new,
                   "previous_pid": state.pid, "standin_pid": cpid, "standin_journal": took.messages,
-                  "standin_handed_over": took.handed_over, "fenced": took.fenced}
-        log.info("event=upgraded pid=%d entries=%d ms=%.1f rolled_back=%s standin=%s journal_messages=%s fenced=%s",
-                 os.getpid(), len(st.table), ms, result["rolled_back"], cpid, took.messages, took.fenced)
+                  "standin_handed_over": took.handed_over, "fenced": took.fenced, "phases_ms": took.phases_ms}
+        log.info("event=upgraded pid=%d entries=%d ms=%.1f rolled_back=%s standin=%s journal_messages=%s fenced=%s "
+                 "phases_ms=%s", os.getpid(), len(st.table), ms, result["rolled_back"], cpid, took.messages,
+                 took.fenced, took.phases_ms)
         if os.getpid() != state.pid:
             sdnotify.mainpid(os.getpid())
         sdnotify.ready(d.status_line())

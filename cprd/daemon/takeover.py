@@ -45,6 +45,7 @@ class TakeOver:
     handed_over: bool = False  # Done came (else the stand-in died or was fenced)
     t_asked: float | None = None  # when we asked (trio time)
     fenced: list[str] = field(default_factory=list)  # the peers we had to kill
+    phases_ms: dict[str, float] = field(default_factory=dict)  # from asking (T) to each step
     children: list[tuple[int, int | None]] = field(default_factory=list)  # (pid, pidfd) to reap once serving
 
 
@@ -194,6 +195,8 @@ class _Driver:
                 ev = self.queue.pop(0)
                 before = self.s.state
                 actions = self.s.on(ev)
+                if self.s.state is not before:
+                    out.phases_ms[self.s.state.value] = round((trio.current_time() - out.t_asked) * 1e3, 3)
                 if ev is Ev.RELEASED:
                     fault.point("upgrade", "released")
                 await self.carry_out(actions)
