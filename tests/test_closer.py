@@ -5,34 +5,17 @@ a fork gets the queue without the threads."""
 from __future__ import annotations
 
 import os
-import socket
-import struct
 import time
 
 from cprd.fds import Closer
+from cprd.tools.lingering import Lingering
 
 
 def _lingering(n: int):
-    """n sockets whose last close blocks (unsent data, a peer that never reads, SO_LINGER {1, 30}),
-    and their peers (closing a peer ends the linger)."""
-    srv = socket.socket()
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(n)
-    socks, peers = [], []
-    for _ in range(n):
-        s = socket.create_connection(srv.getsockname())
-        peers.append(srv.accept()[0])
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 30))
-        s.setblocking(False)
-        try:
-            while True:
-                s.send(b"x" * 65536)
-        except BlockingIOError:
-            pass
-        socks.append(s.detach())
-    srv.close()
-    return socks, peers
+    """n sockets whose last close blocks for 30 s (unsent data, a peer that never reads), and what
+    holds their peers (closing it ends the linger)."""
+    socks = Lingering(n)
+    return [socks.make(30) for _ in range(n)], socks
 
 
 def _wait(cond, timeout: float = 10.0) -> bool:
@@ -63,8 +46,7 @@ def test_ordinary_closes_go_on_while_closes_that_block_hold_their_threads():
                 pass
         assert c._threads <= 20 + 8  # each stuck close holds one thread, and the pool goes on beside them
     finally:
-        for p in peers:
-            p.close()  # the lingering closes end
+        peers.close()  # the lingering closes end
     assert c.wait_idle(10) and c.pending() == 0
     assert _wait(lambda: c._threads == 0, 15), "idle threads end"
 
@@ -91,6 +73,5 @@ def test_a_fork_keeps_the_queue_and_starts_its_own_threads():
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
     finally:
-        for p in peers:
-            p.close()
+        peers.close()
     assert c.wait_idle(10)

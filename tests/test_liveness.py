@@ -206,7 +206,8 @@ def test_reloads_in_a_burst_leave_the_daemon_serving_in_its_own_pid(cluster, n, 
 # -- an fd whose close blocks --------------------------------------------------------------------------
 LINGERING = textwrap.dedent("""
     # An fd whose last close blocks for an hour: a loopback TCP socket with unsent data, a peer that
-    # never reads, and SO_LINGER {1, 3600}. Handed to the daemon (how: argv[1]), our copy closed.
+    # never reads, and SO_LINGER {1, 3600} (as cprd.tools.lingering makes one; this runs as another
+    # user with the system's python, which has no cprd). Handed to the daemon (argv[1]), our copy closed.
     import array, socket, struct, sys, time
     how, path = sys.argv[1], sys.argv[2]
     srv = socket.socket()
@@ -309,24 +310,14 @@ def test_an_fd_whose_close_blocks_never_holds_up_the_other_clients(cluster, how)
 
 PUT_THEN_DEL = textwrap.dedent("""
     # put a lingering socket (our copy closed), then del it: the daemon closes the last reference
-    import socket, struct, sys, time
+    import os, sys, time
     from cprd.client import Client
-    srv = socket.socket()
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    srv.bind(("127.0.0.1", 0))
-    srv.listen()
-    c = socket.create_connection(srv.getsockname())
-    peer, _ = srv.accept()
-    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 3600))
-    c.setblocking(False)
-    try:
-        while True:
-            c.send(b"x" * 65536)
-    except BlockingIOError:
-        pass
+    from cprd.tools.lingering import Lingering
+    socks = Lingering()
+    fd = socks.make(3600)
     with Client(sys.argv[1], timeout=5) as cl:
-        cl.put("linger", 1, c.fileno())
-        c.close()
+        cl.put("linger", 1, fd)
+        os.close(fd)
         cl.delete("linger", 1)
     print("sent", flush=True)
     time.sleep(3600)

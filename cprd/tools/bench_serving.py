@@ -100,31 +100,20 @@ print(i)
 # never reads, SO_LINGER {1, linger}) over `seconds`: put (our copy closed), then del, so that the
 # daemon closes the last reference. Holds the peers until it ends.
 LINGERER = r'''
-import socket, struct, sys, time
+import os, sys, time
 from cprd.client import Client
+from cprd.tools.lingering import Lingering
 control, closes, seconds, linger = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
-srv = socket.socket()
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-srv.bind(("127.0.0.1", 0))
-srv.listen(closes + 1)
-peers = []
+socks = Lingering(closes + 1)
 sys.stdout.write("ready\n"); sys.stdout.flush()
 sys.stdin.readline()
 t0 = time.monotonic()
 with Client(control, timeout=120) as c:
     for i in range(closes):
         time.sleep(max(0.0, t0 + seconds * i / closes - time.monotonic()))
-        s = socket.create_connection(srv.getsockname())
-        peers.append(srv.accept()[0])
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, linger))
-        s.setblocking(False)
-        try:
-            while True:
-                s.send(b"x" * 65536)
-        except BlockingIOError:
-            pass
-        c.put("lingering", i, s.fileno())
-        s.close()
+        fd = socks.make(linger)
+        c.put("lingering", i, fd)
+        os.close(fd)
         c.delete("lingering", i)
     pending = c.status().get("closes_pending", 0)
 time.sleep(max(0.0, t0 + seconds - time.monotonic()))

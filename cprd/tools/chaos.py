@@ -43,7 +43,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -57,6 +56,7 @@ from .. import proc
 from ..client import AsyncClient, Client
 from ..errors import CprdError, UsageError
 from .procs import cprd_cmd, wait_for_socket
+from .stress import new_fd
 
 ROLES = {"handoff": ("source", "target"), "upgrade": ("daemon", "stand-in", "guardian")}
 MOMENTS_MS = {"handoff": (0, 25), "upgrade": (0, 450)}  # when faults fire, after the move began (its span)
@@ -134,21 +134,6 @@ class Model:
         self.mine, self.deleted = {}, set()
 
 
-def _new_fd(rng: random.Random, n: int) -> tuple[int, list[int]]:
-    k = rng.randrange(4)
-    if k == 0:
-        return os.eventfd(n % 1000, os.EFD_CLOEXEC), []
-    if k == 1:
-        fd = os.memfd_create(f"chaos-{n}", os.MFD_CLOEXEC)
-        os.write(fd, n.to_bytes(8, "little"))
-        return fd, []
-    if k == 2:
-        r, w = os.pipe2(os.O_CLOEXEC)
-        return r, [w]
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    return a.detach(), [b.detach()]
-
-
 class Churner:
     def __init__(self, i: int, control: str, model: Model, rng: random.Random, rate: float, ids) -> None:
         self.i, self.control, self.model, self.rng, self.rate = i, control, model, rng, rate
@@ -190,7 +175,7 @@ class Churner:
                 await trio.sleep(self.rng.expovariate(self.rate))
 
     async def _put(self, c: AsyncClient, key: tuple[str, int], replace: bool) -> None:
-        fd, extra = _new_fd(self.rng, key[1])
+        fd, extra = new_fd(self.rng.randrange(4), "", key[1])  # no file: kinds 0-3
         try:
             await c.put(key[0], key[1], fd, replace=replace)
         except BaseException:

@@ -56,8 +56,9 @@ class Stats:
 SLOW_MS = 10.0  # a request that took longer is listed (when, which op, during which move)
 
 
-def _new_fd(kind: int, directory: str, n: int) -> tuple[int, list[int]]:
-    """A real fd of a rotating kind, and extra fds to close with it (the other end of a pair)."""
+def new_fd(kind: int, directory: str, n: int) -> tuple[int, list[int]]:
+    """A real fd of a rotating kind (eventfd, memfd, pipe, socket pair, file in `directory`), and extra fds
+    to close with it (the other end of a pair)."""
     k = kind % 5
     if k == 0:
         return os.eventfd(n % 1000, os.EFD_CLOEXEC), []
@@ -123,7 +124,7 @@ class _Worker:
         else:
             key = (f"stress/{self.i}", self.next_id)
             self.next_id += 1
-        fd, extra = _new_fd(self.rng.randrange(5), self.dir, self.next_id)
+        fd, extra = new_fd(self.rng.randrange(5), self.dir, self.next_id)
         try:
             local = classify(fd)
             res = await self._timed("replace" if replace else "put", c.put(key[0], key[1], fd, replace=replace))
