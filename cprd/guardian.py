@@ -31,11 +31,11 @@ import sys
 import threading
 import time
 
-from . import proc
+from . import proc, statefd
 from .protocol import upgrade as pu
 from .protocol.upgrade import Act, Ev, Fence, Msg, Role, Send, Session
 
-RELOAD_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+RELOAD_SIGNALS = proc.RELOAD_SIGNALS
 
 
 class Guardian:
@@ -128,8 +128,6 @@ class Guardian:
     def _restore(self) -> int:
         """Run the previous program, in this pid, with the state at the fork and our copy of the
         journal (complete: the stand-in is fenced)."""
-        from . import upgrade
-
         st = self.state
         st.mode = "restore"
         st.guardian_fd = st.guardian_pid = None
@@ -142,7 +140,7 @@ class Guardian:
                 os.close(fd)
         signal.pthread_sigmask(signal.SIG_BLOCK, RELOAD_SIGNALS)  # until its handlers are in place
         try:
-            upgrade.rollback(self.state_fd, st, f"{reason} restored the previous program in pid {os.getpid()}")
+            statefd.rollback(self.state_fd, st, f"{reason} restored the previous program in pid {os.getpid()}")
         except OSError as e:
             print(f"cprd guardian: cannot run the previous program: {e}", file=sys.stderr)
         return 1

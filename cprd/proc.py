@@ -24,6 +24,9 @@ _KCMP = {"x86_64": 312, "aarch64": 272, "riscv64": 272, "ppc64le": 354, "s390x":
 _KCMP_FILE = 0
 _PIDFD_GETFD = 438  # the same number on every architecture (Linux 5.6)
 _PR_SET_NAME = 15
+# What a service manager sends to reload or stop a daemon: blocked across an upgrade's exec until the
+# new program's handlers are in place (the mask survives execve, handlers do not)
+RELOAD_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
 _libc: ctypes.CDLL | None = None
 
 
@@ -214,6 +217,19 @@ def kill(pidfd: int | None, pid: int | None = None, group: int | None = None) ->
     if group:
         try:
             os.killpg(group, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def lowest_priority() -> None:
+    """Run only when nothing else wants the CPU (SCHED_IDLE, else nice 19): for a process about to
+    exit whose teardown (thousands of fds, a large copy-on-write memory) would otherwise take CPU
+    from the daemon that serves."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, 19)
         except OSError:
             pass
 

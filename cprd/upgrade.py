@@ -37,116 +37,20 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
 
 from . import proc
 from .errors import UpgradeError
+from .statefd import exec_with, rewrite_state, write_state
 from .protocol import upgrade as pu
 from .protocol.upgrade import UpgradeState
 
 log = logging.getLogger("cprd.upgrade")
 
 STATE_VERSION = pu.STATE_VERSION
-DEFAULT_TIMEOUT = 30.0  # seconds a new program has to ask the stand-in to hand over (Deadlines.start_s)
 DEFAULT_PROGRAM = [sys.executable, "-m", "cprd"]
-RELOAD_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
-
-
-def max_state_version() -> int:
-    """The newest state version this program reads (tests lower it to play an older program)."""
-    return int(os.environ.get("CPRD_TEST_STATE_VERSION", STATE_VERSION))
-
-
-# -- the state memfd -----------------------------------------------------------------------------------
-def write_state(state: UpgradeState) -> int:
-    """A memfd (close-on-exec for now) holding the state, offset 0."""
-    fd = os.memfd_create("cprd-state", os.MFD_CLOEXEC)
-    try:
-        rewrite_state(fd, state)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def rewrite_state(fd: int, state: UpgradeState) -> None:
-    data = state.to_json()
-    os.ftruncate(fd, 0)
-    view = memoryview(data)
-    off = 0
-    while off < len(data):
-        off += os.pwrite(fd, view[off:], off)
-
-
-def read_raw(fd: int) -> bytes:
-    chunks, off = [], 0
-    while True:
-        chunk = os.pread(fd, 1 << 20, off)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
-        off += len(chunk)
-
-
-def exec_with(argv: list[str], fds: list[int], state_fd: int, env: dict[str, str] | None = None) -> None:
-    """Exec argv + --restore-fd state_fd with fds inheritable; returns only if exec failed (then
-    every fd is close-on-exec again and OSError is raised)."""
-    for fd in fds:
-        os.set_inheritable(fd, True)
-    try:
-        os.execve(argv[0], [*argv, "--restore-fd", str(state_fd)], os.environ if env is None else env)
-    except OSError:
-        for fd in fds:
-            try:
-                os.set_inheritable(fd, False)
-            except OSError:
-                pass
-        raise
-
-
-def rollback(state_fd: int, state: UpgradeState, reason: str) -> None:
-    """The new program cannot restore: run the previous one again, in this pid, with the same state
-    marked rolled back. Returns only if that exec fails too (then the caller exits 1: the stand-in
-    keeps the table, or the guardian restores it)."""
-    log.error("event=upgrade_rollback reason=%r previous=%r", reason, state.previous)
-    state.rolled_back, state.failed_program = reason, state.argv_new
-    rewrite_state(state_fd, state)
-    # The previous program runs as it ran before: with its own environment, not the new one's.
-    exec_with(state.previous, state.crossing_fds(state_fd), state_fd, state.env)
-
-
-def rollback_raw(state_fd: int, reason: str) -> None:
-    """A rollback by a program that cannot read the state (a version it does not know): the envelope
-    every version keeps (previous, env, crossing) is enough to hand everything back."""
-    data = pu.envelope(read_raw(state_fd))
-    if data.get("rolled_back"):
-        raise UpgradeError(f"the previous program could not restore either ({data['rolled_back']})")
-    data.update(rolled_back=reason, failed_program=data.get("argv_new"))
-    import json
-
-    raw = json.dumps(data, separators=(",", ":")).encode()
-    os.ftruncate(state_fd, 0)
-    os.pwrite(state_fd, raw, 0)
-    crossing = data.get("crossing")
-    if not isinstance(crossing, list):
-        raise UpgradeError("the state names no fds to hand back")
-    exec_with(data["previous"], [*crossing, state_fd], state_fd, data.get("env"))
-
-
-def lowest_priority() -> None:
-    """Run only when nothing else wants the CPU (SCHED_IDLE, else nice 19): for a process about to
-    exit whose teardown (thousands of fds, a large copy-on-write memory) would otherwise take CPU
-    from the daemon that serves."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
-        try:
-            os.setpriority(os.PRIO_PROCESS, 0, 19)
-        except OSError:
-            pass
 
 
 def kill_strays(keep: set[int | None], state_fd: int) -> list[int]:

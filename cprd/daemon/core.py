@@ -41,8 +41,8 @@ from typing import Any, NoReturn
 
 import trio
 
-from .. import sdnotify
-from ..errors import Busy, CprdError, HandoffError, UsageError
+from .. import proc, sdnotify
+from ..errors import Busy, CprdError, HandoffError, UpgradeError, UsageError
 from ..fds import OwnedFds
 from ..handoff import Result, SourceHooks, send_table
 from ..limits import unix_path_problem
@@ -58,7 +58,7 @@ from .state import DaemonState
 log = logging.getLogger("cprd.daemon")
 
 
-RELOAD_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+RELOAD_SIGNALS = proc.RELOAD_SIGNALS
 
 
 def _yield_cpu(state: Any) -> None:
@@ -266,7 +266,7 @@ class Daemon:
         program in this pid. In this process it returns only if nothing was forked (an error before
         the fork: everything as it was); in the stand-in it returns the answer of a rolled-back
         upgrade, or raises Unanswered when the new program has taken over (which answers)."""
-        from .. import proc, upgrade
+        from .. import upgrade
         from ..paths import check_program
         from ..protocol.upgrade import Deadlines
 
@@ -316,7 +316,7 @@ class Daemon:
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             life.to(Phase.SERVING)
             if isinstance(e, OSError):  # a memfd, a socket or the fork could not be made (at the fd limit?)
-                raise upgrade.UpgradeError(f"cannot prepare the upgrade: {e}; the running daemon (pid "
+                raise UpgradeError(f"cannot prepare the upgrade: {e}; the running daemon (pid "
                                            f"{os.getpid()}) goes on serving, nothing changed") from None
             raise
         if pid == 0:  # the stand-in
@@ -356,7 +356,7 @@ class Daemon:
         process's copy of it no longer changes), the guardian, the exec. It must never return to
         the event loop (the stand-in is the daemon now): if even running the previous program again
         fails, it exits, and the stand-in keeps the table."""
-        from .. import proc, upgrade
+        from .. import statefd, upgrade
         from ..protocol.upgrade import Standin
 
         st = self.st
@@ -381,7 +381,7 @@ class Daemon:
             except OSError as e:
                 reason = (f"cannot run {prep.state.argv_new[0]}: {e.strerror}; the previous program took the table "
                           f"back in pid {os.getpid()} and goes on serving, nothing changed")
-                upgrade.rollback(prep.state_fd, prep.state, reason)
+                statefd.rollback(prep.state_fd, prep.state, reason)
         except BaseException as e:  # noqa: BLE001 - nothing may return into the event loop
             log.error("event=upgrade_exec_failed error=%r note=the-stand-in-keeps-the-table", str(e))
         for h in logging.getLogger().handlers:

@@ -16,7 +16,7 @@ from typing import Any
 import trio
 
 from .. import fault, sdnotify
-from ..errors import CapacityError, CprdError
+from ..errors import CapacityError, CprdError, UpgradeError
 from ..handoff import fd_capacity, table_limit
 from ..kinds import classify
 from ..paths import trusted_uids, unlink_if_same
@@ -153,11 +153,11 @@ async def serve_target(listen: str, *, config: Config = Config()) -> int:
 def restore_main(state_fd: int, own_args: tuple[str, ...]) -> int:
     """`cprd ... --restore-fd N`: rebuild the daemon from the state an upgrade left in fd N and serve.
     When it cannot, run the previous program again with the same state (a rollback)."""
-    from .. import upgrade
+    from .. import statefd
     from ..protocol import upgrade as pu
 
     try:
-        raw = upgrade.read_raw(state_fd)
+        raw = statefd.read_raw(state_fd)
         env = pu.envelope(raw)
     except (CprdError, OSError) as e:
         # Without a readable state there is nothing to roll back with: the stand-in, seeing us gone,
@@ -166,7 +166,7 @@ def restore_main(state_fd: int, own_args: tuple[str, ...]) -> int:
         return 1
     state = None
     try:
-        state = pu.UpgradeState.from_json(raw, upgrade.max_state_version())
+        state = pu.UpgradeState.from_json(raw, statefd.max_state_version())
         if fault.armed("restore", "raise"):
             log.warning("event=fault_fired side=restore step=raise n=None action=raise")
             raise RuntimeError("test fault: restore raises")
@@ -180,15 +180,15 @@ def restore_main(state_fd: int, own_args: tuple[str, ...]) -> int:
         reason = f"the new program could not restore: {type(e).__name__}: {e}"
         try:
             if state is not None:
-                upgrade.rollback(state_fd, state, reason)
+                statefd.rollback(state_fd, state, reason)
             else:  # a state this program cannot read: what every version keeps is enough to hand it back
-                upgrade.rollback_raw(state_fd, reason)
+                statefd.rollback_raw(state_fd, reason)
         except (OSError, CprdError) as e2:
             print(f"cprd: error: cannot run the previous program: {e2}", file=sys.stderr)
         return 1
     try:
         return trio.run(_serve_restored, state, state_fd, table, listener, own_args)
-    except upgrade.UpgradeError as e:  # the stand-in's journal has a hole: we must not take over
+    except UpgradeError as e:  # the stand-in's journal has a hole: we must not take over
         print(f"cprd: error: cannot take over from the stand-in: {e}; the stand-in keeps serving the table "
               "(or, if it is gone, the guardian restores it)", file=sys.stderr)
         return 1
@@ -196,7 +196,6 @@ def restore_main(state_fd: int, own_args: tuple[str, ...]) -> int:
 
 def _rebuild(state: Any, state_fd: int) -> tuple[FdTable, socket.socket]:
     """The table and listener the state describes, every fd verified and close-on-exec again."""
-    from .. import upgrade
     from ..kinds import verify
 
     for fd in state.crossing_fds(state_fd):
@@ -206,7 +205,7 @@ def _rebuild(state: Any, state_fd: int) -> tuple[FdTable, socket.socket]:
         bad = verify(e.fd, e.ident)
         if bad is not None:
             table.forget_all()  # the fds are not ours to close: the rollback takes them all back
-            raise upgrade.UpgradeError(f"entry ({e.name!r}, {e.id}) fd {e.fd} does not verify: {bad}")
+            raise UpgradeError(f"entry ({e.name!r}, {e.id}) fd {e.fd} does not verify: {bad}")
         table.insert_unchecked_entry(e.name, e.id, e.fd, e.ident)
     table.by_kind()  # counted now, while the stand-in serves, not by the first status after the take-over
     return table, socket.socket(fileno=state.listener_fd)

@@ -38,7 +38,6 @@ from typing import Any
 import trio
 
 from .. import fault, proc, scm, sdnotify
-from .. import upgrade as up
 from ..fds import OwnedFds
 from ..protocol import upgrade as pu
 from ..protocol.upgrade import Act, Deadlines, Ev, Fence, JournalTo, Msg, Role, Send, Session, St
@@ -58,7 +57,7 @@ class Stream:
     cannot be copied) breaks the stream, and ``on_break`` runs at once, before the client that made
     the change hears of it (the stand-in then fences the others: rule 1)."""
 
-    def __init__(self, socks: dict[Role, socket.socket], on_break: Callable[[str], None]) -> None:
+    def __init__(self, socks: dict[Role, socket.socket], on_break: Callable[[str, Role | None], None]) -> None:
         self.socks = socks
         for sock in socks.values():
             _roomy(sock)
@@ -104,6 +103,7 @@ class Stream:
             if not self.ops:
                 self.answers = []
             msg = pu.encode_journal(ops, answers)
+            gone: Role | None = None  # a reader whose end is closed (it died)
             try:
                 for role in READERS:
                     if role not in self.readers:
@@ -113,10 +113,13 @@ class Stream:
                     except BlockingIOError:
                         raise OSError(f"the {role.value}'s queue is full after {self.sent} messages (it has not read "
                                       "them yet; a non-root daemon's queue holds a few hundred)") from None
+                    except (BrokenPipeError, ConnectionResetError, ConnectionRefusedError) as err:
+                        gone = role
+                        raise OSError(f"cannot send to the {role.value}: {err.strerror or err}") from None
                     except OSError as err:
                         raise OSError(f"cannot send to the {role.value}: {err.strerror or err}") from None
             except OSError as err:
-                self._break(f"the journal could not be sent: {err}")
+                self._break(f"the journal could not be sent: {err}", gone)
             else:
                 self.sent += Role.NEW in self.readers
             finally:
@@ -128,12 +131,12 @@ class Stream:
         self.ops, self.answers = [], []
         self.fds.close()
 
-    def _break(self, why: str) -> None:
+    def _break(self, why: str, gone: Role | None = None) -> None:
         log.error("event=standin_journal_broken reason=%r note=the-stand-in-fences-the-others-and-keeps-the-table", why)
         self.broken = why
         self.ops, self.answers = [], []
         self.fds.close()
-        self.on_break(why)
+        self.on_break(why, gone)
 
 
 def _roomy(sock: socket.socket) -> None:
@@ -211,10 +214,13 @@ class StandIn:
         await trio.lowlevel.wait_readable(self.copy.fileno())
         self._see(Ev.GUARDIAN_GONE)
 
-    def _broken(self, why: str) -> None:
+    def _broken(self, why: str, gone: Role | None = None) -> None:
         """The journal broke, inside a mutation, before its answer: the session decides at once (it
         fences the others, synchronously: the kill is what matters), the rest follows in serve()."""
-        if self.session.state is St.SERVING:  # (while it keeps the table, only the guardian's queue can break)
+        if self.session.state is St.SERVING and (gone is Role.NEW or proc.ended(self.new_pidfd)):
+            # it broke because the new program died (its end closed): say so
+            self.reason = self._keep_reason(St.SERVING, Ev.NEW_GONE)
+        elif self.session.state is St.SERVING:  # (while it keeps the table, only the guardian's queue can break)
             self.reason = (f"{why}; the stand-in killed the new program and keeps serving the table in pid "
                            f"{os.getpid()}; upgrade again when fewer changes are in flight")
         self._transition(self.session.on(Ev.BROKEN), now_only=True)
@@ -411,7 +417,7 @@ class StandIn:
     async def _exit_soon(self) -> None:
         """Exit once the waiting requests have hung up, at once: no interpreter teardown of a large
         table (tens of ms of CPU that the new program, on the same cores, needs now)."""
-        up.lowest_priority()
+        proc.lowest_priority()
         await trio.sleep(0.05)
         for h in logging.getLogger().handlers:
             h.flush()
