@@ -20,7 +20,7 @@ idle and fewer than MAX_THREADS are working on closes that have not yet taken ST
 in a close that blocks does not count), up to HARD_CAP threads in all; a thread ends after IDLE_S
 without work. ``pending()`` is what status reports.
 A fork (an upgrade's stand-in) gets a closer with the same queue and no threads (they start again
-on demand); a close in progress in the parent at the fork is the parent's.
+on demand); a close in progress in the parent at the fork is the parent's (see _after_fork).
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable
+
+from .proc import start_thread
 
 log = logging.getLogger("cprd.fds")
 
@@ -52,13 +54,18 @@ class Closer:
         self._queue = queue
         self._threads = 0
         self._idle = 0
-        self._busy: dict[int, float] = {}  # thread ident -> when its current close began
+        self._busy: dict[int, tuple[float, int]] = {}  # thread ident -> (when its close began, the fd)
         self._rescue_armed = False
         self._starting = 0  # threads started that have not taken up work yet
         self.slow = 0  # closes that took more than SLOW_S
 
     def _after_fork(self) -> None:
-        self._reset(deque(self._queue))  # the child's copies of the queued fds; no thread runs here
+        """In a fork: the queue is the child's (copies of the same fds), no thread runs. An fd a
+        parent's thread was closing at the fork stays open in the child if its slot was still in use
+        then: the child cannot tell it from a number the parent freed and reused just before the
+        fork, so it leaves it (at most one fd per busy thread, in a short-lived stand-in) rather
+        than risk closing another."""
+        self._reset(deque(self._queue))
 
     def close(self, fd: int) -> None:
         """Close fd on a closer thread; never waits."""
@@ -74,12 +81,12 @@ class Closer:
             self._cv.notify()
             return
         now = time.monotonic()
-        working = self._threads - sum(1 for t0 in self._busy.values() if now - t0 > STUCK_S)
+        working = self._threads - sum(1 for t0, _ in self._busy.values() if now - t0 > STUCK_S)
         waiting = len(self._queue) - self._idle - self._starting
         while waiting > 0 and working < self.max_threads and self._threads < self.hard_cap:
             self._threads += 1
             self._starting += 1
-            threading.Thread(target=self._work, name="cprd-closer", daemon=True).start()
+            start_thread(threading.Thread(target=self._work, name="cprd-closer", daemon=True))
             working += 1
             waiting -= 1
         self._cv.notify(len(self._queue))
@@ -87,7 +94,7 @@ class Closer:
             self._rescue_armed = True
             t = threading.Timer(STUCK_S, self._rescue)
             t.daemon = True
-            t.start()
+            start_thread(t)
 
     def _rescue(self) -> None:
         with self._cv:
@@ -119,7 +126,8 @@ class Closer:
                 self._idle -= 1
                 fd = self._queue.popleft()
                 me = threading.get_ident()
-                t0 = self._busy[me] = time.monotonic()
+                t0 = time.monotonic()
+                self._busy[me] = (t0, fd)
             try:
                 os.close(fd)
             except OSError:

@@ -116,7 +116,7 @@ class Guardian:
         if peer is Role.NEW:
             # through its pidfd (it may have left its group), its group (what it forked), and
             # whatever else still holds the upgrade's state (what escaped the group)
-            proc.kill(self.new_pidfd, group=self.daemon_pid)
+            proc.kill(self.new_pidfd, group=self.state.group)
             proc.wait_ended(self.new_pidfd, self.d.fence_s)
             st = os.fstat(self.state_fd)
             proc.kill_holders((st.st_dev, st.st_ino), {os.getpid(), self.state.standin.pid if self.state.standin
@@ -177,7 +177,7 @@ def spawn(state: pu.UpgradeState, state_fd: int, link: int, words: int, copy: in
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, RELOAD_SIGNALS)  # the old program blocked them
             # Closing a client's fd may block (a socket that lingers): never let it delay the watch.
-            threading.Thread(target=proc.close_all_but, args=(keep,), daemon=True).start()
+            proc.start_thread(threading.Thread(target=proc.close_all_but, args=(keep,), daemon=True))
             code = Guardian(state, state_fd, link, words, copy, new_pidfd, standin_pidfd, daemon_pid).run()
         except BaseException as e:  # noqa: BLE001 - report, then exit: never return into the caller
             print(f"cprd guardian: {type(e).__name__}: {e}", file=sys.stderr)

@@ -109,14 +109,31 @@ def fd_count() -> int:
 
 def close_all_but(keep: set[int]) -> None:
     """Close every fd of this process above 2 that is not in `keep` (a fork that must hold only
-    what it was made for)."""
-    for name in os.listdir("/proc/self/fd"):
+    what it was made for). The listing's own fd is left alone (another thread may open one under
+    that number as soon as it is freed)."""
+    d = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        names = os.listdir(d)
+    finally:
+        os.close(d)
+    for name in names:
         fd = int(name)
-        if fd > 2 and fd not in keep:
+        if fd > 2 and fd != d and fd not in keep:
             try:
                 os.close(fd)
             except OSError:
                 pass
+
+
+def group_members(pgid: int) -> set[int]:
+    """The processes whose process group is `pgid` (a scan of /proc)."""
+    out = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = stat_of(name)
+            if st is not None and st[2] == pgid:
+                out.add(int(name))
+    return out
 
 
 def holds(pid: int | str, ident: tuple[int, int]) -> bool:
@@ -232,6 +249,18 @@ def lowest_priority() -> None:
             os.setpriority(os.PRIO_PROCESS, 0, 19)
         except OSError:
             pass
+
+
+def start_thread(thread) -> None:
+    """Start a threading.Thread with every signal blocked (it keeps the mask it is born with). A
+    signal sent to the process then reaches the main thread only, whose mask an upgrade holds across
+    its exec (docs/protocol.md 6.7): otherwise the kernel may hand a reload to a helper thread, whose
+    Python handler would queue it in a loop that never runs again."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def reap(pid: int | None) -> bool:

@@ -53,12 +53,13 @@ STATE_VERSION = pu.STATE_VERSION
 DEFAULT_PROGRAM = [sys.executable, "-m", "cprd"]
 
 
-def kill_strays(keep: set[int | None], state_fd: int) -> list[int]:
+def kill_strays(keep: set[int | None], state_fd: int, group: int | None) -> list[tuple[int, int | None]]:
     """Kill what a new program forked before it became cprd (see the module docstring): our own
     children other than those in `keep` (the guardian, the stand-in), the members of our process
-    group, and any other process that holds the state memfd of this upgrade (made for it, inherited
-    only through the exec: a process that escaped both by setsid and a double fork still holds it).
-    Returns their pids."""
+    group if the upgrade had it to itself (`group`), and any other process that holds the state
+    memfd of this upgrade (made for it, inherited only through the exec: a process that escaped both
+    by setsid and a double fork still holds it). Returns each one's (pid, pidfd) for the caller to
+    reap (never waits here: a stray may be frozen)."""
     me = os.getpid()
     st = os.fstat(state_fd)
     ident = (st.st_dev, st.st_ino)
@@ -70,18 +71,11 @@ def kill_strays(keep: set[int | None], state_fd: int) -> list[int]:
         if fields is None:
             continue
         _, ppid, pgrp = fields
-        if ppid == me or pgrp == me or proc.holds(name, ident):
-            strays.append(int(name))
-    for pid in strays:
-        pidfd = proc.pidfd_open(pid)
-        proc.kill(pidfd, pid)
-        if pidfd is not None:
-            os.close(pidfd)
-    for pid in strays:  # our children must be reaped; others are reaped by their parents
-        try:
-            os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass
+        if ppid == me or (group is not None and pgrp == group) or proc.holds(name, ident):
+            pidfd = proc.pidfd_open(int(name))
+            if pidfd is not None:
+                proc.kill(pidfd)
+                strays.append((int(name), pidfd))
     return strays
 
 

@@ -167,7 +167,46 @@ def test_a_stopped_guardian_is_fenced_and_reaped_once_the_new_program_takes_over
         close_copies(locals().get("churn").mine if "churn" in locals() else {})
 
 
+@pytest.mark.requires("kcmp")
+def test_a_guardian_that_dies_mid_upgrade_does_not_stop_the_upgrade(cluster, tmp_path):
+    """Found by review: the stand-in journaled to a guardian that had died, the send failed, and the
+    upgrade rolled back. A guardian whose end is closed can never restore: the journal goes to the new
+    program alone, and the upgrade completes with every change acknowledged meanwhile."""
+    src = cluster.source(SPEC)
+    with cluster.client() as c:
+        copies = hold_copies(c)
+    slow = tmp_path / "slow-cprd"  # the new program takes 2 s to restore: time to kill the guardian and change things
+    slow.write_text(f'#!/bin/sh\nCPRD_FAULT=upgrade:restored::sleep=2 exec {sys.executable} -m cprd "$@"\n')
+    slow.chmod(0o755)
+    try:
+        with Churn(cluster.control) as churn:
+            up = _upgrade_in_background(cluster, "--program", str(slow))
+            guardian = child_named(src.pid, "cprd-guardian")
+            time.sleep(0.3)
+            guardian.kill()
+            time.sleep(0.5)  # changes go on meanwhile (Churn puts every 2 ms)
+            code, res, _ = _finish(up)
+        assert code == 0 and not res["rolled_back"] and res["pid"] == src.pid, res
+        assert "event=fault_fired side=upgrade step=restored" in cluster.logs()
+        assert res["standin_journal"] > 0, "changes were journaled to the new program after the guardian died"
+        _one_owner(cluster, src.pid, copies, churn)
+    finally:
+        close_copies(copies)
+        close_copies(locals().get("churn").mine if "churn" in locals() else {})
+
+
 # -- reloads in a burst -----------------------------------------------------------------------------
+def _live_children(pid: int) -> list[int]:
+    out = []
+    for p in psutil.Process(pid).children():
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p.pid)
+        except psutil.NoSuchProcess:  # it ended while we looked
+            pass
+    return out
+
+
 @pytest.mark.requires("kcmp")
 @pytest.mark.parametrize("n,within", [(2, 0.25), (10, 0.2)])
 def test_reloads_in_a_burst_leave_the_daemon_serving_in_its_own_pid(cluster, n, within):
@@ -187,7 +226,7 @@ def test_reloads_in_a_burst_leave_the_daemon_serving_in_its_own_pid(cluster, n, 
             assert src.poll() is None, f"the daemon's pid died ({src.returncode}):\n{cluster.logs()[-3000:]}"
             with cluster.client() as c:
                 st = c.status()
-            kids = [p for p in psutil.Process(src.pid).children() if p.status() != psutil.STATUS_ZOMBIE]
+            kids = _live_children(src.pid)
             if st["upgrades"] >= 1 and st["state"] == "serving" and not kids:
                 time.sleep(0.5)
                 with cluster.client() as c:

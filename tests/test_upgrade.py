@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -338,3 +339,31 @@ def test_a_wrapper_child_that_escapes_its_group_and_parent_is_found_by_the_state
     assert code == 0 and res["pid"] == src.pid, err
     assert pids_holding(memfd_of(before)) == {src.pid}
     assert "event=upgrade_strays_killed" in cluster.logs()
+
+
+def test_an_upgrade_never_kills_a_process_that_shared_the_daemons_group(cluster, tmp_path):
+    """Found by review: a daemon started in a shell pipeline (`cprd source ... | tee log`) leads a process
+    group that other processes share; the strays' sweep and every fence killed that whole group. Now
+    the group is killed only when the daemon had it to itself; here a process it did not start stays,
+    through a successful upgrade and through one whose new program is fenced."""
+    src = cluster.spawn("source", "--control", cluster.control, "--populate", "eventfds=5",
+                        preexec_fn=os.setpgrp)  # it leads its own group, like the first command of a pipeline
+    from cprd.tools.procs import wait_for_socket
+
+    wait_for_socket(cluster.control, src)
+    bystander = subprocess.Popen(["sleep", "600"], preexec_fn=lambda: os.setpgid(0, src.pid))
+    restored = None
+    try:
+        assert os.getpgid(bystander.pid) == src.pid
+        code, res, err = _upgrade(cluster)
+        assert code == 0 and not res["rolled_back"], err
+        hang = _program(tmp_path, "hanging-cprd", "#!/bin/sh\nsleep 100000\n")
+        code, res, err = _upgrade(cluster, "--program", hang, "--timeout", "2")
+        assert code == 1 and res["rolled_back"], err
+        restored = res["pid"]
+        assert bystander.poll() is None, "the process sharing the daemon's group was killed"
+        assert psutil.Process(restored).name() == "cprd-standin"
+    finally:
+        bystander.kill()
+        bystander.wait()
+        _stop_restored(restored)

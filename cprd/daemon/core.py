@@ -81,6 +81,9 @@ class Daemon:
         self.life = Lifecycle()
         self.exit_code = 0
         self._nursery: trio.Nursery | None = None
+        # Set once what follows the start of serving is done (a take-over's reaping, its strays, its
+        # answer): a move waits for it, since a fork would copy that unfinished task into the stand-in.
+        self.settled = trio.Event()
         self.endpoint = Endpoint(st.listener, st.config, st.allowed_uids, self._handle, self._replied,
                                  lambda: f"{len(st.table)} entries", lambda: st.table.version)
         self.handlers = Handlers(st, self.life, lambda: self.endpoint.conns, self._handoff_req, self._upgrade_req,
@@ -116,6 +119,7 @@ class Daemon:
                 sdnotify.ready(self.status_line())
                 if on_serving is not None:
                     await on_serving()
+                self.settled.set()
                 if stores_after:
                     await self.stores.run(nursery)
         finally:
@@ -203,6 +207,7 @@ class Daemon:
         return cp.encode_reply(await self.handoff(a["to"], a["batch"], a["window"])), []
 
     async def handoff(self, to: str, batch: int, window: int) -> dict[str, Any]:
+        await self.settled.wait()
         if self.life.phase is not Phase.SERVING:
             raise Busy(f"a handoff is already {self.life.phase.value}; wait for it to finish")
         if not os.path.isabs(to):
@@ -271,6 +276,7 @@ class Daemon:
         from ..protocol.upgrade import Deadlines
 
         st, life = self.st, self.life
+        await self.settled.wait()  # (a reload queued across the last upgrade's exec arrives before it is done)
         if life.phase is not Phase.SERVING:
             raise Busy(f"the daemon is {life.phase.value}; retry the upgrade when it is done")
         if program is not None:
@@ -302,6 +308,10 @@ class Daemon:
             parent = os.getpid()
             if os.getpgid(0) != parent:  # lead a process group of our own (upgrade.py), before the fork
                 os.setpgid(0, 0)
+            # A fence kills the new program's whole group, what a wrapper forked with it; unless others
+            # share it (started in a shell pipeline, `cprd source | tee`): then only pidfds, children and
+            # the holders of the upgrade's state are killed, never a process the upgrade did not start.
+            group = None if proc.group_members(parent) - {parent} else parent
             # A reload or a stop that arrives from now until the new program's handlers are in place
             # waits (the mask survives the exec); SIGHUP's default action would kill the new program.
             mask = signal.pthread_sigmask(signal.SIG_BLOCK, RELOAD_SIGNALS)
@@ -331,7 +341,7 @@ class Daemon:
             proc.set_name("cprd-standin")
             notify = os.environ.pop("NOTIFY_SOCKET", None)  # the service manager hears the daemon's pid only
             s = StandIn(self, jc, gc, hw, watch, parent, deadlines, notify,
-                        upgrade.new_argv(program, list(st.config.own_args)))
+                        upgrade.new_argv(program, list(st.config.own_args)), group)
             s.start()
             result = await s.serve()
             if result is None:
@@ -347,11 +357,12 @@ class Daemon:
             pass  # it is gone already (it does the same itself)
         log.info("event=upgrade_forked standin_pid=%d fork_ms=%.1f entries=%d", pid,
                  (time.perf_counter() - t_fork) * 1e3, len(st.table))
-        self._exec_upgrade(program, deadlines, t0, conn, pid, jp, gp, lp, lg, hr)  # never returns
+        self._exec_upgrade(program, deadlines, t0, conn, pid, jp, gp, lp, lg, hr, group)  # never returns
         raise AssertionError("exec returned")  # pragma: no cover
 
     def _exec_upgrade(self, program: str | None, deadlines: Any, t0: float, conn: Any, standin: int,
-                      jp: socket.socket, gp: socket.socket, lp: socket.socket, lg: socket.socket, hr: int) -> NoReturn:
+                      jp: socket.socket, gp: socket.socket, lp: socket.socket, lg: socket.socket, hr: int,
+                      group: int | None) -> NoReturn:
         """The old program after the fork: the state of the table as it was at the fork (this
         process's copy of it no longer changes), the guardian, the exec. It must never return to
         the event loop (the stand-in is the daemon now): if even running the previous program again
@@ -362,9 +373,13 @@ class Daemon:
         st = self.st
         log.info("event=shared pid=%d why=upgrade standin=%d", os.getpid(), standin)
         try:
-            standin_pidfd = proc.pidfd_open(standin)  # for the guardian, to fence it
+            standin_pidfd = proc.pidfd_open(standin)  # for the guardian: to fence it, and to tell it alive (rule 4)
+            if standin_pidfd is None:
+                raise UpgradeError(f"cannot open a pidfd of the stand-in (pid {standin}): the guardian could not "
+                                   "tell it alive")
             state = st.upgrade_state(t0, conn.fileno() if conn is not None else None, deadlines)
             state.standin = Standin(standin, jp.fileno())
+            state.group = group
             prep = upgrade.prepare(state, program, list(st.config.own_args))
             _yield_cpu(prep.state)
             prep.guard(lp.fileno(), lg.fileno(), hr, gp.fileno(), standin_pidfd, jp.fileno())

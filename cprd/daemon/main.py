@@ -234,10 +234,13 @@ async def _serve_restored(state: Any, state_fd: int, table: FdTable, listener: s
         async with trio.open_nursery() as n:
             for pid, pidfd in took.children:
                 n.start_soon(reap, pid, pidfd, state.deadlines.answer_s, state.deadlines.fence_s, d.nursery)
-        strays = upgrade.kill_strays({pid for pid, _ in took.children}, state_fd)
+        strays = upgrade.kill_strays({pid for pid, _ in took.children}, state_fd, state.group)
         if strays:
             log.warning("event=upgrade_strays_killed pids=%s note=the-new-program-forked-before-it-became-cprd;"
-                        "they-held-copies-of-the-table", strays)
+                        "they-held-copies-of-the-table", [pid for pid, _ in strays])
+            async with trio.open_nursery() as n:  # (a frozen one is collected later, by the daemon)
+                for pid, pidfd in strays:
+                    n.start_soon(reap, pid, pidfd, 0.0, state.deadlines.fence_s, d.nursery)
         os.close(state_fd)
         cpid = state.standin.pid if state.standin else None
         result = {"pid": os.getpid(), "entries": len(st.table), "ms": round(ms, 3),

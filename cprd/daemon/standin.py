@@ -57,12 +57,13 @@ class Stream:
     cannot be copied) breaks the stream, and ``on_break`` runs at once, before the client that made
     the change hears of it (the stand-in then fences the others: rule 1)."""
 
-    def __init__(self, socks: dict[Role, socket.socket], on_break: Callable[[str, Role | None], None]) -> None:
+    def __init__(self, socks: dict[Role, socket.socket], on_break: Callable[[str, Role | None], None],
+                 on_guardian_gone: Callable[[], None] = lambda: None) -> None:
         self.socks = socks
         for sock in socks.values():
             _roomy(sock)
         self.readers: frozenset[Role] = frozenset(socks)
-        self.on_break = on_break
+        self.on_break, self.on_guardian_gone = on_break, on_guardian_gone
         self.ops: list[list] = []
         self.fds = OwnedFds()  # copies of the fds of the "S" ops not sent yet
         self.answers: list[list] = []
@@ -114,6 +115,9 @@ class Stream:
                         raise OSError(f"the {role.value}'s queue is full after {self.sent} messages (it has not read "
                                       "them yet; a non-root daemon's queue holds a few hundred)") from None
                     except (BrokenPipeError, ConnectionResetError, ConnectionRefusedError) as err:
+                        if role is Role.GUARDIAN:  # its end closed: it left or died, and can never restore
+                            self.on_guardian_gone()  # (the session drops it from the readers)
+                            continue
                         gone = role
                         raise OSError(f"cannot send to the {role.value}: {err.strerror or err}") from None
                     except OSError as err:
@@ -156,12 +160,15 @@ class StandIn:
     """The stand-in's side of an upgrade, run by the task of the request that asked for it."""
 
     def __init__(self, daemon: Any, journal: socket.socket, copy: socket.socket, words: int, new_pidfd: int,
-                 parent_pid: int, deadlines: Deadlines, notify_socket: str | None, program: list[str]) -> None:
+                 parent_pid: int, deadlines: Deadlines, notify_socket: str | None, program: list[str],
+                 group: int | None = None) -> None:
         self.d, self.journal, self.copy, self.words = daemon, journal, copy, words
         self.new_pidfd, self.parent = new_pidfd, parent_pid
         self.deadlines, self.notify_socket, self.program = deadlines, notify_socket, program
+        self.group = group  # the new program's process group, to kill with it (None: others share it)
         self.session = Session.standin()
-        self.stream = Stream({Role.NEW: journal, Role.GUARDIAN: copy}, on_break=self._broken)
+        self.stream = Stream({Role.NEW: journal, Role.GUARDIAN: copy}, on_break=self._broken,
+                             on_guardian_gone=self._guardian_gone)
         self.guardian_pidfd: int | None = None  # sent by the old program once it forked the guardian
         self.guardian_word = os.fstat(words).st_ino  # who holds the other end of this pipe is the guardian
         self._queue: list[Ev | Msg] = []
@@ -214,6 +221,13 @@ class StandIn:
         await trio.lowlevel.wait_readable(self.copy.fileno())
         self._see(Ev.GUARDIAN_GONE)
 
+    def _guardian_gone(self) -> None:
+        """A send to the guardian found its end closed, inside a mutation: it can never restore; the
+        session says what follows (the journal goes to the new program alone, or, keeping the table,
+        the stand-in serves alone)."""
+        before = self.session.state
+        self._transition(self.session.on(Ev.GUARDIAN_GONE), now_only=True, moved=self.session.state is not before)
+
     def _broken(self, why: str, gone: Role | None = None) -> None:
         """The journal broke, inside a mutation, before its answer: the session decides at once (it
         fences the others, synchronously: the kill is what matters), the rest follows in serve()."""
@@ -249,10 +263,12 @@ class StandIn:
         return (f"the new program ({prog}) died before it took over; the stand-in (pid {os.getpid()}) keeps serving "
                 "the table")
 
-    def _transition(self, actions: tuple, now_only: bool = False) -> list:
+    def _transition(self, actions: tuple, now_only: bool = False, moved: bool = True) -> list:
         """Carry out what must happen at once (sends, kills, where the journal goes); return the
-        rest, which awaits, for serve() to carry out."""
-        self._epoch += 1
+        rest, which awaits, for serve() to carry out. `moved`: the session changed state, so that
+        what an older transition left to do no longer holds (a journal that broke meanwhile)."""
+        if moved:
+            self._epoch += 1
         later = []
         for a in actions:
             if isinstance(a, Fence):
@@ -267,14 +283,15 @@ class StandIn:
             else:
                 later.append(a)
         if now_only:
-            self._queue.append(("later", later, self._epoch))  # type: ignore[arg-type]
-            self._wake.set()
+            if later or moved:
+                self._queue.append(("later", later, self._epoch))  # type: ignore[arg-type]
+                self._wake.set()
             return []
         return later
 
     def _kill(self, peer: Role) -> None:
         if peer is Role.NEW:
-            proc.kill(self.new_pidfd, group=self.parent)
+            proc.kill(self.new_pidfd, group=self.group)
             log.warning("event=standin_fenced peer=new-program pid=%d", self.parent)
         elif self.guardian_pidfd is not None:
             proc.kill(self.guardian_pidfd)
@@ -375,16 +392,18 @@ class StandIn:
                     if not self._queue:
                         self._queue.append(Ev.TIMEOUT)
                 item = self._queue.pop(0)
-                before = len(self.session.history)
+                before = self.session.state
                 if isinstance(item, tuple):  # what a decision made inside a mutation left to await
                     _, later, epoch = item
-                    before = -1
+                    moved = True
                 else:
-                    later = self._transition(self._decide(item))
+                    actions = self._decide(item)
+                    moved = self.session.state is not before
+                    later = self._transition(actions, moved=moved)
                     epoch = self._epoch
                 await self._carry_out(later, epoch)
                 waits = self.session.waits
-                if waits is not None and len(self.session.history) != before:
+                if waits is not None and moved:
                     # a new wait starts now (after the actions: a fence may have taken fence_s)
                     deadline = trio.current_time() + getattr(self.deadlines, waits)
             n.cancel_scope.cancel()

@@ -266,6 +266,10 @@ TRANSITIONS: dict[tuple[Role, St, Ev], tuple[St, tuple[Action, ...]]] = {
     (S, St.SERVING, Ev.NEW_GONE): (St.KEEPING, _KEEP),
     (S, St.SERVING, Ev.TIMEOUT): (St.KEEPING, _KEEP),  # no T within start_s
     (S, St.SERVING, Ev.BROKEN): (St.OWNER, (Fence(P), Fence(G), JournalTo(frozenset()))),
+    # every holder of the guardian's end closed it (it died, or was never forked): it can never restore,
+    # so the journal goes to the new program alone (a send to it would fail, and break the journal)
+    (S, St.SERVING, Ev.GUARDIAN_GONE): (St.SERVING, (JournalTo(frozenset({P})),)),
+    (S, St.DONE_SENT, Ev.BROKEN): (St.OWNER, (Fence(P), Fence(G), JournalTo(frozenset()))),  # (nothing changes after D)
     (S, St.DONE_SENT, Ev.TAKEN): (St.RELEASED, (Send(G, Msg.TAKEN), Send(P, Msg.RELEASED), Act.LEAVE)),
     (S, St.DONE_SENT, Ev.NEW_GONE): (St.KEEPING, _KEEP),
     (S, St.DONE_SENT, Ev.TIMEOUT): (St.KEEPING, _KEEP),  # no K within answer_s
@@ -294,6 +298,10 @@ TRANSITIONS: dict[tuple[Role, St, Ev], tuple[St, tuple[Action, ...]]] = {
     (G, St.WAIT_WORD, Ev.TIMEOUT): (St.RESTORED, (Fence(S), Act.RESTORE)),  # S silent for answer_s
 }
 
+# Rows no schedule reaches (the model checks that none does), kept so that a driver's mistake still
+# ends with one owner: the journal cannot break after D, since nothing changes after D.
+DEFENSIVE = {(S, St.DONE_SENT, Ev.BROKEN)}
+
 # (role, state, event) that change nothing: what is noted for later (G: S's K or end while it
 # watches P; P: G's end), or that comes too late to matter (the process already decided).
 NOTED = {(G, St.WATCH, Ev.STANDIN_HANDED), (G, St.WATCH, Ev.STANDIN_GONE)}
@@ -301,7 +309,7 @@ IGNORED = {
     *((S, st, ev) for st in (St.KEEPING, St.OWNER, St.RELEASED)
       for ev in (Ev.NEW_GONE, Ev.TAKE_OVER, Ev.TAKEN, Ev.TIMEOUT, Ev.GUARDIAN_GONE, Ev.BROKEN)
       if (S, st, ev) not in TRANSITIONS),
-    *((S, st, Ev.GUARDIAN_GONE) for st in (St.SERVING, St.DONE_SENT)),  # it left or died: it restores nothing
+    (S, St.DONE_SENT, Ev.GUARDIAN_GONE),  # it left or died: it restores nothing (and nothing changes after D)
     *((P, st, ev) for st in (St.WAIT_DONE, St.WAIT_RELEASE) for ev in (Ev.GUARDIAN_GONE, Ev.CONFIRMED)),
     *((P, st, ev) for st in (St.WAIT_ACK, St.OWNER, St.FAILED)
       for ev in (Ev.STANDIN_GONE, Ev.RELEASED, Ev.DONE, Ev.DONE_HOLE, Ev.TIMEOUT, Ev.GUARDIAN_GONE, Ev.CONFIRMED)
@@ -341,6 +349,7 @@ class Session:
     state: St
     standin_handed: bool = False  # G: S said K
     standin_gone: bool = False  # G: S's end closed
+    guardian_gone: bool = False  # S: G's end closed (it can never restore)
     why: Ev | None = None  # the event that made S keep the table (or P fail, G restore)
     history: list[tuple[St, Ev, St]] = field(default_factory=list)
 
@@ -380,6 +389,8 @@ class Session:
                 self.standin_gone |= ev is Ev.STANDIN_GONE
             return ()
         new, actions = hit
+        if (self.role, ev) == (S, Ev.GUARDIAN_GONE):
+            self.guardian_gone = True
         self.history.append((self.state, ev, new))
         if new in (St.KEEPING, St.OWNER, St.FAILED, St.WAIT_WORD, St.RESTORED) and self.why is None:
             self.why = ev
@@ -388,6 +399,8 @@ class Session:
             # what S said (or its end) came while the guardian still watched the new program
             more = self.on(Ev.STANDIN_HANDED if self.standin_handed else Ev.STANDIN_GONE)
             return actions + more
+        if (self.role, new) == (S, St.KEEPING) and self.guardian_gone:
+            return actions + self.on(Ev.GUARDIAN_GONE)  # the guardian went before: nobody to wait for
         return actions
 
     def on_msg(self, msg: Msg, sender_alive: bool = True) -> tuple[Action, ...]:
@@ -477,6 +490,7 @@ class UpgradeState:
     standin: Standin | None = None
     guardian_fd: int | None = None  # the new program's end of the guardian's link
     guardian_pid: int | None = None
+    group: int | None = None  # the process group a fence of the new program kills (None: the daemon shares it)
     rolled_back: str | None = None
     failed_program: list[str] | None = None
     mode: str = "take-over"  # "take-over" (from a live stand-in) or "restore" (the guardian's: S and P fenced)
