@@ -93,6 +93,14 @@ class Cluster:
             k.close()
         for p in self.procs:
             stop(p)
+        # A stand-in or guardian that kept or restored the table is nobody's child here: stop what still
+        # serves (or holds) this cluster's paths, so that no daemon of a test outlives it.
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if p.pid != os.getpid() and any(str(self.dir) in a for a in p.info["cmdline"] or []):
+                    p.kill()
+            except psutil.Error:
+                pass
         FIRED.update(re.findall(r"event=fault_fired side=(\w+) step=(\w+)", self.logs()))
 
 

@@ -303,6 +303,8 @@ class Campaign:
             if r.owner_after is None:  # nobody serves: what the clients still retry is moot (nothing acks it)
                 await trio.sleep(0.5)
                 nursery.cancel_scope.cancel()
+        if target is not None and target.pid != r.owner_after:  # a target that did not take the table over
+            _kill(target.pid)
         _reap_orphans()
         r.ops = sum(len(c.waits) for c in churners)
         r.max_wait_s = max((w for c in churners for w in c.waits), default=0.0)
@@ -362,10 +364,14 @@ class Campaign:
         return None
 
     def _alive(self) -> list[psutil.Process]:
+        """The processes of the table still alive: whoever holds its listening socket, and any
+        stand-in or guardian (a target still waiting for a handoff is not one)."""
+        holders = _holders_of_listener(self.control)
         out = []
         for p in _descendants():
             try:
-                if p.status() != psutil.STATUS_ZOMBIE and p.pid != os.getpid():
+                if p.status() != psutil.STATUS_ZOMBIE and (p.pid in holders or
+                                                           p.name() in ("cprd-standin", "cprd-guardian")):
                     out.append(p)
             except psutil.Error:
                 pass
@@ -475,6 +481,13 @@ def subprocess_devnull():
     import subprocess
 
     return subprocess.DEVNULL
+
+
+def _kill(pid: int) -> None:
+    pidfd = proc.pidfd_open(pid)
+    if pidfd is not None:
+        proc.kill(pidfd)
+        os.close(pidfd)
 
 
 def _reap_orphans() -> None:
