@@ -256,6 +256,8 @@ class _Driver:
             if isinstance(a, Send) and a.to is Role.STANDIN:
                 self.journal.send(a.msg)
             elif isinstance(a, Send):  # C to the guardian
+                # Once the guardian reads it with us alive it leaves: from then on, ours alone
+                log.info("event=confirming pid=%d note=the-guardian-leaves-on-this", os.getpid())
                 if self.link is not None:
                     try:
                         scm.send_nowait(self.link, a.msg.value)

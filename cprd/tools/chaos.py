@@ -95,6 +95,11 @@ class Round:
     ops: int = 0
 
 
+# log events that make a pid the table's sole owner, or give the table a second holder. A new program
+# logs `confirming` just before it confirms to the guardian, which then leaves at once (or, if the new
+# program died first, restores): from then on its death alone may lose the table.
+_OWNERSHIP = ("event=sole_owner", "event=confirming", "event=shared")
+
 class Model:
     """What the clients had acknowledged: their own fd of every put (same open file description as
     the one the daemon stored), and the keys they deleted."""
@@ -140,6 +145,7 @@ class Churner:
         self.ids = ids  # the campaign's counter of this client's keys (a key is never put new twice)
         self.failures: list[str] = []
         self.wrong: list[str] = []
+        self.stale: list[str] = []  # gets that returned an earlier version of this round (only a salvage may)
         self.waits: list[float] = []
 
     def mine(self) -> list[tuple[str, int]]:
@@ -164,8 +170,13 @@ class Churner:
                         key = self.rng.choice(mine)
                         _, fd = await c.get(*key)
                         try:
-                            if proc.kcmp_file(os.getpid(), fd, os.getpid(), self.model.mine[key]) != 0:
-                                self.wrong.append(f"get {key}: not the open file description put")
+                            me = os.getpid()
+                            if proc.kcmp_file(me, fd, me, self.model.mine[key]) != 0:
+                                older = self.model.versions(key)[1:]
+                                earlier = any(proc.kcmp_file(me, fd, me, old) == 0 for old in older)
+                                (self.stale if earlier else self.wrong).append(
+                                    f"get {key}: not the open file description put"
+                                    + (" (an earlier version of this round)" if earlier else ""))
                         finally:
                             os.close(fd)
                 except CprdError as e:
@@ -240,11 +251,11 @@ class Campaign:
         since, at time t."""
         last = None
         for line in self.logs():
-            if f"cprd[{pid}]" not in line or ("event=sole_owner" not in line and "event=shared" not in line):
+            if f"cprd[{pid}]" not in line or not any(e in line for e in _OWNERSHIP):
                 continue
             when = _log_time(line)
             if when is not None and when <= t:
-                last = "sole" if "event=sole_owner" in line else "shared"
+                last = "shared" if "event=shared" in line else "sole"
         return last == "sole"
 
     def role_pid(self, role: str, daemon: int, target: int | None) -> int | None:
@@ -380,6 +391,9 @@ class Campaign:
     def _check(self, r: Round, churners: list[Churner]) -> None:
         killed_sole = any(f.action == "kill" and f.pid and f.fired_at and self.sole_owner_at(f.pid, f.fired_at)
                           for f in r.faults)
+        # a handoff's source and target both killed: every holder of the table died, it may be lost
+        killed = {f.role for f in r.faults if f.action == "kill" and f.pid and f.fired_at}
+        killed_sole = killed_sole or (r.move == "handoff" and {"source", "target"} <= killed)
         for c in churners:
             r.violations += c.wrong
         st = _status(self.control, 5.0) if r.owner_after else None
@@ -402,6 +416,9 @@ class Campaign:
                 r.violations.append("the target salvaged a partial table though no fault killed its source")
         elif failed:
             r.violations += failed[:5]
+        if not salvaged:  # a salvage serves what arrived: an earlier version is genuine there, nowhere else
+            for c in churners:
+                r.violations += c.stale
         if r.max_wait_s > WAIT_BOUND_S:
             r.violations.append(f"a request waited {r.max_wait_s:.1f} s")
         if os.environ.get("CPRD_CHAOS_TAMPER") and r.n == 0:
