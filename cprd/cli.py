@@ -22,18 +22,20 @@ FLAGS = {"r": os.O_RDONLY, "w": os.O_WRONLY, "rw": os.O_RDWR, "a": os.O_WRONLY |
          "ra": os.O_RDWR | os.O_APPEND}
 
 
-def _uid_list(values: list[str] | None, option: str = "--allow-uid") -> tuple[int, ...]:
+def _uid_list(values: list[str] | None, option: str = "--allow-uid", group: bool = False) -> tuple[int, ...]:
+    """Uids (or gids, with `group`) given as numbers or names."""
+    import grp
+    import pwd
+
     out = []
     for v in values or []:
         try:
             out.append(int(v))
         except ValueError:
-            import pwd
-
             try:
-                out.append(pwd.getpwnam(v).pw_uid)
+                out.append(grp.getgrnam(v).gr_gid if group else pwd.getpwnam(v).pw_uid)
             except KeyError:
-                raise UsageError(f"{option} {v!r}: no such user or uid") from None
+                raise UsageError(f"{option} {v!r}: no such {'group or gid' if group else 'user or uid'}") from None
     return tuple(out)
 
 
@@ -53,8 +55,13 @@ def _config(a: argparse.Namespace):
         raise UsageError(f"--upgrade-timeout {a.upgrade_timeout:g} must be more than 0 and at most 3600 seconds")
     if not 0 < a.answer_timeout <= 60:
         raise UsageError(f"--answer-timeout {a.answer_timeout:g} must be more than 0 and at most 60 seconds")
+    for opt, v in (("--uid-max-entries", a.uid_max_entries), ("--uid-max-stores", a.uid_max_stores),
+                   ("--reserve", a.reserve)):
+        if v is not None and not 0 <= v <= 1 << 20:
+            raise UsageError(f"{opt} {v} must be 0 or more (at most {1 << 20})")
     return Config(allow_uids=_uid_list(a.allow_uid), idle_timeout=a.idle_timeout, max_clients=a.max_clients,
                   queue_timeout=a.queue_timeout, upgrade_timeout=a.upgrade_timeout, answer_timeout=a.answer_timeout,
+                  uid_max_entries=a.uid_max_entries, uid_max_stores=a.uid_max_stores, reserve=a.reserve,
                   own_args=_own_args())
 
 
@@ -197,11 +204,26 @@ def cmd_del(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_share(a: argparse.Namespace) -> int:
+    if (a.app is None) == (a.name is None):
+        raise UsageError("share: give an entry (NAME ID) or a store (--app APP), not both")
+    if a.app is None and a.id is None:
+        raise UsageError("share: give the entry's NAME and ID")
+    name, id_ = (f"fdstore/{a.app}", -1) if a.app is not None else (a.name, a.id)
+    with _client(a) as c:
+        res = c.share(name, id_, _uid_list(a.uid, "--uid"), _uid_list(a.gid, "--gid", group=True))
+    shared = res.get("shared", {})
+    _print(res, a.json, f"({name!r}, {id_}) of uid {res['owner']} may be read by uids {shared.get('uids', [])} "
+                        f"and gids {shared.get('gids', [])}" if shared else f"({name!r}, {id_}) is shared with nobody")
+    return 0
+
+
 def cmd_ls(a: argparse.Namespace) -> int:
     with _client(a) as c:
         entries = c.ls()
-    lines = [f"{'NAME':<24} {'ID':>11} {'KIND':<9} {'FD':>6}"]
-    lines += [f"{_shown(e['name']):<24} {e['id']:>11} {e['kind']:<9} {e['fd']:>6}" for e in entries]
+    lines = [f"{'NAME':<24} {'ID':>11} {'KIND':<9} {'FD':>6} {'OWNER':>6}"]
+    lines += [f"{_shown(e['name']):<24} {e['id']:>11} {e['kind']:<9} {e['fd']:>6} {e.get('owner', ''):>6}"
+              + (" shared" if e.get("shared") else "") for e in entries]
     _print(entries, a.json, "\n".join(lines))
     return 0
 
@@ -397,6 +419,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="during an in-place upgrade, a process (the stand-in, the new program, the guardian) "
                              "that does not answer within S seconds is killed and the others go on without it "
                              "(default 1)")
+        sp.add_argument("--uid-max-entries", type=int, metavar="N",
+                        help="a uid other than the daemon's own and root may hold at most N entries, its fd stores' "
+                             "included (default: an eighth of the table's capacity)")
+        sp.add_argument("--uid-max-stores", type=int, metavar="N",
+                        help="a uid other than the daemon's own and root may own at most N fd stores (default 16)")
+        sp.add_argument("--reserve", type=int, metavar="N",
+                        help="N entries of the table's capacity only the daemon's own user and root may use "
+                             "(default: a quarter of it)")
         sp.add_argument("--restore-fd", type=int, metavar="FD",
                         help="(used by an in-place upgrade) restore the daemon from the state in FD")
 
@@ -436,7 +466,16 @@ def build_parser() -> argparse.ArgumentParser:
     cd = csub.add_parser("del", help="delete an entry (the daemon closes its fd)")
     key(cd)
     cd.set_defaults(func=cmd_del)
-    csub.add_parser("ls", help="list entries").set_defaults(func=cmd_ls)
+    csub.add_parser("ls", help="list entries (another uid sees its own and those shared with it)").set_defaults(
+        func=cmd_ls)
+    csh = csub.add_parser("share", help="let uids or gids read (get, list; never change) an entry or a store; "
+                                        "replaces whom it was shared with (none: shared with nobody)")
+    csh.add_argument("name", nargs="?")
+    csh.add_argument("id", type=int, nargs="?")
+    csh.add_argument("--app", help="share this app's fd store instead of an entry")
+    csh.add_argument("--uid", action="append", metavar="UID", help="a uid or user name (repeatable)")
+    csh.add_argument("--gid", action="append", metavar="GID", help="a gid or group name (repeatable)")
+    csh.set_defaults(func=cmd_share)
     csub.add_parser("status", help="daemon status").set_defaults(func=cmd_status)
     ch = csub.add_parser("handoff", help="hand the whole table to a waiting `cprd target`")
     ch.add_argument("--to", required=True, metavar="PATH", help="the target's --listen socket")

@@ -46,12 +46,12 @@ from typing import Any
 import trio
 
 from . import scm
-from .errors import ControlError, CprdError, UntrustedPeer, UsageError, error_from_code
+from .errors import ControlError, CprdError, UntrustedPeer, UsageError, reported_error
 from .fds import OwnedFds
-from .paths import connect_seqpacket, control_path, peer_cred, trusted_uids, user_name
+from .paths import connect_seqpacket, control_path, lane_of, lane_path, peer_cred, trusted_uids, user_name
 from .protocol import control as cp
 
-MUTATIONS = ("put", "del")
+MUTATIONS = ("put", "del", "share")
 RETRY_FOR = 30.0
 ATTEMPT_S = 10.0  # a request that may be retried and has no answer by then is sent again on a new connection
 ENV_TRUST = "CPRD_TRUST_UID"
@@ -75,6 +75,7 @@ class _Session:
     def __init__(self, path: str | None, timeout: float | None, retry_for: float,
                  trust_uids: tuple[int, ...] | None) -> None:
         self.path = control_path(path)
+        self.addr = lane_of(self.path)  # where to connect: the control socket, or this uid's lane beside it
         self.timeout = timeout
         self.retry_for = retry_for
         self.trusted = trusted_uids() | set(env_trust_uids() if trust_uids is None else trust_uids)
@@ -105,6 +106,11 @@ class _Session:
         if isinstance(e, (FileNotFoundError, ConnectionRefusedError)):
             return ControlError(f"no cprd serves {self.path} ({e.strerror}); start one with `cprd source` or point "
                                 "--control / CPRD_CONTROL at the right socket")
+        if isinstance(e, PermissionError):
+            return ControlError(f"cannot connect to {self.path}: permission denied. The control socket is the daemon's "
+                                "user's and root's; another user has a socket of its own beside it "
+                                f"({lane_path(self.path, os.geteuid())}) if the daemon's operator allows it with "
+                                f"--allow-uid {os.geteuid()}")
         if isinstance(e, BlockingIOError):
             return ControlError(f"cannot connect to {self.path}: its listen backlog stayed full for "
                                 f"{self.retry_for:g} s; the daemon is overloaded or hung")
@@ -131,7 +137,8 @@ def _reply_of(reader: cp.ReplyReader, data: bytes, got: OwnedFds, fds_in: OwnedF
 def _result(reply: dict, got: OwnedFds) -> tuple[Any, OwnedFds]:
     if not reply.get("ok"):
         got.close()
-        raise error_from_code(str(reply.get("error")), str(reply.get("message")))
+        # the daemon's own answer (a full filesystem, a refusal): the user hears it at once, never retried
+        raise reported_error(str(reply.get("error")), str(reply.get("message")))
     return reply.get("result"), got
 
 
@@ -206,7 +213,7 @@ def _connect_sync(s: _Session) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         sock.settimeout(s.timeout)
         try:
-            sock.connect(s.path)
+            sock.connect(s.addr)
             s.check_peer(sock)
             return sock
         except BlockingIOError as e:
@@ -226,7 +233,7 @@ def _connect_sync(s: _Session) -> socket.socket:
 async def _connect_async(s: _Session) -> Any:
     """As _connect_sync, for trio."""
     try:
-        sock = await connect_seqpacket(s.path, s.retry_for)
+        sock = await connect_seqpacket(s.addr, s.retry_for)
     except OSError as e:
         raise s.connect_error(e) from None
     try:
@@ -278,9 +285,9 @@ class Client:
                 assert self._sock is not None
                 self._sock.settimeout(self._s.attempt(op))
                 return _request(self._sock, op, list(fds or []), args)
-            except RETRYABLE:
+            except RETRYABLE as e:
                 self.close()
-                if not self._s.may_retry(op, deadline):
+                if getattr(e, "reported", False) or not self._s.may_retry(op, deadline):
                     raise
                 self._s.retries += 1
                 time.sleep(delay)
@@ -307,6 +314,11 @@ class Client:
 
     def ls(self) -> list[dict[str, Any]]:
         return self._call("ls")
+
+    def share(self, name: str, id: int, uids: list[int] = (), gids: list[int] = ()) -> dict[str, Any]:  # type: ignore[assignment]
+        """Let these uids and gids read the entry (a store: name "fdstore/APP", id -1), instead of
+        those it was shared with; only its owner, the daemon's user and root may."""
+        return self._call("share", name=name, id=id, uids=list(uids), gids=list(gids))
 
     def status(self) -> dict[str, Any]:
         return self._call("status")
@@ -408,9 +420,9 @@ class AsyncClient:
                     return await self._once(op, list(fds or []), args)
                 raise ControlError(f"control {op}: no answer from the daemon within {attempt:g} s; is it hung? "
                                    "(`cprd ctl status` tells whether it serves at all)")
-            except RETRYABLE:
+            except RETRYABLE as e:
                 self.close()
-                if not self._s.may_retry(op, deadline):
+                if getattr(e, "reported", False) or not self._s.may_retry(op, deadline):
                     raise
                 self._s.retries += 1
                 await trio.sleep(delay)
@@ -438,6 +450,9 @@ class AsyncClient:
 
     async def ls(self) -> list[dict[str, Any]]:
         return await self._call("ls")
+
+    async def share(self, name: str, id: int, uids: list[int] = (), gids: list[int] = ()) -> dict[str, Any]:  # type: ignore[assignment]
+        return await self._call("share", name=name, id=id, uids=list(uids), gids=list(gids))
 
     async def status(self) -> dict[str, Any]:
         return await self._call("status")

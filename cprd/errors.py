@@ -11,6 +11,7 @@ class CprdError(Exception):
     """Base of every error cprd raises on purpose."""
 
     code = "error"
+    reported = False  # True on an error a daemon reported in its reply (a client never retries one)
 
 
 class BadKey(CprdError):
@@ -115,6 +116,13 @@ _BY_CODE = {cls.code: cls for cls in (
     UntrustedPeer,
 )}
 _BY_CODE["closed"] = ProtocolError  # a daemon never sends it; a reply that does is a protocol error
+
+
+def reported_error(code: str, message: str) -> CprdError:
+    """The error a daemon reported in a reply, as its class, marked as reported."""
+    e = error_from_code(code, message)
+    e.reported = True
+    return e
 
 
 def error_from_code(code: str, message: str) -> CprdError:

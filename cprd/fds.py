@@ -216,3 +216,14 @@ class OwnedFds:
     def __del__(self) -> None:  # last resort; every code path should close or take explicitly
         if self.fds:
             self.close()
+
+
+def read_all(fd: int) -> bytes:
+    """Every byte of a file (a memfd) from offset 0, whatever its own offset."""
+    chunks, off = [], 0
+    while True:
+        chunk = os.pread(fd, 1 << 16, off)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        off += len(chunk)

@@ -52,6 +52,10 @@ NOTIFY_BUFFER_MAX = 4096  # systemd's: a datagram of this size or more is droppe
 DEFAULT_MAX = 1024
 MAX_LIMIT = 65536  # cprd's cap on an app's limit (systemd has none but its own fd limit)
 FDNAME_MAX = 255
+# The bytes of an app's fd names together (LISTEN_FDNAMES's value, a colon after each): one string of
+# the environment may be at most MAX_ARG_STRLEN (32 pages, 131,072 bytes) or exec fails (E2BIG); a
+# store keeps 4 KiB of that free and refuses, at store time, an fd whose name would not fit.
+FDNAMES_MAX = 131072 - 4096
 APP_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}")
 _F_DUPFD_QUERY = 1027  # Linux 6.10 (fcntl.h: F_LINUX_SPECIFIC_BASE + 3)
 

@@ -66,6 +66,26 @@ def control_path(arg: str | None) -> str:
     return os.path.abspath(arg or default_control_path())
 
 
+def lane_path(control: str, uid: int) -> str:
+    """Where uid's lane listens: beside the control socket (a uid other than the daemon's own and
+    root, given with --allow-uid, connects there: the file is its own, mode 0600)."""
+    return f"{control}.{uid}"
+
+
+def lane_of(control: str) -> str:
+    """Where this process connects to reach the daemon at `control`: its own lane if the daemon made
+    one for its uid, else the control socket (whoever serves either is checked by the client)."""
+    uid = os.geteuid()
+    if uid == 0:
+        return control
+    lane = lane_path(control, uid)
+    try:
+        st = os.stat(lane, follow_symlinks=False)
+    except OSError:
+        return control
+    return lane if stat.S_ISSOCK(st.st_mode) else control
+
+
 def trusted_uids() -> set[int]:
     """This process's user and root: who may own a directory on a trusted path, serve a control
     socket a client talks to, hand a table to a daemon or take one from it, and ask a daemon to hand
@@ -318,28 +338,29 @@ def _socket_owner(addr: str, describe: Callable[[socket.socket], str] | None) ->
         s.close()
 
 
-def bind_listener(path: str, what: str = "control", shared: bool = False,
+def bind_listener(path: str, what: str = "control", owner: int | None = None,
                   describe: Callable[[socket.socket], str] | None = None) -> socket.socket:
     """A listening SOCK_SEQPACKET socket at path, close-on-exec, blocking, with the largest backlog
-    the system allows. Mode 0600, or 0666 when `shared` (--allow-uid: other users must be able to
-    connect; the daemon then checks each peer's uid with SO_PEERCRED). The directory must be
-    trusted and private (missing ones are created 0700). `describe(sock)` names the daemon that
-    serves a live socket already there (in the refusal)."""
+    the system allows. Mode 0600: only this user and root can connect; with `owner` (another uid's
+    lane) the file is that uid's, so that it (and root) can connect, nobody else (the daemon still
+    checks each peer's uid with SO_PEERCRED). The directory must be trusted and private (missing
+    ones are created 0700). `describe(sock)` names the daemon that serves a live socket already
+    there (in the refusal)."""
 
     def live(addr: str) -> str | None:
         owner = _socket_owner(addr, describe)
         return None if owner is None else f"another cprd serves {path}, {owner}; stop it or choose another {what} path"
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    return _bind_in_place(sock, path, what, shared, live, lambda: sock.listen(max_backlog()),
+    return _bind_in_place(sock, path, what, owner, live, lambda: sock.listen(max_backlog()),
                           too_long="choose a shorter one", shared_dir=False)
 
 
-def bind_datagram(path: str, what: str, shared: bool = False) -> socket.socket:
+def bind_datagram(path: str, what: str, owner: int | None = None) -> socket.socket:
     """A bound SOCK_DGRAM socket at path (an fd store's notify socket), close-on-exec, non-blocking,
     with SO_PASSCRED on (every datagram then carries its sender's pid, uid and gid). The same rules
-    as bind_listener: a trusted private directory (missing ones made 0700, or 0711 when `shared`:
-    --allow-uid users must reach the socket, which is then 0666), a stale socket replaced, a live
+    as bind_listener: a trusted private directory (missing ones made 0700, or 0711 with `owner`:
+    that uid must reach the socket, which is its own, mode 0600), a stale socket replaced, a live
     one never stolen."""
 
     def live(addr: str) -> str | None:
@@ -354,19 +375,19 @@ def bind_datagram(path: str, what: str, shared: bool = False) -> socket.socket:
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-    return _bind_in_place(sock, path, what, shared, live, lambda: None,
+    return _bind_in_place(sock, path, what, owner, live, lambda: None,
                           too_long="put the control socket in a shorter directory, or use a shorter name",
-                          shared_dir=shared)
+                          shared_dir=owner is not None and owner != os.geteuid())
 
 
-def _bind_in_place(sock: socket.socket, path: str, what: str, shared: bool, live: Callable[[str], str | None],
+def _bind_in_place(sock: socket.socket, path: str, what: str, owner: int | None, live: Callable[[str], str | None],
                    ready: Callable[[], None], too_long: str, shared_dir: bool) -> socket.socket:
     """Bind `sock` at path in a trusted private directory: under a temporary name first (then
-    `ready()`, say listen), mode 0600 (0666 when `shared`), renamed into place, so that whoever sees
-    the path can use it at once and a stale socket is replaced atomically. A file there that is not
-    a socket, or a live socket (`live(address)` says whose), is refused. `shared_dir`: the directory
-    is made 0711, so that others can reach the socket in it (and nothing else). sock is closed on
-    any error."""
+    `ready()`, say listen), mode 0600 and owned by `owner` if given, renamed into place, so that
+    whoever sees the path can use it at once and a stale socket is replaced atomically. A file
+    there that is not a socket, or a live socket (`live(address)` says whose), is refused.
+    `shared_dir`: the directory is made 0711, so that others can reach the socket in it (and
+    nothing else). sock is closed on any error."""
     try:
         path = os.path.abspath(path)
         # The temporary name beside it must fit the 108-byte limit too, whatever the pid (at most 7
@@ -399,7 +420,13 @@ def _bind_in_place(sock: socket.socket, path: str, what: str, shared: bool, live
                 except FileNotFoundError:
                     pass
                 sock.bind(d.at(tmp))
-                os.chmod(tmp, 0o666 if shared else 0o600, dir_fd=d.fd, follow_symlinks=False)
+                os.chmod(tmp, 0o600, dir_fd=d.fd, follow_symlinks=False)
+                if owner is not None and owner != os.geteuid():
+                    try:
+                        os.chown(tmp, owner, -1, dir_fd=d.fd, follow_symlinks=False)
+                    except PermissionError:  # a daemon that is not root cannot give a file away:
+                        # anyone may connect, and the daemon's SO_PEERCRED check alone keeps others out
+                        os.chmod(tmp, 0o666, dir_fd=d.fd, follow_symlinks=False)
                 ready()
                 os.rename(tmp, name, src_dir_fd=d.fd, dst_dir_fd=d.fd)
             except OSError as e:

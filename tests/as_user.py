@@ -5,6 +5,7 @@ everything cprd needs while still root, then drops to USER and runs the command 
 
 import array  # noqa: F401
 import ctypes  # noqa: F401
+import grp  # noqa: F401
 import hashlib  # noqa: F401
 import json  # noqa: F401
 import os

@@ -324,8 +324,9 @@ def test_garbage_junk_fds_bad_names_and_a_flood_are_dropped_without_a_leak(clust
 
 @pytest.mark.requires("root")
 def test_a_sender_of_an_unlisted_uid_is_refused_and_its_fds_closed(cluster):
-    """With --allow-uid the notify socket is reachable by others (0666), as the control socket is;
-    the sender's SCM_CREDENTIALS decide, and nobody is not allowed here."""
+    """A store's notify socket is its owner's file, mode 0600: nobody cannot even send to it. Made
+    reachable (as a careless operator might), the sender's SCM_CREDENTIALS still decide: nobody is
+    not allowed here."""
     d = tempfile.mkdtemp(prefix="cprd-fdstore-", dir="/tmp")  # a directory others may pass through
     os.chmod(d, 0o711)
     cluster.keep(_Removed(d))
@@ -336,7 +337,9 @@ def test_a_sender_of_an_unlisted_uid_is_refused_and_its_fds_closed(cluster):
     wait_for_socket(control, src)
     with Client(control) as c:
         path = c.fdstore("web", "socket")["socket"]
-    assert os.stat(path).st_mode & 0o777 == 0o666
+    assert os.stat(path).st_mode & 0o777 == 0o600 and os.stat(path).st_uid == 0
+    os.chmod(path, 0o666)
+    os.chmod(os.path.dirname(path), 0o711)
     base = num_fds(src.pid)
     nobody = pwd.getpwnam("nobody")
     script = ("import array, os, socket, sys\n"

@@ -776,7 +776,8 @@ def test_streamed_reply_is_the_same_frames_as_the_whole(items):
 
 
 
-_VALUES = {str: ["vfio/0000", "", "é"], int: [0, -5, 2**31 - 1], bool: [True, False], float: [30.0, 1.5]}
+_VALUES = {str: ["vfio/0000", "", "é"], int: [0, -5, 2**31 - 1], bool: [True, False], float: [30.0, 1.5],
+           list: [[65534], [0, 100]]}
 
 
 def _args_for(op: str, with_optional: bool) -> dict:
@@ -806,9 +807,9 @@ def test_control_request_round_trip(op, with_optional):
 
 
 def test_control_ops_and_fds():
-    assert set(control.OPS) == {"put", "get", "del", "ls", "status", "handoff", "upgrade", "fdstore"}
+    assert set(control.OPS) == {"put", "get", "del", "ls", "status", "handoff", "upgrade", "fdstore", "share"}
     assert {op: s[2] for op, s in control.OPS.items()} == {
-        "put": 1, "get": 0, "del": 0, "ls": 0, "status": 0, "handoff": 0, "upgrade": 0, "fdstore": 0}
+        "put": 1, "get": 0, "del": 0, "ls": 0, "status": 0, "handoff": 0, "upgrade": 0, "fdstore": 0, "share": 0}
 
 
 @pytest.mark.parametrize("op", sorted(control.OPS))
@@ -838,7 +839,8 @@ def test_control_extra_argument(op):
 
 
 _WRONG = {str: [1, None, ["a"], {"a": 1}, True], int: ["1", 1.0, None, True, False, [1]],
-          bool: [1, 0, "true", None], float: ["1", None, True, [1], {"a": 1}]}
+          bool: [1, 0, "true", None], float: ["1", None, True, [1], {"a": 1}],
+          list: [1, None, "65534", [True], [-1], [2**32], ["0"], list(range(65))]}
 
 
 @pytest.mark.parametrize("op", sorted(control.OPS))

@@ -42,15 +42,18 @@ from typing import Any, NoReturn
 import trio
 
 from .. import proc, sdnotify
+from ..access import LANE_NAME, Peer
 from ..errors import Busy, CprdError, HandoffError, UpgradeError, UsageError
 from ..fds import OwnedFds
 from ..handoff import Result, SourceHooks, send_table
 from ..limits import unix_path_problem
-from ..paths import trusted_uids, unlink_if_same
+from ..kinds import classify
+from ..paths import bind_listener, file_id, lane_path, trusted_uids, unlink_if_same
 from ..protocol import control as cp
 from .endpoint import Endpoint, Unanswered
 from .handlers import Handlers, Reply, upgrade_timeout
 from .notify import FdStores
+from .owners import Owners
 from .standin import StandIn
 from .lifecycle import Lifecycle, Phase
 from .state import DaemonState
@@ -86,13 +89,49 @@ class Daemon:
         self.settled = trio.Event()
         self.endpoint = Endpoint(st.listener, st.config, st.allowed_uids, self._handle, self._replied,
                                  lambda: f"{len(st.table)} entries", lambda: st.table.version)
-        self.handlers = Handlers(st, self.life, lambda: self.endpoint.conns, self._handoff_req, self._upgrade_req,
-                                 self._fdstore_req, lambda e: self.stores.describe(e), self._status_extra)
-        self.stores = FdStores(st, self.life, self.handlers.check_room)
+        self.owners = Owners(st)
+        self.owners.load()  # who owns what: its log came along with the table
+        self.handlers = Handlers(st, self.life, self.owners, lambda: self.endpoint.conns, self._handoff_req,
+                                 self._upgrade_req, self._fdstore_req, lambda e: self.stores.describe(e),
+                                 self._status_extra)
+        self.stores = FdStores(st, self.life, self.handlers.check_room, self.owners)
         self.stores.load()  # the fd stores a handoff or an upgrade brought along
+        self._open_lanes()
 
-    async def _handle(self, req: cp.Request, fds: OwnedFds, conn: Any, uid: int) -> Reply:
-        return await self.handlers(req, fds, conn, uid)
+    def _open_lanes(self) -> None:
+        """A lane for each uid of --allow-uid (endpoint.py): its listening socket is a table entry,
+        found there if the table came from a handoff or an upgrade, else made. The control socket
+        itself is only the daemon's user's and root's (mode 0600, whatever an older cprd made it)."""
+        st = self.st
+        fid = file_id(st.control_path)
+        if fid is not None and fid == st.control_fid:
+            try:
+                os.chmod(st.control_path, 0o600, follow_symlinks=False)
+            except OSError:
+                pass
+        for uid in sorted(set(st.config.allow_uids) - trusted_uids()):
+            if st.table.find(LANE_NAME, uid) is not None:
+                continue
+            try:
+                sock = bind_listener(lane_path(st.control_path, uid), f"lane of uid {uid}", owner=uid)
+            except CprdError as e:
+                if st.role == "source" and not st.handoffs and not st.upgrades:
+                    raise
+                log.error("event=lane_not_made uid=%d error=%r note=that-uid-cannot-connect", uid, str(e))
+                continue
+            fd = sock.detach()
+            try:
+                st.table.save(LANE_NAME, uid, fd, classify(fd))
+            except BaseException:
+                os.close(fd)
+                raise
+        for name, uid in st.table.keys_with_prefix(LANE_NAME):
+            e = st.table.find(name, uid)
+            if name == LANE_NAME and e is not None:
+                self.endpoint.add_lane(uid, e.fd)
+
+    async def _handle(self, req: cp.Request, fds: OwnedFds, conn: Any, who: Peer) -> Reply:
+        return await self.handlers(req, fds, conn, who)
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def run(self, on_serving: Callable[[], Awaitable[None]] | None = None, stores_after: bool = False) -> int:
@@ -162,19 +201,19 @@ class Daemon:
         if op == "handoff" and self.life.handed_off:
             self.stop(0)
 
-    def _status_extra(self) -> dict[str, Any]:
-        summary = self.stores.summary()
+    def _status_extra(self, who: Peer) -> dict[str, Any]:
+        summary = self.stores.summary(who)
         return {"fdstore": summary} if summary else {}
 
     # -- the fd stores (systemd's protocol) ------------------------------------------------------
-    async def _fdstore_req(self, req: cp.Request, fds: OwnedFds, conn: Any) -> Reply:
+    async def _fdstore_req(self, req: cp.Request, fds: OwnedFds, conn: Any, who: Peer) -> Reply:
         a = req.args
         action, app, limit = a["action"], a["app"], (None if a["max"] < 0 else a["max"])
         if action in ("open", "socket"):
             await self.life.until_thawed()  # a store made during a handoff's last moments would not travel
             if self.life.handed_off:
                 raise Unanswered()
-            store = self.stores.open(app, limit, shared=bool(self.st.config.allow_uids))
+            store = self.stores.open(app, limit, who)
             self.stores.drain(app)  # what the app's previous run sent before it died is stored first
             info = {"app": app, "socket": store.meta.path, "max": store.meta.max, "fds": store.stored()}
             if action == "socket":
@@ -184,11 +223,12 @@ class Daemon:
             fds_out = [fd for _, fd in held]
             return cp.encode_reply(info, -(-len(fds_out) // 253) or 1), fds_out
         if action == "list":
-            return cp.encode_reply(self.stores.rows(app)), []
+            return cp.encode_reply(self.stores.rows(app, who)), []
         if action in ("clean", "remove"):
             await self.life.until_thawed()
             if self.life.handed_off:
                 raise Unanswered()
+            self.stores.check(app, who, action, change=True)
             n = self.stores.clean(app) if action == "clean" else self.stores.remove_store(app)
             return cp.encode_reply({"app": app, "removed": n}), []
         raise UsageError(f"fdstore action {action!r} is not one of open, socket, list, clean, remove")
@@ -202,7 +242,7 @@ class Daemon:
         self.stop(0)
 
     # -- handoff -----------------------------------------------------------------------------
-    async def _handoff_req(self, req: cp.Request, fds: OwnedFds, conn: Any) -> Reply:
+    async def _handoff_req(self, req: cp.Request, fds: OwnedFds, conn: Any, who: Peer) -> Reply:
         a = req.args
         return cp.encode_reply(await self.handoff(a["to"], a["batch"], a["window"])), []
 
@@ -253,7 +293,7 @@ class Daemon:
         return res.describe()
 
     # -- upgrade -----------------------------------------------------------------------------
-    async def _upgrade_req(self, req: cp.Request, fds: OwnedFds, conn: Any) -> Reply:
+    async def _upgrade_req(self, req: cp.Request, fds: OwnedFds, conn: Any, who: Peer) -> Reply:
         timeout = upgrade_timeout(req, self.st.config.upgrade_timeout)
         # On success this does not return: the new program answers on this very connection.
         return cp.encode_reply(await self.upgrade(req.args["program"] or None, conn, timeout)), []

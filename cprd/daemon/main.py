@@ -66,7 +66,7 @@ async def serve_source(control: str, *, spec: str = "", state_dir: str | None = 
     if listener is not None:
         log.info("event=socket_activated fd=%d", listener.fileno())
     else:
-        listener = bind_listener(control, "control", shared=bool(config.allow_uids), describe=describe_daemon)
+        listener = bind_listener(control, "control", describe=describe_daemon)
     st = DaemonState.source(FdTable(), listener, control, config, socket_activated=activated)
     try:
         if need:
@@ -125,7 +125,7 @@ async def serve_target(listen: str, *, config: Config = Config()) -> int:
         if lfds:
             listener = socket.socket(fileno=lfds[0])
         else:  # the source died before its Commit: its listening socket died with it
-            listener = bind_listener(received.hello.control_path, "control", shared=bool(config.allow_uids),
+            listener = bind_listener(received.hello.control_path, "control",
                                      describe=describe_daemon)
     except BaseException:
         received.table.close_all()

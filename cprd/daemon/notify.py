@@ -15,8 +15,10 @@ polled (FDPOLL, the default) are watched on one epoll set for hang-up or error (
 systemd does); one that reports either is removed and closed. Fds that cannot be polled (regular
 files: EPERM) are kept unwatched.
 
-Who may store: a sender whose uid (SCM_CREDENTIALS) is the daemon's, root, or given with
---allow-uid, as on the control socket.
+Who may store: the store's owner, the daemon's user and root (the sender's uid, SCM_CREDENTIALS);
+its notify socket is the owner's file, mode 0600, so that nobody else can even send to it. A
+store's fds count against its owner's quota (access.py); a store keeps its names short enough
+together that its program can still be started with them (``FDNAMES_MAX``).
 
 What this module may know: sockets, trio, the table, the rules of fdstore.py.
 """
@@ -40,12 +42,14 @@ import trio
 
 from .. import fdstore as fs
 from .. import proc, scm
+from ..access import Peer
 from ..errors import BadFd, CapacityError, UsageError
-from ..fds import OwnedFds
+from ..fds import OwnedFds, read_all
 from ..kinds import classify
 from ..paths import bind_datagram, file_id, unlink_if_same
 from ..table import Entry
 from .lifecycle import Lifecycle
+from .owners import Owners
 from .state import DaemonState
 
 log = logging.getLogger("cprd.fdstore")
@@ -72,7 +76,7 @@ class _Quiet:
 
 _UCRED = struct.Struct("iII")  # pid, uid, gid
 _ORDER_FROM = 8  # a group of stored fds of one inode this large is kept in kcmp's order
-_BATCH = 32  # datagrams handled in a row before other tasks get their turn
+_BATCH = 16  # datagrams handled in a row before other tasks get their turn
 
 
 @dataclass(slots=True)
@@ -115,8 +119,10 @@ class _Unordered(Exception):
 
 
 class FdStores:
-    def __init__(self, st: DaemonState, life: Lifecycle, room: Any) -> None:
+    def __init__(self, st: DaemonState, life: Lifecycle, room: Any, owners: Owners) -> None:
         self.st, self.life, self.room = st, life, room  # room(): CapacityError when the table is full
+        self.owners = owners
+        owners.stores_of = self.stores_of
         self.apps: dict[str, AppStore] = {}
         self._epoll: select.epoll | None = None
         self._polled: dict[int, tuple[str, int]] = {}  # fd -> (app, id) of polled stored fds
@@ -145,7 +151,7 @@ class FdStores:
         if sock is None or names is None:
             log.warning("event=fdstore_incomplete app=%s note=entries-kept-as-plain-entries", app)
             return
-        data = _read_all(names.fd)
+        data = read_all(names.fd)
         meta, lines = fs.Log.replay(data)
         meta.path = self.socket_path(app)
         stored = {i for i in entries if i >= 0}
@@ -195,9 +201,11 @@ class FdStores:
             if self.life.frozen or self.life.handed_off:
                 continue  # what arrives now waits in the socket for whoever owns the table next
             try:
-                for _ in range(_BATCH):  # then let other tasks run
-                    if not self.receive_one(a):
-                        break
+                t0, n = time.perf_counter(), 0
+                while n < _BATCH and self.receive_one(a):  # then let other tasks run
+                    n += 1
+                if n == _BATCH:  # a flood (more is queued): it gets at most half of the serving thread,
+                    await trio.sleep(time.perf_counter() - t0)  # and its senders wait for room in the queue
             except OSError as e:
                 log.warning("event=fdstore_recv_failed app=%s error=%r", a.app, str(e))
                 await trio.sleep(0.1)
@@ -237,8 +245,9 @@ class FdStores:
             self.quiet.warn("fdstore_dropped", a.app, "reason=%r fds=%d", notice, len(fds), kind=notice)
             return
         pid, uid, _ = creds  # type: ignore[misc]
-        if uid not in self.st.allowed_uids:
-            self.quiet.warn("fdstore_refused", a.app, "pid=%d uid=%d fds=%d", pid, uid, len(fds))
+        if not self.owners.grants.may_change(Peer(uid), self.key(a.app)):
+            self.quiet.warn("fdstore_refused", a.app, "pid=%d uid=%d fds=%d owner=%d", pid, uid, len(fds),
+                            self.owner(a.app))
             return
         d = fs.decide(notice, len(fds))
         for w in d.warnings:
@@ -256,9 +265,22 @@ class FdStores:
         """Store each fd (the table takes those it keeps out of `fds`); how many were stored."""
         key = fs.entry_name(a.app)
         n = 0
+        names = sum(len(nm) + 1 for nm, _ in a.meta.names.values())  # LISTEN_FDNAMES's bytes, colons included
+        owner = self.owner(a.app)
         for fd in list(fds.fds):
             if a.stored() >= a.meta.max:
                 self.quiet.warn("fdstore_full", a.app, "max=%d note=closing-the-remaining-fds", a.meta.max)
+                break
+            if names + len(name) + 1 > fs.FDNAMES_MAX:
+                self.quiet.warn("fdstore_names_full", a.app, "fdnames_bytes=%d max=%d note=closing-the-remaining-fds:"
+                                "their-names-would-make-LISTEN_FDNAMES-too-long-for-exec;use-shorter-FDNAME=",
+                                names, fs.FDNAMES_MAX)
+                break
+            try:
+                self.owners.check_room(owner, 1)
+            except CapacityError as e:
+                self.quiet.warn("fdstore_quota", a.app, "owner=%d error=%r note=closing-the-remaining-fds", owner,
+                                str(e))
                 break
             try:
                 ident = classify(fd)
@@ -283,6 +305,7 @@ class FdStores:
             if poll:
                 self._watch(a, i, fd)
             n += 1
+            names += len(name) + 1
         return n
 
     def _stored_already(self, a: AppStore, k: tuple[int, int], fd: int) -> tuple[bool, int | None]:
@@ -349,6 +372,7 @@ class FdStores:
         for i in (fs.NOTIFY_ID, fs.NAMES_ID):
             if self.st.table.find(key, i) is not None:
                 self.st.table.delete(key, i)
+        self.owners.dropped(self.key(app))
         unlink_if_same(a.meta.path, a.fid)  # its file, unless something else was bound there since
         self.st.flush()
         log.info("event=fdstore_removed app=%s fds=%d", app, n)
@@ -363,8 +387,10 @@ class FdStores:
         a.meta.names.pop(i, None)
         self._append(a, fs.Log.line_remove(i))
 
-    def open(self, app: str, max_fds: int | None, shared: bool) -> AppStore:
-        """The app's store, made (socket and names) if it has none; its limit set if given."""
+    def open(self, app: str, max_fds: int | None, who: Peer) -> AppStore:
+        """The app's store, made (socket and names) if it has none, owned by `who`; its limit set if
+        given. Only its owner, the daemon's user and root may open a store that exists (running its
+        app hands on its notify socket: a way to change it)."""
         fs.check_app(app)
         if max_fds is not None and not 0 <= max_fds <= fs.MAX_LIMIT:
             raise UsageError(f"the fd store limit {max_fds} is outside 0..{fs.MAX_LIMIT}")
@@ -372,7 +398,8 @@ class FdStores:
         if a is None:
             path = self.socket_path(app)
             self.room()
-            sock = bind_datagram(path, f"fd store of {app}", shared)
+            self.owners.check_room(who.uid, 2, new_store=True)
+            sock = bind_datagram(path, f"fd store of {app}", who.uid)
             key = fs.entry_name(app)
             try:
                 memfd = os.memfd_create(f"cprd-fdstore-{app}", os.MFD_CLOEXEC)
@@ -381,10 +408,14 @@ class FdStores:
                 raise
             sfd = sock.detach()
             try:
-                self.st.table.save(key, fs.NOTIFY_ID, sfd, classify(sfd), replace=True)
+                ident = classify(sfd)
+                self.owners.made(self.key(app), ident, who)
+                self.st.table.save(key, fs.NOTIFY_ID, sfd, ident, replace=True)
             except BaseException:
+                self.owners.dropped(self.key(app))
                 os.close(sfd)
                 os.close(memfd)
+                unlink_if_same(path, file_id(path))
                 raise
             try:
                 self.st.table.save(key, fs.NAMES_ID, memfd, classify(memfd), replace=True)
@@ -400,10 +431,35 @@ class FdStores:
             log.info("event=fdstore_opened app=%s socket=%s max=%d", app, path, meta.max)
             if self._nursery is not None:
                 self._nursery.start_soon(self._read, a)
-        elif max_fds is not None and max_fds != a.meta.max:
-            a.meta.max = max_fds
-            self._append(a, fs.Log.line_max(max_fds))
+        else:
+            self.check(app, who, "run or re-limit", change=True)
+            if max_fds is not None and max_fds != a.meta.max:
+                a.meta.max = max_fds
+                self._append(a, fs.Log.line_max(max_fds))
         return a
+
+    # -- owners -----------------------------------------------------------------------------------
+    @staticmethod
+    def key(app: str) -> tuple[str, int]:
+        """The key whose grant is the store's: its notify socket's."""
+        return (fs.entry_name(app), fs.NOTIFY_ID)
+
+    def owner(self, app: str) -> int:
+        return self.owners.grants.grant(self.key(app)).owner
+
+    def check(self, app: str, who: Peer, what: str, change: bool) -> None:
+        """Denied unless `who` may read (change) the app's store; UsageError if there is none."""
+        self._get(app)
+        self.owners.grants.check(who, self.key(app), f"{what} the fd store of app {app!r}", change)
+
+    def stores_of(self, uid: int) -> tuple[int, int]:
+        """(stores, entries) of the stores uid owns: their own two entries and their stored fds."""
+        n = entries = 0
+        for a in self.apps.values():
+            if self.owner(a.app) == uid:
+                n += 1
+                entries += 2 + a.stored()
+        return n, entries
 
     def _get(self, app: str) -> AppStore:
         fs.check_app(app)
@@ -424,9 +480,10 @@ class FdStores:
                 out.append((a.meta.names[i][0], e.fd))
         return out
 
-    def rows(self, app: str) -> list[dict[str, Any]]:
+    def rows(self, app: str, who: Peer) -> list[dict[str, Any]]:
         """What `systemd-analyze fdstore` shows, for each stored fd, newest first."""
         out = []
+        self.check(app, who, "list", change=False)
         a = self._get(app)
         key = fs.entry_name(app)
         for i in sorted(a.meta.names, reverse=True):
@@ -454,9 +511,12 @@ class FdStores:
             return None
         return {"app": app, "fdname": a.meta.names.get(e.id, (None,))[0] if e.id >= 0 else None}
 
-    def summary(self) -> dict[str, Any]:
-        return {a.app: {"fds": a.stored(), "max": a.meta.max, "socket": a.meta.path, "status": a.status}
-                for a in self.apps.values()}
+    def summary(self, who: Peer) -> dict[str, Any]:
+        """The stores `who` may see, with their owners."""
+        g = self.owners.grants
+        return {a.app: {"fds": a.stored(), "max": a.meta.max, "socket": a.meta.path, "status": a.status,
+                        **g.grant(self.key(a.app)).describe()}
+                for a in self.apps.values() if g.may_read(who, self.key(a.app))}
 
     # -- the names memfd ------------------------------------------------------------------------
     def _append(self, a: AppStore, line: bytes) -> None:
@@ -521,14 +581,3 @@ class FdStores:
                              a.meta.names.get(i, ("?",))[0], events)
                     self._remove(a, i)
             self.st.flush()
-
-
-def _read_all(fd: int) -> bytes:
-    chunks, off = [], 0
-    while True:
-        chunk = os.pread(fd, 1 << 16, off)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
-        off += len(chunk)
-

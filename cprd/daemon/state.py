@@ -35,13 +35,18 @@ class Config:
     queue_timeout: float = 5.0  # how long clients wait in the backlog for a free slot before Busy
     upgrade_timeout: float = 30.0  # a new program that has not asked to take over by then is fenced
     answer_timeout: float = 1.0  # a peer of an upgrade that has not answered by then is fenced
+    uid_max_entries: int | None = None  # quotas of the other uids (None: access.Quota's defaults)
+    uid_max_stores: int | None = None
+    reserve: int | None = None
     own_args: tuple[str, ...] = ()  # the command line after `cprd`, to exec again on an upgrade
 
     def describe(self) -> dict[str, Any]:
         """What an upgrade hands on (own_args come from the new program's own command line)."""
         return {"allow_uids": list(self.allow_uids), "idle_timeout": self.idle_timeout,
                 "max_clients": self.max_clients, "queue_timeout": self.queue_timeout,
-                "upgrade_timeout": self.upgrade_timeout, "answer_timeout": self.answer_timeout}
+                "upgrade_timeout": self.upgrade_timeout, "answer_timeout": self.answer_timeout,
+                "uid_max_entries": self.uid_max_entries, "uid_max_stores": self.uid_max_stores,
+                "reserve": self.reserve}
 
     @classmethod
     def from_state(cls, cfg: dict[str, Any], own_args: tuple[str, ...]) -> Config:
@@ -50,7 +55,9 @@ class Config:
                    max_clients=cfg.get("max_clients", d.max_clients),
                    queue_timeout=cfg.get("queue_timeout", d.queue_timeout),
                    upgrade_timeout=cfg.get("upgrade_timeout", d.upgrade_timeout),
-                   answer_timeout=cfg.get("answer_timeout", d.answer_timeout), own_args=own_args)
+                   answer_timeout=cfg.get("answer_timeout", d.answer_timeout),
+                   uid_max_entries=cfg.get("uid_max_entries"), uid_max_stores=cfg.get("uid_max_stores"),
+                   reserve=cfg.get("reserve"), own_args=own_args)
 
 
 @dataclass(slots=True)

@@ -48,6 +48,8 @@ OPS: dict[str, tuple[dict[str, type], dict[str, tuple[type, Any]], int]] = {
     # an app's fd store (systemd's protocol): action open (made if missing; its fds come with the
     # reply, newest first), socket (made if missing), list, clean, remove; max: its limit (-1: as it is)
     "fdstore": ({"app": str, "action": str}, {"max": (int, -1)}, 0),
+    # let these uids and gids read an entry (or a store: its notify socket's entry, id -1); replaces the list
+    "share": ({"name": str, "id": int}, {"uids": (list, []), "gids": (list, []), "rid": (str, "")}, 0),
 }
 
 
@@ -115,6 +117,11 @@ def parse_request(obj: dict[str, Any], nfds: int) -> Request:
 def _typed(op: str, key: str, value: Any, typ: type) -> Any:
     if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise UsageError(f"{op}: argument {key!r} must be an integer, got {value!r}")
+    if typ is list:
+        if not isinstance(value, list) or len(value) > 64 or not all(
+                isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**32 - 1 for x in value):
+            raise UsageError(f"{op}: argument {key!r} must be a list of at most 64 uids or gids, got {value!r:.80}")
+        return value
     if typ is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
             raise UsageError(f"{op}: argument {key!r} must be a number, got {value!r}")
