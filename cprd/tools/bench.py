@@ -75,6 +75,10 @@ def add_parser(b: argparse.ArgumentParser) -> None:
     cl.add_argument("--closes", type=int, default=20, help="blocking closes during the attacked phase (default 20)")
     cl.add_argument("--linger", type=int, default=3600, help="seconds each of those closes blocks (default 3600)")
     cl.add_argument("--json", action="store_true")
+    tn = sub.add_parser("tenants", help="(root) the daemon's own user's status latency while other uids flood its "
+                                        "sockets, hold silent connections or flood their fd store")
+    tn.add_argument("--seconds", type=float, default=4.0, help="seconds of each phase (default 4)")
+    tn.add_argument("--json", action="store_true")
     s = sub.add_parser("fdstore", help="systemd's fd store protocol: fds stored per second from 4 senders, and how "
                                         "long `cprd run` takes to start a program with N stored fds; the same for "
                                         "cprd's own client (put, get)")
@@ -131,6 +135,13 @@ def main(a: argparse.Namespace) -> int:
         if a.seconds <= 0 or a.closes < 1 or a.linger < 1:
             raise UsageError("--seconds must be above 0, --closes and --linger at least 1")
         _emit(bench_close(a.seconds, a.closes, a.linger), a.json, print_close)
+        return 0
+    if a.bench == "tenants":
+        from .bench_tenants import bench_tenants, print_tenants
+
+        if a.seconds <= 0:
+            raise UsageError("--seconds must be above 0")
+        _emit(bench_tenants(a.seconds), a.json, print_tenants)
         return 0
     if a.bench == "fdstore":
         from .bench_fdstore import bench_fdstore, print_fdstore
