@@ -167,6 +167,16 @@ class Grants:
         return (json.dumps({"k": list(key), "i": ident.to_json(), "o": g.owner, "u": sorted(g.uids),
                             "g": sorted(g.gids)}, separators=(",", ":")) + "\n").encode()
 
+    def put_back(self, key: Key, before: tuple[Identity, Grant] | None) -> None:
+        """key's record as it was before a change that could not be written."""
+        cur = self.grants.pop(key, None)
+        if cur is not None:
+            self.by_owner[cur[1].owner] -= 1
+        if before is not None:
+            self.grants[key] = before
+            self.by_owner[before[1].owner] += 1
+        self.version += 1
+
     def drop(self, key: Key) -> bytes:
         old = self.grants.pop(key, None)
         if old is None:
@@ -232,5 +242,5 @@ class Grants:
             self.grants[key] = (ident, g)
             self.by_owner[g.owner] += 1
         self.version += 1
-        self.lines = len(replayed) + ignored
+        self.lines = data.count(b"\n")
         return ignored

@@ -353,7 +353,7 @@ def bind_listener(path: str, what: str = "control", owner: int | None = None,
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     return _bind_in_place(sock, path, what, owner, live, lambda: sock.listen(max_backlog()),
-                          too_long="choose a shorter one", shared_dir=False)
+                          too_long="choose a shorter one", shared_dir=owner is not None and owner != os.geteuid())
 
 
 def bind_datagram(path: str, what: str, owner: int | None = None) -> socket.socket:

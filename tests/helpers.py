@@ -5,10 +5,12 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import shutil
 import socket
 import stat
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 from collections.abc import Callable
@@ -190,10 +192,11 @@ def settled_fds(pid: int, expect: int, timeout: float = 5.0) -> int:
 
 
 def snapshot(client: Client) -> dict[tuple[str, int], dict]:
-    """The table as {key: identity}, without the fd numbers (which differ between processes)."""
+    """The table as {key: identity}, without the fd numbers (which differ between processes) and the
+    owners (which a release before owners does not show)."""
     out = {}
     for e in client.ls():
-        ident = {k: v for k, v in e.items() if k not in ("fd", "name", "id")}
+        ident = {k: v for k, v in e.items() if k not in ("fd", "name", "id", "owner", "shared")}
         out[(e["name"], e["id"])] = ident
     return out
 
@@ -365,3 +368,57 @@ MAKERS: dict[str, tuple[Kind, Callable[..., list[int]]]] = {
     "blockdev": (Kind.BLOCKDEV, lambda d: [_blockdev()]),
     "pidfd": (Kind.PIDFD, lambda d: [os.pidfd_open(os.getpid())]),
 }
+
+
+# -- releases (test_releases.py, test_tenants.py) -------------------------------------------------
+ROOT = Path(__file__).resolve().parent.parent
+RELEASES = [  # (version, commit): the commit, so that a clone without tags still has it
+    ("0.1.0", "787d21c377c05a4aa13b2f5a42f641908bcdc2f0"),
+]
+
+
+def _cache() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "cprd-releases"
+
+
+def install(version: str, commit: str) -> Path:
+    """The python of a virtualenv with release `version` installed (built once, then reused)."""
+    if not (ROOT / ".git").exists():
+        pytest.fail(f"release {version} comes from git history, and {ROOT} is not a git checkout")
+    tag = f"{commit[:12]}-py{sysconfig.get_python_version()}"
+    home = _cache() / tag
+    py = home / "venv" / "bin" / "python"
+    ok = home / "installed"
+    if ok.exists() and py.exists():
+        return py
+    shutil.rmtree(home, ignore_errors=True)
+    (home / "src").mkdir(parents=True)
+    have = subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{commit}^{{commit}}"], capture_output=True)
+    if have.returncode != 0:
+        pytest.fail(f"commit {commit} of release {version} is not in this clone's history (a shallow clone?)")
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", commit], capture_output=True,
+                             check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(home / "src")], input=archive, check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(home / "venv")], check=True)
+    r = subprocess.run([str(py), "-m", "pip", "install", "--quiet", str(home / "src")], capture_output=True,
+                       text=True, timeout=600, cwd=home)
+    if r.returncode != 0:
+        pytest.skip(f"cannot install release {version} from its export (pip needs PyPI for its build tools): "
+                    f"{r.stderr[-500:]}")
+    got = subprocess.run([str(py), "-c", "import cprd; print(cprd.__version__)"], capture_output=True, text=True,
+                         cwd=home)  # not where a cprd package of this checkout would be imported
+    assert got.stdout.strip() == version, got
+    ok.write_text(version)
+    return py
+
+
+def release_spawn(cluster, python: Path, *args: str):
+    """A daemon of the release (its own interpreter and package), logged like the cluster's own."""
+    log = open(cluster.dir / f"daemon-{len(cluster.procs)}.log", "wb")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    p = subprocess.Popen([str(python), "-m", "cprd", "--log-level", "info", *args], stdin=subprocess.DEVNULL,
+                         stderr=log, env=env, cwd=cluster.dir)
+    log.close()
+    cluster.procs.append(p)
+    return p

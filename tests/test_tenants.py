@@ -461,3 +461,95 @@ def test_owners_and_lanes_survive_an_upgrade_and_a_handoff(shared):
     assert out["ls"] == [["nobodys", 1, NOBODY]] and out["del-roots"] == Denied.code, "after a handoff"
     with shared.client() as c:
         assert c.status()["pid"] == tgt.pid and c.status()["owners"] == {str(NOBODY): 1}
+
+
+# -- what a review found ------------------------------------------------------------------------------
+def test_a_name_another_uid_made_first_never_catches_roots_fds(shared):
+    """Found by a review: nobody puts a name first; root's `put --replace` of it kept nobody the
+    owner, so nobody could get root's fd; root's `cprd run` of a store nobody made handed root's
+    program nobody's socket. A replace by another makes the entry theirs; a store is run only by its
+    owner (or, for the daemon's user's, by root)."""
+    out = shared.as_nobody("""
+        c = cprd.client.Client(sys.argv[1])
+        r, w = os.pipe()
+        c.put("db", 0, r)
+        c.fdstore("web2", "socket")
+        print(json.dumps({}))
+    """)
+    with shared.client() as c:
+        ev = os.eventfd(0)
+        try:
+            assert c.put("db", 0, ev, replace=True)["owner"] == 0
+        finally:
+            os.close(ev)
+        assert c.status()["owners"] == {str(NOBODY): 2}, "nobody's store (2 entries) only"
+    out = shared.as_nobody("""
+        c = cprd.client.Client(sys.argv[1])
+        try:
+            c.get("db", 0)
+            print(json.dumps({"got": "fd"}))
+        except cprd.errors.CprdError as e:
+            print(json.dumps({"got": e.code}))
+    """)
+    assert out["got"] == Denied.code
+    r = shared.ctl(None, "run", "--name", "web2", "--", "/bin/true")
+    refused(r, "belongs to uid 65534 (nobody)", "--remove")
+
+
+@pytest.mark.slow
+def test_a_forged_owners_log_or_lane_from_an_older_table_is_not_believed(cluster):
+    """Found by a review: a cprd older than owners let an allowed uid put names starting with cprd/;
+    a table of it handed to this version must not have a log it forged believed (which would make
+    it the owner of root's entries) nor a socket it made served as a lane."""
+    from cprd.kinds import classify
+    from helpers import RELEASES, install, release_spawn
+
+    version, commit = RELEASES[0]
+    python = install(version, commit)
+    d = tempfile.mkdtemp(prefix="cprd-tenants-", dir="/tmp")
+    cluster.keep(_Removed(d))
+    os.chmod(d, 0o711)
+    control = os.path.join(d, "control.sock")
+    src = release_spawn(cluster, python, "source", "--control", control, "--populate", "eventfds=3")
+    wait_for_socket(control, src)
+    with Client(control) as c:
+        _, ev = c.get("eventfd", 0)
+        ident = classify(ev).to_json()
+        os.close(ev)
+        log = os.memfd_create("forged")  # a record naming root's eventfd for nobody, under a token made up
+        os.write(log, b"cprd-owners " + b"0" * 32 + b"\n"
+                 + json.dumps({"k": ["eventfd", 0], "i": ident, "o": NOBODY, "u": [], "g": []}).encode() + b"\n")
+        c.put("cprd/access", 0, log)
+        os.close(log)
+        not_a_lane = os.eventfd(0)
+        c.put("cprd/lane", NOBODY, not_a_lane)
+        os.close(not_a_lane)
+        listen = os.path.join(d, "handoff.sock")
+        tgt = cluster.spawn("target", "--listen", listen, "--allow-uid", "nobody")
+        wait_for_socket(listen, tgt)
+        assert c.handoff(listen)["target_pid"] == tgt.pid
+    with Client(control) as c:
+        assert c.status()["pid"] == tgt.pid
+        assert {e["name"]: e["owner"] for e in c.ls()}["eventfd"] == 0
+    out = subprocess.run([sys.executable, "-c", _DROP.format(uid=NOBODY, gid=NOBODY), control],
+                         input=textwrap.dedent("""
+                             c = cprd.client.Client(sys.argv[1])
+                             try:
+                                 c.get("eventfd", 0)
+                                 got = "fd"
+                             except cprd.errors.CprdError as e:
+                                 got = e.code
+                             print(json.dumps({"got": got, "ls": [e["name"] for e in c.ls()]}))
+                         """), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"got": Denied.code, "ls": []}, "the log is not believed; nobody's lane serves"
+    logs = cluster.logs()
+    assert "event=owners_log_not_ours" in logs and "event=lane_refused" in logs
+
+
+class _Removed:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def close(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)

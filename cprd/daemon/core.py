@@ -48,7 +48,7 @@ from ..fds import OwnedFds
 from ..handoff import Result, SourceHooks, send_table
 from ..limits import unix_path_problem
 from ..kinds import classify
-from ..paths import bind_listener, file_id, lane_path, trusted_uids, unlink_if_same
+from ..paths import bind_listener, file_id, lane_path, peer_cred, trusted_uids, unlink_if_same
 from ..protocol import control as cp
 from .endpoint import Endpoint, Unanswered
 from .handlers import Handlers, Reply, upgrade_timeout
@@ -78,6 +78,23 @@ def _yield_cpu(state: Any) -> None:
     state.nice = old
 
 
+
+def _is_lane(fd: int) -> bool:
+    """Whether fd is a listening UNIX SOCK_SEQPACKET socket that the daemon's user or root made
+    listen (SO_PEERCRED of a listening socket: who called listen()): a lane this daemon made."""
+    try:
+        s = socket.socket(fileno=fd)
+    except OSError:
+        return False
+    try:
+        return (s.family == socket.AF_UNIX and s.type == socket.SOCK_SEQPACKET
+                and s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+                and peer_cred(s)[1] in trusted_uids())
+    except OSError:
+        return False
+    finally:
+        s.detach()
+
 class Daemon:
     def __init__(self, st: DaemonState) -> None:
         self.st = st
@@ -93,7 +110,7 @@ class Daemon:
         self.owners.load()  # who owns what: its log came along with the table
         self.handlers = Handlers(st, self.life, self.owners, lambda: self.endpoint.conns, self._handoff_req,
                                  self._upgrade_req, self._fdstore_req, lambda e: self.stores.describe(e),
-                                 self._status_extra)
+                                 self._status_extra, lambda app: self.stores.keys_of(app))
         self.stores = FdStores(st, self.life, self.handlers.check_room, self.owners)
         self.stores.load()  # the fd stores a handoff or an upgrade brought along
         self._open_lanes()
@@ -110,8 +127,12 @@ class Daemon:
             except OSError:
                 pass
         for uid in sorted(set(st.config.allow_uids) - trusted_uids()):
-            if st.table.find(LANE_NAME, uid) is not None:
+            old = st.table.find(LANE_NAME, uid)
+            if old is not None and _is_lane(old.fd):
                 continue
+            if old is not None:  # not a lane this daemon made (see below): dropped, and a lane made
+                log.error("event=lane_refused uid=%d note=not-a-listening-socket-the-daemon-made;replaced", uid)
+                st.table.delete(LANE_NAME, uid)
             try:
                 sock = bind_listener(lane_path(st.control_path, uid), f"lane of uid {uid}", owner=uid)
             except CprdError as e:
@@ -127,8 +148,14 @@ class Daemon:
                 raise
         for name, uid in st.table.keys_with_prefix(LANE_NAME):
             e = st.table.find(name, uid)
-            if name == LANE_NAME and e is not None:
-                self.endpoint.add_lane(uid, e.fd)
+            if name != LANE_NAME or e is None:
+                continue
+            if not _is_lane(e.fd):
+                # not a socket this daemon made (a table from a cprd older than lanes, where any allowed
+                # uid could put such a name): never served as a lane
+                log.error("event=lane_refused uid=%d note=not-a-listening-socket-the-daemon-made", uid)
+                continue
+            self.endpoint.add_lane(uid, e.fd)
 
     async def _handle(self, req: cp.Request, fds: OwnedFds, conn: Any, who: Peer) -> Reply:
         return await self.handlers(req, fds, conn, who)
@@ -158,6 +185,10 @@ class Daemon:
                 sdnotify.ready(self.status_line())
                 if on_serving is not None:
                     await on_serving()
+                try:
+                    self.owners.settle()  # serving alone now: a log whose load ignored records is written anew
+                except CprdError as e:
+                    log.error("event=owners_not_settled error=%r", str(e))
                 self.settled.set()
                 if stores_after:
                     await self.stores.run(nursery)

@@ -57,9 +57,9 @@ Handler = Callable[[cp.Request, OwnedFds, Any, Peer], Awaitable[Reply]]
 class Handlers:
     def __init__(self, st: DaemonState, life: Lifecycle, owners: Owners, conns: Callable[[], int], handoff: Handler,
                  upgrade: Handler, fdstore: Handler, extra: Callable[[Entry], dict | None],
-                 status_extra: Callable[[Peer], dict]) -> None:
+                 status_extra: Callable[[Peer], dict], store_keys: Callable[[str], list[tuple[str, int]]]) -> None:
         self.st, self.life, self.conns, self.extra, self.status_extra = st, life, conns, extra, status_extra
-        self.owners = owners
+        self.owners, self.store_keys = owners, store_keys
         self.table: dict[str, Handler] = {"put": self.mutate, "del": self.mutate, "share": self.mutate,
                                           "get": self.get, "ls": self.ls, "status": self.status_req,
                                           "handoff": handoff, "upgrade": upgrade, "fdstore": fdstore}
@@ -117,23 +117,25 @@ class Handlers:
         old = table.find(name, id_)
         if req.op == "put":
             check_new_name(name)
-            if old is not None:
+            if old is not None:  # another's name: refused before anything of its entry is told
+                owners.grants.check(who, key, f"{'replace' if a['replace'] else 'put'} entry ({name!r}, {id_})",
+                                    change=True)
                 if not a["replace"]:
                     raise KeyExists(f"key ({name!r}, {id_}) already holds fd {old.fd} ({old.ident.kind.label}); delete "
                                     "it first or save with replace")
-                owners.grants.check(who, key, f"replace entry ({name!r}, {id_})", change=True)
             else:
                 self.check_room()
                 owners.check_room(who.uid, 1)
             ident = classify(fds.fds[0])
+            before = owners.before(key)
             if old is not None:
-                owners.replaced(key, ident)
+                owners.replaced(key, ident, who)
             else:
                 owners.made(key, ident, who)
             try:
                 entry = table.save(name, id_, fds.fds[0], ident, replace=a["replace"])
             except CprdError:
-                owners.dropped(key) if old is None else owners.replaced(key, old.ident)
+                owners.undo(key, before)
                 raise
             fds.take()
             log.debug("event=put name=%r id=%d fd=%d kind=%s uid=%d", entry.name, entry.id, entry.fd,
@@ -206,19 +208,21 @@ class Handlers:
     async def ls(self, req: cp.Request, fds: OwnedFds, conn: Any, who: Peer) -> Reply:
         if self.owners.grants.trusted(who.uid):
             return await self.ls_frames(), []
-        return cp.encode_reply_parts(self._entry_json(e) for e in sorted(self.visible(who))), []
+        parts = []
+        for i, e in enumerate(sorted(self.visible(who))):
+            if i % LS_STEP == LS_STEP - 1:
+                await trio.sleep(0)
+            parts.append(self._entry_json(e))
+        return cp.encode_reply_parts(parts), []
 
     def visible(self, who: Peer) -> list[Entry]:
         """The entries `who` (not trusted) may see: those it owns or that are shared with it, and
-        every entry of a store it may see. O(records) plus the stores' entries."""
+        every entry of a store it may see. O(records) plus those stores' entries."""
         grants, table, out = self.owners.grants, self.st.table, []
         for key in grants.keys_of(who):
             app = app_of(key[0])
-            if app is not None and key[1] == -1:
-                out.extend(e for k in table.keys_with_prefix(key[0]) if k[0] == key[0]
-                           and (e := table.find(*k)) is not None)
-            elif app is None and (e := table.find(*key)) is not None:
-                out.append(e)
+            keys = self.store_keys(app) if app is not None and key[1] == -1 else [key] if app is None else []
+            out.extend(e for k in keys if (e := table.find(*k)) is not None)
         return out
 
     def _entry_json(self, e: Entry) -> bytes:

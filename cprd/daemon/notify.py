@@ -43,10 +43,10 @@ import trio
 from .. import fdstore as fs
 from .. import proc, scm
 from ..access import Peer
-from ..errors import BadFd, CapacityError, UsageError
+from ..errors import BadFd, CapacityError, Denied, UsageError
 from ..fds import OwnedFds, read_all
 from ..kinds import classify
-from ..paths import bind_datagram, file_id, unlink_if_same
+from ..paths import bind_datagram, file_id, unlink_if_same, user_name
 from ..table import Entry
 from .lifecycle import Lifecycle
 from .owners import Owners
@@ -123,6 +123,7 @@ class FdStores:
         self.st, self.life, self.room = st, life, room  # room(): CapacityError when the table is full
         self.owners = owners
         owners.stores_of = self.stores_of
+        self._busy_until: dict[int, float] = {}  # owner uid -> until when its stores' readers wait (a flood)
         self.apps: dict[str, AppStore] = {}
         self._epoll: select.epoll | None = None
         self._polled: dict[int, tuple[str, int]] = {}  # fd -> (app, id) of polled stored fds
@@ -201,11 +202,18 @@ class FdStores:
             if self.life.frozen or self.life.handed_off:
                 continue  # what arrives now waits in the socket for whoever owns the table next
             try:
-                t0, n = time.perf_counter(), 0
+                # A flood gets at most half of the serving thread, whatever number of stores its owner
+                # floods at once: after a full batch, every store of that uid waits as long as it took
+                # (its senders meanwhile wait for room in their queue).
+                owner = self.owner(a.app)
+                while (wait := self._busy_until.get(owner, 0.0) - time.monotonic()) > 0:
+                    await trio.sleep(wait)
+                t0, n = time.monotonic(), 0
                 while n < _BATCH and self.receive_one(a):  # then let other tasks run
                     n += 1
-                if n == _BATCH:  # a flood (more is queued): it gets at most half of the serving thread,
-                    await trio.sleep(time.perf_counter() - t0)  # and its senders wait for room in the queue
+                if n == _BATCH:
+                    now = time.monotonic()
+                    self._busy_until[owner] = now + (now - t0)
             except OSError as e:
                 log.warning("event=fdstore_recv_failed app=%s error=%r", a.app, str(e))
                 await trio.sleep(0.1)
@@ -245,7 +253,7 @@ class FdStores:
             self.quiet.warn("fdstore_dropped", a.app, "reason=%r fds=%d", notice, len(fds), kind=notice)
             return
         pid, uid, _ = creds  # type: ignore[misc]
-        if not self.owners.grants.may_change(Peer(uid), self.key(a.app)):
+        if uid not in self.st.allowed_uids or not self.owners.grants.may_change(Peer(uid), self.key(a.app)):
             self.quiet.warn("fdstore_refused", a.app, "pid=%d uid=%d fds=%d owner=%d", pid, uid, len(fds),
                             self.owner(a.app))
             return
@@ -267,6 +275,7 @@ class FdStores:
         n = 0
         names = sum(len(nm) + 1 for nm, _ in a.meta.names.values())  # LISTEN_FDNAMES's bytes, colons included
         owner = self.owner(a.app)
+        room = self.owners.room_for(owner)  # counted once a datagram: each fd stored takes one
         for fd in list(fds.fds):
             if a.stored() >= a.meta.max:
                 self.quiet.warn("fdstore_full", a.app, "max=%d note=closing-the-remaining-fds", a.meta.max)
@@ -276,11 +285,12 @@ class FdStores:
                                 "their-names-would-make-LISTEN_FDNAMES-too-long-for-exec;use-shorter-FDNAME=",
                                 names, fs.FDNAMES_MAX)
                 break
-            try:
-                self.owners.check_room(owner, 1)
-            except CapacityError as e:
-                self.quiet.warn("fdstore_quota", a.app, "owner=%d error=%r note=closing-the-remaining-fds", owner,
-                                str(e))
+            if room <= 0:
+                try:
+                    self.owners.check_room(owner, 1)  # for the message
+                except CapacityError as e:
+                    self.quiet.warn("fdstore_quota", a.app, "owner=%d error=%r note=closing-the-remaining-fds", owner,
+                                    str(e))
                 break
             try:
                 ident = classify(fd)
@@ -305,6 +315,7 @@ class FdStores:
             if poll:
                 self._watch(a, i, fd)
             n += 1
+            room -= 1
             names += len(name) + 1
         return n
 
@@ -400,30 +411,31 @@ class FdStores:
             self.room()
             self.owners.check_room(who.uid, 2, new_store=True)
             sock = bind_datagram(path, f"fd store of {app}", who.uid)
+            fid = file_id(path)
             key = fs.entry_name(app)
+            made: list[int] = []  # what is ours to undo if any step fails
+            sfd, memfd = sock.detach(), -1
             try:
                 memfd = os.memfd_create(f"cprd-fdstore-{app}", os.MFD_CLOEXEC)
-            except OSError:
-                sock.close()
-                raise
-            sfd = sock.detach()
-            try:
                 ident = classify(sfd)
+                before = self.owners.before(self.key(app))
                 self.owners.made(self.key(app), ident, who)
+                made.append(0)
                 self.st.table.save(key, fs.NOTIFY_ID, sfd, ident, replace=True)
-            except BaseException:
-                self.owners.dropped(self.key(app))
-                os.close(sfd)
-                os.close(memfd)
-                unlink_if_same(path, file_id(path))
-                raise
-            try:
+                made.append(1)
                 self.st.table.save(key, fs.NAMES_ID, memfd, classify(memfd), replace=True)
             except BaseException:
-                os.close(memfd)
+                if 1 in made:
+                    self.st.table.pop(key, fs.NOTIFY_ID)  # the fd is still ours: closed below
+                if 0 in made:
+                    self.owners.undo(self.key(app), before)
+                for fd in (sfd, memfd):
+                    if fd >= 0:
+                        os.close(fd)
+                unlink_if_same(path, fid)
                 raise
             meta = fs.Meta(max=fs.DEFAULT_MAX if max_fds is None else max_fds, path=path)
-            a = AppStore(app, sfd, memfd, meta, socket.socket(fileno=sfd), fid=file_id(path))
+            a = AppStore(app, sfd, memfd, meta, socket.socket(fileno=sfd), fid=fid)
             self.apps[app] = a
             self._ensure_epoll()
             self._rewrite(a)
@@ -433,6 +445,12 @@ class FdStores:
                 self._nursery.start_soon(self._read, a)
         else:
             self.check(app, who, "run or re-limit", change=True)
+            owner = self.owner(app)
+            if owner != who.uid and not self.owners.grants.trusted(owner):
+                # another user's fds, and whatever the program stores would be theirs to take
+                raise Denied(f"the fd store of app {app!r} belongs to {user_name(owner)}: its fds are that user's, "
+                             "and what a program stores there that user can take. Run the app as that user, or "
+                             f"remove the store first (`cprd ctl fdstore {app} --remove`)")
             if max_fds is not None and max_fds != a.meta.max:
                 a.meta.max = max_fds
                 self._append(a, fs.Log.line_max(max_fds))
@@ -469,6 +487,14 @@ class FdStores:
         return a
 
     # -- reading a store ------------------------------------------------------------------------
+    def keys_of(self, app: str) -> list[tuple[str, int]]:
+        """The keys of the app's store's entries (its own two and its stored fds), none if it has no store."""
+        a = self.apps.get(app)
+        if a is None:
+            return []
+        key = fs.entry_name(app)
+        return [(key, fs.NOTIFY_ID), (key, fs.NAMES_ID), *((key, i) for i in sorted(a.meta.names))]
+
     def fds_of(self, app: str) -> list[tuple[str, int]]:
         """(name, fd) of every stored fd, newest first: the order systemd hands them back in."""
         a = self._get(app)
