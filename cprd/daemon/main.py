@@ -142,6 +142,9 @@ async def serve_target(listen: str, *, config: Config = Config()) -> int:
 
     async def on_serving() -> None:
         if received.committed:
+            # once the source reads it, it exits: from then on the table is ours alone (a death
+            # before it is sent gives the table back to the source, which learns of it)
+            log.info("event=confirming pid=%d role=target", os.getpid())
             await confirm(inc.sock, received)
         inc.close()
         log.info("event=sole_owner pid=%d role=target", os.getpid())

@@ -97,7 +97,8 @@ class Round:
 
 # log events that make a pid the table's sole owner, or give the table a second holder. A new program
 # logs `confirming` just before it confirms to the guardian, which then leaves at once (or, if the new
-# program died first, restores): from then on its death alone may lose the table.
+# program died first, restores), and a handoff's target just before it confirms to the source, which
+# then exits (or, if the target died first, keeps the table): from then on its death alone may lose it.
 _OWNERSHIP = ("event=sole_owner", "event=confirming", "event=shared")
 
 class Model:
