@@ -4,6 +4,8 @@ worst (as root only: the other users are uids 65534, allowed, and 65533, not all
 One process of root's times `status`, each on a fresh connection (what a new `cprd ctl` does), for
 S seconds: alone, then during each attack, each from three processes of the attacking uid:
 
+cpu             (the reference) 65533 runs busy loops that touch no socket: what three busy processes cost
+                root on this machine, whatever they do
 connect-flood   65533 connects and closes on the control socket and on 65534's lane, as fast as it can
 lane-flood      65534 connects and closes on its own lane, as fast as it can
 silent          65534 holds 300 connections on its lane, half of them having sent half a frame
@@ -48,6 +50,17 @@ while time.monotonic() < end:
             pass
         s.close()
 print(n, refused)
+'''
+
+BUSY = r'''
+import sys, time
+seconds = float(sys.argv[1])
+sys.stdout.write("ready\n"); sys.stdout.flush()
+sys.stdin.readline()
+end, n = time.monotonic() + seconds, 0
+while time.monotonic() < end:
+    n += 1
+print(n, 0)
 '''
 
 SILENT = r'''
@@ -122,6 +135,7 @@ def bench_tenants(seconds: float) -> dict[str, Any]:
             wait_for_socket(lane, src)
             store = cp.encode_request("fdstore", app="bench-tenant", action="socket").hex()
             attacks = {
+                "cpu": [[*_as(OTHER), "-c", BUSY, str(seconds)]] * 3,
                 "connect-flood": [[*_as(OTHER), "-c", CONNECT_FLOOD, f"{control},{lane}", str(seconds)]] * 3,
                 "lane-flood": [[*_as(ALLOWED), "-c", CONNECT_FLOOD, lane, str(seconds)]] * 3,
                 "silent": [[*_as(ALLOWED), "-c", SILENT, lane, str(seconds)]] * 3,
