@@ -218,11 +218,11 @@ class OwnedFds:
             self.close()
 
 
-def read_all(fd: int) -> bytes:
+def read_all(fd: int, chunk_size: int = 1 << 16) -> bytes:
     """Every byte of a file (a memfd) from offset 0, whatever its own offset."""
     chunks, off = [], 0
     while True:
-        chunk = os.pread(fd, 1 << 16, off)
+        chunk = os.pread(fd, chunk_size, off)
         if not chunk:
             return b"".join(chunks)
         chunks.append(chunk)

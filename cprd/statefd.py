@@ -13,6 +13,7 @@ import logging
 import os
 
 from .errors import UpgradeError
+from .fds import read_all
 from .protocol import upgrade as pu
 from .protocol.upgrade import UpgradeState
 
@@ -45,13 +46,7 @@ def rewrite_state(fd: int, state: UpgradeState) -> None:
 
 
 def read_raw(fd: int) -> bytes:
-    chunks, off = [], 0
-    while True:
-        chunk = os.pread(fd, 1 << 20, off)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
-        off += len(chunk)
+    return read_all(fd, 1 << 20)
 
 
 def exec_with(argv: list[str], fds: list[int], state_fd: int, env: dict[str, str] | None = None) -> None:

@@ -22,6 +22,7 @@ from cprd.client import Client
 from cprd.errors import CapacityError, ControlError, Denied, UsageError
 from cprd.fdstore import FDNAMES_MAX
 from cprd.kinds import Kind
+from cprd.tools.bench_tenants import CONNECT_FLOOD
 from cprd.tools.procs import wait_for_socket
 from cprd.tools.proof import same_open_file
 from helpers import num_fds, settled_fds
@@ -324,22 +325,6 @@ def test_a_store_keeps_its_program_startable(shared):
 
 
 # -- lanes ----------------------------------------------------------------------------------------
-FLOOD = """
-    import socket, sys, time
-    path, until = sys.argv[1], time.monotonic() + float(sys.argv[2])
-    n = refused = 0
-    while time.monotonic() < until:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            s.connect(path)
-            n += 1
-        except PermissionError:
-            refused += 1
-        except OSError:
-            pass
-        s.close()
-    print(n, refused)
-"""
 
 
 def test_a_uid_that_is_not_allowed_cannot_even_connect(shared):
@@ -351,13 +336,16 @@ def test_a_uid_that_is_not_allowed_cannot_even_connect(shared):
         st = os.stat(path)
         assert stat.S_IMODE(st.st_mode) == 0o600
     assert os.stat(shared.lane(NOBODY)).st_uid == NOBODY
-    floods = [subprocess.Popen(["setpriv", f"--reuid={OTHER}", f"--regid={OTHER}", "--clear-groups", SYSTEM_PYTHON,
-                                "-c", textwrap.dedent(FLOOD), path, "3"], stdout=subprocess.PIPE, text=True)
-              for path in (shared.control, shared.control, shared.lane(NOBODY))]
-    # and nobody floods its own lane meanwhile
-    floods.append(subprocess.Popen(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                                    SYSTEM_PYTHON, "-c", textwrap.dedent(FLOOD), shared.lane(NOBODY), "3"],
-                                   stdout=subprocess.PIPE, text=True))
+    def flood(uid: int, path: str) -> subprocess.Popen:  # the benchmark's attacker: connect, close, again
+        p = subprocess.Popen(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", SYSTEM_PYTHON, "-c",
+                              CONNECT_FLOOD, path, "3"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert p.stdout.readline().strip() == "ready"
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        return p
+
+    floods = [flood(OTHER, path) for path in (shared.control, shared.control, shared.lane(NOBODY))]
+    floods.append(flood(NOBODY, shared.lane(NOBODY)))  # and nobody floods its own lane meanwhile
     answered = 0
     until = time.monotonic() + 2.5
     with shared.client() as c:
