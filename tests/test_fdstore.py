@@ -96,6 +96,7 @@ def test_a_program_stores_fds_with_libsystemd_and_gets_them_back_named_newest_fi
 @needs_libsystemd
 def test_same_open_file_is_stored_once_and_keeps_its_first_name(cluster, web):
     src, _ = web
+    before = num_fds(src.pid)  # before any fd is sent: the duplicates must leave nothing behind
     s = _listener()
     dup = os.dup(s.fileno())
     other = os.open("/dev/null", os.O_RDONLY)
@@ -111,6 +112,7 @@ def test_same_open_file_is_stored_once_and_keeps_its_first_name(cluster, web):
         s.close()
     rows = store_of(cluster, "web")
     assert sorted(r["fdname"] for r in rows) == ["null", "null", "one"]
+    assert settled_fds(src.pid, before + 3) == before + 3, "three stored, each duplicate closed"
     base = num_fds(src.pid)
     with _listener() as t:  # a socket of the same kind, another open file: stored
         sd.notify("FDSTORE=1\nFDNAME=three", [t.fileno()])
