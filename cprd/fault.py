@@ -21,7 +21,9 @@ a handoff (several specs, comma-separated, act in the order given when they name
   to run out of fds mid-transfer), ``sleep=S`` (stop for S seconds: for ``freeze``, mutations
   wait that long, so that clients meet the freeze and the handoff), ``sndbuf=N`` (``standin:forked``
   only: shrink the send buffers of the stand-in's journal to N bytes, so that the kernel refuses the
-  journal after a few changes, as it does a non-root daemon's after a few hundred).
+  journal after a few changes, as it does a non-root daemon's after a few hundred), ``last-sndbuf=N``
+  (the same, only for the last socket the point is given: the stand-in's copy for the guardian, so
+  that its queue is the one that fills).
 
 Every fault that fires logs ``event=fault_fired`` first, so a test can tell that its fault
 happened. A spec that names an unknown side, step or action is refused when the daemon starts
@@ -78,12 +80,12 @@ def _parse(spec: str) -> tuple[str, str, str, str]:
     try:
         ok = (action in ("kill", "shutdown", "stop") or (name == "rlimit" and int(value) > 0)
               or (name == "sleep" and 0 <= float(value) <= 3600)
-              or (name == "sndbuf" and int(value) > 0 and (side, step) == ("standin", "forked")))
+              or (name in ("sndbuf", "last-sndbuf") and int(value) > 0 and (side, step) == ("standin", "forked")))
     except ValueError:
         ok = False
     if not ok:
         raise UsageError(f"CPRD_FAULT={spec!r}: unknown action {action!r}; one of kill, stop, shutdown, rlimit=N, "
-                         "sleep=S, sndbuf=N (standin:forked only)")
+                         "sleep=S, sndbuf=N or last-sndbuf=N (standin:forked only)")
     return side, step, n, action
 
 
@@ -137,9 +139,9 @@ def _act(side: str, step: str, n: int | None, action: str, sock) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (int(action[len("rlimit="):]), hard))
     elif action.startswith("sleep="):
         time.sleep(float(action[len("sleep="):]))  # blocks the whole daemon, as a stalled process would
-    elif action.startswith("sndbuf=") and sock is not None:
-        for s in sock:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, int(action[len("sndbuf="):]))
+    elif action.startswith(("sndbuf=", "last-sndbuf=")) and sock is not None:
+        for s in sock if action.startswith("sndbuf=") else sock[-1:]:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, int(action.split("=", 1)[1]))
 
 
 async def apoint(side: str, step: str, n: int | None = None, sock=None, last: int | None = None) -> None:

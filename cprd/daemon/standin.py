@@ -378,7 +378,7 @@ class StandIn:
     async def serve(self) -> dict[str, Any] | None:
         """Stand in until the table is handed over (None: this process exits and the new program
         answers) or kept (the answer, rolled back, for the client that asked)."""
-        fault.point("standin", "forked", sock=list(self.stream.socks.values()))
+        fault.point("standin", "forked", sock=[self.stream.socks[r] for r in READERS if r in self.stream.socks])
         deadline = trio.current_time() + self.deadlines.start_s
         async with trio.open_nursery() as n:
             n.start_soon(self._read_journal)
