@@ -23,7 +23,8 @@ a handoff (several specs, comma-separated, act in the order given when they name
   only: shrink the send buffers of the stand-in's journal to N bytes, so that the kernel refuses the
   journal after a few changes, as it does a non-root daemon's after a few hundred), ``last-sndbuf=N``
   (the same, only for the last socket the point is given: the stand-in's copy for the guardian, so
-  that its queue is the one that fills).
+  that its queue is the one that fills), ``drop`` (``standin:journal`` only: that journal message
+  goes to the guardian's copy but not to the new program, which then sees a hole).
 
 Every fault that fires logs ``event=fault_fired`` first, so a test can tell that its fault
 happened. A spec that names an unknown side, step or action is refused when the daemon starts
@@ -54,7 +55,8 @@ STEPS = {  # the fault points of each side
     "target": ("hello", "batch", "delta", "delete", "results", "end", "ready", "commit", "confirm"),
     "restore": ("raise",),  # restore:raise: the new program of an upgrade fails while it restores
     # an upgrade's stand-in (daemon/standin.py): right after the fork, once asked to stop (T), after Done
-    "standin": ("forked", "takeover", "done"),
+    # and each journal message it sends (n: how many it sent before: `drop` leaves it out of the new program's)
+    "standin": ("forked", "takeover", "done", "journal"),
     # the new program of an upgrade: state restored (before T), after asking (T), after Taken (K),
     # once the stand-in released the table (B, before C to the guardian)
     "upgrade": ("restored", "asked", "taken", "released"),
@@ -78,7 +80,8 @@ def _parse(spec: str) -> tuple[str, str, str, str]:
         raise UsageError(f"CPRD_FAULT={spec!r}: N must be a number, first, middle, last, * or empty")
     name, _, value = action.partition("=")
     try:
-        ok = (action in ("kill", "shutdown", "stop") or (name == "rlimit" and int(value) > 0)
+        ok = (action in ("kill", "shutdown", "stop") or (action == "drop" and (side, step) == ("standin", "journal"))
+              or (name == "rlimit" and int(value) > 0)
               or (name == "sleep" and 0 <= float(value) <= 3600)
               or (name in ("sndbuf", "last-sndbuf") and int(value) > 0 and (side, step) == ("standin", "forked")))
     except ValueError:
@@ -117,9 +120,12 @@ def armed(side: str, step: str, n: int | None = None, last: int | None = None) -
     return out
 
 
-def point(side: str, step: str, n: int | None = None, sock=None, last: int | None = None) -> None:
-    for action in armed(side, step, n, last):
+def point(side: str, step: str, n: int | None = None, sock=None, last: int | None = None) -> list[str]:
+    """Carry out the actions armed here; the list of them (a caller carries out `drop` itself)."""
+    actions = armed(side, step, n, last)
+    for action in actions:
         _act(side, step, n, action, sock)
+    return actions
 
 
 def _act(side: str, step: str, n: int | None, action: str, sock) -> None:

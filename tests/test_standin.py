@@ -164,6 +164,30 @@ def test_a_journal_the_kernel_refuses_makes_the_stand_in_keep_the_table(cluster,
         _clean_up(src, serving, copies, locals().get("churn"))
 
 
+def test_a_new_program_whose_journal_has_a_hole_never_takes_over(cluster):
+    """End to end: one journal message of the stand-in never reaches the new program (a fault drops
+    it; the guardian's copy has it). The new program sees the hole at Done and exits without taking
+    over; the stand-in keeps the table, with every acknowledged put (kcmp) and nobody else holding it."""
+    src = cluster.source(SPEC, env={"CPRD_FAULT": "standin:journal:2:drop"})
+    with cluster.client() as c:
+        copies = hold_copies(c)
+    serving = None
+    try:
+        with Churn(cluster.control) as churn:
+            r = cluster.ctl("upgrade", "--json")
+        assert not churn.failed, churn.failed
+        res = json.loads(r.stdout)
+        serving = res["pid"]
+        logs = cluster.logs()
+        assert "event=fault_fired side=standin step=journal n=2 action=drop" in logs
+        assert r.returncode == 1 and res["rolled_back"] is True, (r.stdout, r.stderr)
+        assert serving != src.pid, "the stand-in keeps the table"
+        assert "hole" in logs, "the new program saw the hole"
+        _one_owner_holds_every_acknowledged_entry(cluster, serving, copies, churn)
+    finally:
+        _clean_up(src, serving, copies, locals().get("churn"))
+
+
 def _journal(*messages: bytes) -> socket.socket:
     """The new program's end of a journal that holds `messages` (the stand-in's end closed)."""
     mine, standin = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -109,6 +109,8 @@ class Stream:
                 for role in READERS:
                     if role not in self.readers:
                         continue
+                    if role is Role.NEW and "drop" in fault.point("standin", "journal", self.sent):
+                        continue  # (a test's fault: the new program's journal gets a hole)
                     try:
                         scm.send_nowait(self.socks[role], msg, fds)
                     except BlockingIOError:
