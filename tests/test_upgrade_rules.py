@@ -436,9 +436,26 @@ def timeline(d: u.Deadlines, start_after: float, stopper: Role | None, when: str
                 log.append(f"{now[0]:.1f} {r.value}: fence {a.peer.value}")
                 running[a.peer] = False
                 sessions.pop(a.peer, None)
-                now[0] += d.fence_s
+                end = now[0] + d.fence_s
+                deadlines_until(end, r)  # the others' deadlines run on while r waits for the fenced one
+                now[0] = max(now[0], end)
             elif isinstance(a, Send):
                 deliver(a.to, a.msg, r)
+
+    def deadlines_until(end: float, busy: Role | None) -> None:
+        """Every deadline of a running process other than `busy` that passes by `end`, in order."""
+        while True:
+            pending = sorted((t, r.value, r) for r, t in due.items()
+                             if t is not None and t <= end and running[r] and r in sessions and r is not busy)
+            if not pending:
+                return
+            t, _, r = pending[0]
+            now[0] = max(now[0], t)
+            log.append(f"{now[0]:.1f} {r.value}: deadline")
+            s = sessions[r]
+            actions = s.on(Ev.TIMEOUT)
+            due[r] = now[0] + getattr(d, s.waits) if s.waits else None
+            carry_out(r, actions)
 
     def deliver(to: Role, msg: Msg, frm: Role) -> None:
         log.append(f"{now[0]:.1f} {frm.value} -> {to.value}: {msg.value.decode()}")
