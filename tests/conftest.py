@@ -51,7 +51,7 @@ def _speedups() -> bool:
 
 
 def _kcmp() -> bool:
-    from proof import kcmp_works
+    from helpers import kcmp_works
 
     return kcmp_works()
 

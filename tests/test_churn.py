@@ -18,7 +18,7 @@ from cprd.client import AsyncClient, Client
 from cprd.errors import CprdError, HandoffError, KeyExists
 from cprd.protocol import control as cp
 from helpers import num_fds, settled_fds, snapshot
-from proof import Copies, kcmp_file
+from helpers import Copies, kcmp_file
 
 pytestmark = pytest.mark.requires("kcmp")
 

@@ -11,7 +11,7 @@ import pytest
 
 from cprd.errors import CprdError, HandoffError
 from helpers import num_fds, settled_fds, snapshot
-from proof import Copies
+from helpers import Copies
 
 pytestmark = pytest.mark.requires("kcmp")
 

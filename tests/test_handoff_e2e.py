@@ -13,7 +13,7 @@ from cprd import scm
 from cprd.errors import CapacityError, HandoffError
 from cprd.protocol import handoff as hp
 from helpers import MAKERS, prove_same, close_copies, hold_copies, num_fds, settled_fds, snapshot
-from proof import Copies, kcmp_file
+from helpers import Copies, kcmp_file
 
 pytestmark = pytest.mark.requires("kcmp")
 

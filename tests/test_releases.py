@@ -18,7 +18,7 @@ import pytest
 from cprd.client import Client
 from cprd.tools.procs import wait_for_socket
 from helpers import RELEASES, install, release_spawn as spawn, snapshot
-from proof import Copies
+from helpers import Copies
 
 pytestmark = [pytest.mark.slow, pytest.mark.requires("kcmp")]
 
