@@ -22,6 +22,7 @@ import pytest
 import sd
 from cprd import fdstore as fs
 from cprd.client import Client
+from cprd.errors import HandoffError
 from helpers import num_fds, settled_fds
 
 SYSTEM_PYTHON = "/usr/bin/python3"  # where Debian's python3-systemd lives
@@ -697,9 +698,10 @@ def test_a_handoff_whose_target_dies_before_it_confirms_leaves_the_store_whole(c
     sd.barrier()
     tgt, listen = cluster.target(env={"CPRD_FAULT": "target:commit"})
     with cluster.client() as c:
-        with pytest.raises(Exception):
+        with pytest.raises(HandoffError, match="the source keeps every entry"):
             c.handoff(listen)
-    tgt.wait(30)
+    assert tgt.wait(30) == -signal.SIGKILL
+    assert "event=fault_fired side=target step=commit" in cluster.logs()
     sd.notify("FDSTORE=1\nFDNAME=two", [s2.fileno()])
     sd.barrier()
     assert cluster.ctl("upgrade").returncode == 0  # the new program reads the names back
