@@ -135,6 +135,28 @@ def test_mutations_during_the_upgrade_reach_the_new_program_and_the_stand_in_exi
         close_copies(churn.mine)
 
 
+def _kept_by_the_stand_in(cluster, fault: str, check) -> None:
+    """An upgrade under churn with CPRD_FAULT=fault that the stand-in must end by keeping the table:
+    the upgrade rolled back, the stand-in serving (not the daemon's pid), every acknowledged put
+    there (kcmp), nobody else holding the table; check(src, res, logs, churn) adds the case's own."""
+    src = cluster.source(SPEC, env={"CPRD_FAULT": fault})
+    with cluster.client() as c:
+        copies = hold_copies(c)
+    serving = None
+    try:
+        with Churn(cluster.control) as churn:
+            r = cluster.ctl("upgrade", "--json")
+        assert not churn.failed, churn.failed
+        res = json.loads(r.stdout)
+        serving = res["pid"]
+        assert r.returncode == 1 and res["rolled_back"] is True, (r.stdout, r.stderr)
+        assert serving != src.pid, "the stand-in keeps the table"
+        check(src, res, cluster.logs(), churn)
+        _one_owner_holds_every_acknowledged_entry(cluster, serving, copies, churn)
+    finally:
+        _clean_up(src, serving, copies, locals().get("churn"))
+
+
 @pytest.mark.parametrize("full", ["new program", "guardian"])
 def test_a_journal_the_kernel_refuses_makes_the_stand_in_keep_the_table(cluster, full):
     """A change the stand-in cannot journal (here the kernel refuses it: queues shrunk to a few
@@ -142,50 +164,27 @@ def test_a_journal_the_kernel_refuses_makes_the_stand_in_keep_the_table(cluster,
     with a hole: the stand-in stops the new program before it answers that change, keeps the
     table, and every acknowledged put is there (kcmp). Whichever queue fills: the new program's, or
     only the guardian's copy (whose hole would be restored from)."""
-    fault = "sndbuf=4096" if full == "new program" else "last-sndbuf=4096"
-    src = cluster.source(SPEC, env={"CPRD_FAULT": f"standin:forked::{fault}"})
-    with cluster.client() as c:
-        copies = hold_copies(c)
-    serving = None
-    try:
-        with Churn(cluster.control) as churn:
-            r = cluster.ctl("upgrade", "--json")
-        assert not churn.failed, churn.failed
-        res = json.loads(r.stdout)
-        serving = res["pid"]
-        logs = cluster.logs()
+
+    def check(src, res, logs, churn) -> None:
         assert "event=fault_fired side=standin step=forked" in logs and "event=standin_journal_broken" in logs
-        assert r.returncode == 1 and res["rolled_back"] is True, (r.stdout, r.stderr)
         assert "the journal could not be sent" in res["reason"] and f"the {full}'s queue is full" in res["reason"], res
-        assert serving != src.pid and src.wait(10) == -signal.SIGKILL, "the new program was stopped"
+        assert src.wait(10) == -signal.SIGKILL, "the new program was stopped"
         assert len(churn.mine) > 20, "puts went on, answered by the stand-in, after its journal broke"
-        _one_owner_holds_every_acknowledged_entry(cluster, serving, copies, churn)
-    finally:
-        _clean_up(src, serving, copies, locals().get("churn"))
+
+    _kept_by_the_stand_in(cluster, f"standin:forked::{'sndbuf' if full == 'new program' else 'last-sndbuf'}=4096",
+                          check)
 
 
 def test_a_new_program_whose_journal_has_a_hole_never_takes_over(cluster):
     """End to end: one journal message of the stand-in never reaches the new program (a fault drops
     it; the guardian's copy has it). The new program sees the hole at Done and exits without taking
     over; the stand-in keeps the table, with every acknowledged put (kcmp) and nobody else holding it."""
-    src = cluster.source(SPEC, env={"CPRD_FAULT": "standin:journal:2:drop"})
-    with cluster.client() as c:
-        copies = hold_copies(c)
-    serving = None
-    try:
-        with Churn(cluster.control) as churn:
-            r = cluster.ctl("upgrade", "--json")
-        assert not churn.failed, churn.failed
-        res = json.loads(r.stdout)
-        serving = res["pid"]
-        logs = cluster.logs()
+
+    def check(src, res, logs, churn) -> None:
         assert "event=fault_fired side=standin step=journal n=2 action=drop" in logs
-        assert r.returncode == 1 and res["rolled_back"] is True, (r.stdout, r.stderr)
-        assert serving != src.pid, "the stand-in keeps the table"
         assert "hole" in logs, "the new program saw the hole"
-        _one_owner_holds_every_acknowledged_entry(cluster, serving, copies, churn)
-    finally:
-        _clean_up(src, serving, copies, locals().get("churn"))
+
+    _kept_by_the_stand_in(cluster, "standin:journal:2:drop", check)
 
 
 def _journal(*messages: bytes) -> socket.socket:
