@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -131,6 +132,34 @@ def test_max_clients(cluster):
         except Busy:
             assert time.monotonic() < deadline
             time.sleep(0.01)
+    for c in held:
+        c.close()
+
+
+def test_a_client_beyond_max_clients_waits_for_a_slot_and_is_served(cluster):
+    """With every slot held, a new client is not told Busy at once: it waits in the backlog and is
+    served as soon as a slot frees, within --queue-timeout."""
+    src = cluster.spawn("source", "--control", cluster.control, "--max-clients", "3", "--queue-timeout", "20")
+    wait_for_socket(cluster.control, src)
+    held = [Client(cluster.control).connect() for _ in range(3)]
+    for c in held:
+        c.status()
+    got: list = []
+
+    def waiter() -> None:
+        t0 = time.monotonic()
+        try:
+            got.append((Client(cluster.control, timeout=30).status()["pid"], time.monotonic() - t0))
+        except CprdError as e:
+            got.append((e, time.monotonic() - t0))
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    time.sleep(1.0)
+    assert not got, f"answered while every slot was held: {got}"
+    held.pop().close()
+    t.join(30)
+    assert got and got[0][0] == src.pid and got[0][1] >= 1.0, got  # served once the slot freed, never Busy
     for c in held:
         c.close()
 
