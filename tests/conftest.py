@@ -133,6 +133,9 @@ def pytest_configure(config: pytest.Config) -> None:
                                 f"{', '.join(FEATURES)}")
 
 
+LEFT_OUT = pytest.StashKey[str]()  # the feature this environment leaves out that a test was skipped for
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     for mark in item.iter_markers("requires"):
         for feature in mark.args:
@@ -143,17 +146,20 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
             why = FEATURES[feature][1]
             if in_ci() and feature not in ci_without():
                 pytest.fail(f"CI must provide {feature!r}: {why}", pytrace=False)
+            item.stash[LEFT_OUT] = feature
             pytest.skip(why)
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    """In CI a skip is a failure, unless it comes from a feature this environment leaves out."""
+    """In CI a skip is a failure, unless it is the skip for a feature this environment leaves out
+    (made by pytest_runtest_setup, for that feature): a skip from inside a test, for any other
+    reason, fails even where some feature is left out."""
     outcome = yield
     rep = outcome.get_result()
     if not (in_ci() and rep.skipped) or hasattr(rep, "wasxfail"):
         return
-    allowed = any(not has(f) and f in ci_without() for m in item.iter_markers("requires") for f in m.args)
+    allowed = rep.when == "setup" and item.stash.get(LEFT_OUT, None) in ci_without()
     if not allowed:
         reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
         rep.outcome = "failed"
