@@ -319,12 +319,14 @@ def _room_for(n: int) -> None:
 
 async def _burst(path: str, n: int, during=None) -> tuple[int, list[str]]:
     """n first-time clients connect at once and ask for status; `during` runs meanwhile once they
-    have all started. (answered, failures)."""
+    have all started, and must overlap them: some client began before it ended and was answered
+    after it began (else the burst proved nothing about it). (answered, failures)."""
     import trio
 
     from cprd.client import AsyncClient
 
     answered, failures = 0, []
+    spans: list[tuple[float, float]] = []  # each answered client's (began, answered)
     started = trio.Event()
     go = trio.Event()
     waiting = n
@@ -335,10 +337,12 @@ async def _burst(path: str, n: int, during=None) -> tuple[int, list[str]]:
         if not waiting:
             started.set()
         await go.wait()
+        t0 = trio.current_time()
         try:
             async with AsyncClient(path, timeout=120) as c:
                 await c.status()
             answered += 1
+            spans.append((t0, trio.current_time()))
         except CprdError as e:
             failures.append(repr(e))
 
@@ -348,7 +352,12 @@ async def _burst(path: str, n: int, during=None) -> tuple[int, list[str]]:
         await started.wait()
         go.set()
         if during is not None:
+            t_begin = trio.current_time()
             await during()
+            t_end = trio.current_time()
+    if during is not None:
+        overlapped = sum(1 for a, b in spans if a < t_end and b > t_begin)
+        assert overlapped, f"no client was in flight during the move ({t_begin:.3f}-{t_end:.3f})"
     return answered, failures
 
 
