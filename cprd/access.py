@@ -102,6 +102,8 @@ class Grants:
         self.grants: dict[Key, tuple[Identity, Grant]] = {}
         self.default = Grant(own_uid)  # the grant of every entry without a record
         self.by_owner: Counter[int] = Counter()  # records by owner
+        self.keys_by_owner: dict[int, set[Key]] = {}  # the keys of those records, by owner
+        self.shared: set[Key] = set()  # the keys shared with any uid or gid
         self.version = 0  # changes with every grant set or dropped (for caches of what ls shows)
         self.lines = 0  # lines in the log since it was last written whole
 
@@ -154,34 +156,42 @@ class Grants:
                                 "daemon's user and root (--reserve); delete entries or ask its operator")
 
     # -- changes (each returns the log line to write first) -------------------------------------
-    def set(self, key: Key, ident: Identity, g: Grant) -> bytes:
+    def _pop(self, key: Key) -> tuple[Identity, Grant] | None:
+        """Take key's record out of the grants and of their indexes."""
         old = self.grants.pop(key, None)
         if old is not None:
             self.by_owner[old[1].owner] -= 1
+            self.keys_by_owner[old[1].owner].discard(key)
+            self.shared.discard(key)
+        return old
+
+    def _put(self, key: Key, rec: tuple[Identity, Grant]) -> None:
+        self.grants[key] = rec
+        self.by_owner[rec[1].owner] += 1
+        self.keys_by_owner.setdefault(rec[1].owner, set()).add(key)
+        if rec[1].uids or rec[1].gids:
+            self.shared.add(key)
+
+    def set(self, key: Key, ident: Identity, g: Grant) -> bytes:
+        old = self._pop(key)
         self.version += 1
         if g.owner == self.own and not g.uids and not g.gids:
             return self._drop_line(key) if old is not None else b""
-        self.grants[key] = (ident, g)
-        self.by_owner[g.owner] += 1
+        self._put(key, (ident, g))
         self.lines += 1
         return (json.dumps({"k": list(key), "i": ident.to_json(), "o": g.owner, "u": sorted(g.uids),
                             "g": sorted(g.gids)}, separators=(",", ":")) + "\n").encode()
 
     def put_back(self, key: Key, before: tuple[Identity, Grant] | None) -> None:
         """key's record as it was before a change that could not be written."""
-        cur = self.grants.pop(key, None)
-        if cur is not None:
-            self.by_owner[cur[1].owner] -= 1
+        self._pop(key)
         if before is not None:
-            self.grants[key] = before
-            self.by_owner[before[1].owner] += 1
+            self._put(key, before)
         self.version += 1
 
     def drop(self, key: Key) -> bytes:
-        old = self.grants.pop(key, None)
-        if old is None:
+        if self._pop(key) is None:
             return b""
-        self.by_owner[old[1].owner] -= 1
         self.version += 1
         return self._drop_line(key)
 
@@ -196,8 +206,10 @@ class Grants:
         return sum(n for u, n in self.by_owner.items() if not self.trusted(u))
 
     def keys_of(self, who: Peer) -> Iterable[Key]:
-        """The keys with a record that `who` may read (for a list filtered to what it may see)."""
-        return [k for k in self.grants if self.may_read(who, k)]
+        """The keys with a record that `who` may read: those it owns and those shared with it (for a
+        list filtered to what it may see; O(its own and the shared ones), never the whole table)."""
+        return [*self.keys_by_owner.get(who.uid, ()), *(k for k in self.shared if self.grant(k).owner != who.uid
+                                                         and self.may_read(who, k))]
 
     # -- the log --------------------------------------------------------------------------------
     def compact(self) -> bytes:
@@ -239,8 +251,7 @@ class Grants:
             if find(key) != ident:
                 ignored += 1
                 continue
-            self.grants[key] = (ident, g)
-            self.by_owner[g.owner] += 1
+            self._put(key, (ident, g))
         self.version += 1
         self.lines = data.count(b"\n")
         return ignored

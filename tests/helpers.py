@@ -462,6 +462,9 @@ class Copies:
 
 # -- releases (test_releases.py, test_tenants.py) -------------------------------------------------
 ROOT = Path(__file__).resolve().parent.parent
+# where the releases' history is: this checkout, or (a copy of it without .git, as tests/mutants.py
+# makes) the checkout it names
+HISTORY = Path(os.environ.get("CPRD_HISTORY") or ROOT)
 RELEASES = [  # (version, commit): the commit, so that a clone without tags still has it
     ("0.1.0", "787d21c377c05a4aa13b2f5a42f641908bcdc2f0"),
 ]
@@ -474,8 +477,8 @@ def _cache() -> Path:
 
 def install(version: str, commit: str) -> Path:
     """The python of a virtualenv with release `version` installed (built once, then reused)."""
-    if not (ROOT / ".git").exists():
-        pytest.fail(f"release {version} comes from git history, and {ROOT} is not a git checkout")
+    if not (HISTORY / ".git").exists():
+        pytest.fail(f"release {version} comes from git history, and {HISTORY} is not a git checkout")
     tag = f"{commit[:12]}-py{sysconfig.get_python_version()}"
     home = _cache() / tag
     py = home / "venv" / "bin" / "python"
@@ -484,10 +487,10 @@ def install(version: str, commit: str) -> Path:
         return py
     shutil.rmtree(home, ignore_errors=True)
     (home / "src").mkdir(parents=True)
-    have = subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{commit}^{{commit}}"], capture_output=True)
+    have = subprocess.run(["git", "-C", str(HISTORY), "cat-file", "-e", f"{commit}^{{commit}}"], capture_output=True)
     if have.returncode != 0:
         pytest.fail(f"commit {commit} of release {version} is not in this clone's history (a shallow clone?)")
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", commit], capture_output=True,
+    archive = subprocess.run(["git", "-C", str(HISTORY), "archive", "--format=tar", commit], capture_output=True,
                              check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(home / "src")], input=archive, check=True)
     subprocess.run([sys.executable, "-m", "venv", str(home / "venv")], check=True)

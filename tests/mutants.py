@@ -84,7 +84,7 @@ MUTANTS = [
            ("tests/test_tenants.py::test_an_allowed_uid_cannot_make_stores_without_end",)),
     Mutant("names-too-long-for-exec", "a store keeps its program startable",
            "cprd/daemon/notify.py",
-           "            if names + len(name) + 1 > fs.FDNAMES_MAX:",
+           "            if a.names_bytes + len(name) + 1 > fs.FDNAMES_MAX:",
            "            if False:",
            ("tests/test_tenants.py::test_a_store_keeps_its_program_startable",)),
     Mutant("reported-errors-retried", "the daemon's own errors reach the user at once",
@@ -119,6 +119,16 @@ MUTANTS = [
            "            if a.stored() >= a.meta.max:",
            "            if False:",
            ("tests/test_fdstore.py::test_over_the_limit_the_extra_fds_are_closed",)),
+    Mutant("forged-owners-log-believed", "a log of owners another uid forged in an older cprd's table is not believed",
+           "cprd/daemon/owners.py",
+           "        if token is None or head != _HEADER + token:",
+           "        if False:",
+           ("tests/test_tenants.py::test_a_forged_owners_log_or_lane_from_an_older_table_is_not_believed",)),
+    Mutant("ls-shows-everything", "another uid sees only what it owns or what is shared with it",
+           "cprd/daemon/handlers.py",
+           "        if self.owners.grants.trusted(who.uid):\n            return await self.ls_frames(), []",
+           "        if True:\n            return await self.ls_frames(), []",
+           ("tests/test_tenants.py::test_each_uid_owns_what_it_made_and_sees_only_that",)),
     Mutant("busy-at-once", "a client beyond --max-clients waits for a slot, Busy only after --queue-timeout",
            "cprd/daemon/endpoint.py",
            "        with trio.move_on_after(self.config.queue_timeout):\n            while self._full(lane):",
@@ -132,28 +142,49 @@ MUTANTS = [
 ]
 
 
+def _copy() -> Path:
+    """A copy of the checkout's code and tests in a new temporary directory."""
+    d = Path(tempfile.mkdtemp(prefix="cprd-mutant-"))
+    for part in ("cprd", "tests", "pyproject.toml", "conftest.py"):
+        src = ROOT / part
+        if src.is_dir():
+            shutil.copytree(src, d / part, ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.pyc"))
+        elif src.exists():
+            shutil.copy2(src, d / part)
+    for so in (ROOT / "cprd").glob("*.so"):  # the built C speedup, as installed
+        shutil.copy2(so, d / "cprd" / so.name)
+    return d
+
+
+def _pytest(d: Path, tests: tuple[str, ...] | list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+                          cwd=d, capture_output=True, text=True, timeout=1800,
+                          env={**_env(), "PYTHONPATH": str(d), "CPRD_HISTORY": str(ROOT)})
+
+
+def baseline(chosen: list[Mutant]) -> str | None:
+    """None if every chosen mutant's tests pass on an unbroken copy (so that a failure under a
+    mutant is the mutant's doing), else pytest's last lines."""
+    d = _copy()
+    try:
+        r = _pytest(d, sorted({t for m in chosen for t in m.tests}))
+        return None if r.returncode == 0 else "\n".join((r.stdout + r.stderr).strip().splitlines()[-15:])
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def run(m: Mutant, keep: bool = False) -> tuple[str, float, str]:
     """('caught' | 'survived' | 'stale', seconds, the tail of pytest's output)."""
     t0 = time.monotonic()
     text = (ROOT / m.file).read_text()
     if text.count(m.old) != 1:
         return "stale", 0.0, f"{m.file}: the text to replace occurs {text.count(m.old)} times, not once"
-    d = Path(tempfile.mkdtemp(prefix=f"cprd-mutant-{m.name}-"))
+    d = _copy()
     try:
-        for part in ("cprd", "tests", "pyproject.toml", "conftest.py"):
-            src = ROOT / part
-            if src.is_dir():
-                shutil.copytree(src, d / part, ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.pyc"))
-            elif src.exists():
-                shutil.copy2(src, d / part)
-        for so in (ROOT / "cprd").glob("*.so"):  # the built C speedup, as installed
-            shutil.copy2(so, d / "cprd" / so.name)
         target = d / m.file
         target.write_text(text.replace(m.old, m.new))
         py_compile.compile(str(target), doraise=True)
-        r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *m.tests],
-                           cwd=d, capture_output=True, text=True, timeout=900,
-                           env={**_env(), "PYTHONPATH": str(d)})
+        r = _pytest(d, m.tests)
         out = (r.stdout + r.stderr).strip().splitlines()
         summary = out[-1] if out else ""
         if r.returncode == 0:
@@ -164,7 +195,9 @@ def run(m: Mutant, keep: bool = False) -> tuple[str, float, str]:
             verdict = "stale"  # no test ran, or the tests could not run: the mutant must be looked at
         return verdict, time.monotonic() - t0, summary
     finally:
-        if not keep:
+        if keep:
+            print(f"          kept: {d}")
+        else:
             shutil.rmtree(d, ignore_errors=True)
 
 
@@ -189,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{m.name}: {m.promise}\n    {m.file}; tests: {' '.join(m.tests)}")
         return 0
     bad, t0 = 0, time.monotonic()
+    why = baseline(chosen)
+    if why is not None:
+        print(f"the mutants' tests fail on an unbroken copy, so a failure would prove nothing:\n{why}", file=sys.stderr)
+        return 2
+    print(f"baseline: every mutant's tests pass on an unbroken copy ({time.monotonic() - t0:.0f} s)", flush=True)
     for m in chosen:
         verdict, secs, tail = run(m, a.keep)
         bad += verdict != "caught"
