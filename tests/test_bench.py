@@ -111,6 +111,17 @@ def test_ls_json_has_the_fields():
     assert row["ls_per_s_with_ls"] > 0 and row["ls_per_s_with_ls_and_churn"] > 0
 
 
+@pytest.mark.requires("root")
+def test_tenants_json_has_each_phase_and_the_attacks_happened():
+    row = json_of(run("bench", "tenants", "--seconds", "0.5", "--json", timeout=120))
+    phases = ("alone", "cpu", "connect-flood", "lane-flood", "silent", "datagrams")
+    assert all(row[p]["statuses"] > 0 and row[p]["p99_ms"] > 0 for p in phases)
+    assert row["connect-flood"]["attacker_ops"] == 0 and row["connect-flood"]["refused_by_kernel"] > 0, \
+        "the uid that is not allowed never connects"
+    assert row["lane-flood"]["attacker_ops"] > 0 and row["lane-flood"]["refused_by_kernel"] == 0
+    assert row["silent"]["attacker_ops"] == 300 and row["datagrams"]["attacker_ops"] > 0
+
+
 def test_bad_sizes_are_usage_errors():
     for args in (["find", "--sizes", "a,b"], ["memory", "--sizes", "0"], ["find", "--reps", "0"]):
         p = run("bench", *args, "--json")

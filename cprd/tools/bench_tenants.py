@@ -87,6 +87,7 @@ DATAGRAMS = r'''
 import array, json, os, socket, sys, time
 lane, request, seconds = sys.argv[1], bytes.fromhex(sys.argv[2]), float(sys.argv[3])
 c = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+c.settimeout(30)  # a daemon that does not answer ends the benchmark, never hangs it
 c.connect(lane)
 c.send(request)
 reply = json.loads(c.recv(65536)[12:])
