@@ -3,7 +3,7 @@
 Hypothesis runs a modest number of examples by default so the whole suite stays fast. For a long
 fuzzing run set CPRD_FUZZ_EXAMPLES, for example::
 
-    CPRD_FUZZ_EXAMPLES=20000 python -m pytest tests/test_protocol.py tests/test_table.py
+    CPRD_FUZZ_EXAMPLES=20000 python -m pytest tests/unit/test_protocol.py tests/unit/test_table.py
 
 What a test needs from the machine is declared with ``@pytest.mark.requires(FEATURE, ...)``
 (FEATURES below: a tool, an optional extra, root). A test whose feature is missing is skipped

@@ -35,7 +35,7 @@ them all in one C call (struct.iter_unpack). The digest is BLAKE2b-128 over the 
 
 Version rule: a target accepts any source version it knows (1..VERSION) and answers in the
 source's highest version that it also speaks. Golden byte fixtures of each version live in
-tests/golden/.
+tests/unit/golden/.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ see into events and carry the actions out. The rules the table keeps:
    program is never fenced: the guardian waits for the confirmation longer than a healthy new
    program can take to reach it.
 
-``tests/test_upgrade_rules.py`` drives these sessions through every interleaving of their
+``tests/unit/test_upgrade_rules.py`` drives these sessions through every interleaving of their
 messages with every crash and every stop of one or two of the processes at every step, and checks
 that exactly one process owns the table in the end, holding the state at the fork plus every
 change answered (or that every process that held the table was killed); that at no instant two

@@ -1,11 +1,11 @@
 """Golden bytes of the handoff protocol, version 1.
 
-tests/golden/handoff_v1.json holds the exact frames of every v1 message, built once from the fixed
+tests/unit/golden/handoff_v1.json holds the exact frames of every v1 message, built once from the fixed
 example values below. A cprd that changes one byte of them no longer speaks version 1 with the
 cprds already deployed: bump the protocol version (and keep decoding v1) instead of regenerating
 the fixture. The test only reads the fixture. Writing it is a deliberate act:
 
-    python tests/test_golden.py --write      # refuses to overwrite an existing fixture
+    python tests/unit/test_golden.py --write      # refuses to overwrite an existing fixture
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def _write() -> None:
     doc = {
         "protocol": "cprd handoff",
         "version": 1,
-        "note": "exact frames of each v1 message, built from the examples in tests/test_golden.py;"
+        "note": "exact frames of each v1 message, built from the examples in tests/unit/test_golden.py;"
                 " frozen: never regenerate",
         "messages": {name: encode(ev).hex() for name, (ev, _) in EXAMPLES.items()},
     }

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-RUN = Path(__file__).parent.parent / "examples" / "mini_vmm" / "run.py"
+RUN = Path(__file__).resolve().parents[2] / "examples" / "mini_vmm" / "run.py"
 
 
 @pytest.mark.slow

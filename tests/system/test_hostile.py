@@ -26,7 +26,7 @@ from cprd.protocol import control as cp
 from helpers import num_fds, settled_fds, snapshot
 
 NOBODY = pwd.getpwnam("nobody")
-AS_USER = str(Path(__file__).parent / "as_user.py")
+AS_USER = str(Path(__file__).resolve().parents[1] / "as_user.py")
 needs_root = pytest.mark.requires("root")
 
 

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.requires("root")
 
 NOBODY, OTHER = 65534, 65533  # an allowed uid, and one that is not
 SYSTEM_PYTHON = "/usr/bin/python3"  # readable by every user, unlike a root-only interpreter
-AS_USER = str(Path(__file__).parent / "as_user.py")
+AS_USER = str(Path(__file__).resolve().parents[1] / "as_user.py")
 # a script run as uid 65534: imports while root (the interpreter may be in a root-only home), then drops
 _DROP = ("import json, os, socket, sys, time, cprd.client, cprd.errors, cprd.protocol.control; os.setgroups([]); "
          "os.setgid({gid}); os.setuid({uid}); exec(sys.stdin.read())")

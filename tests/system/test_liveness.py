@@ -2,7 +2,7 @@
 fenced and the others go on; a burst of reloads is queued, never fatal; an fd whose close blocks
 never holds up the clients. Real daemons, real signals and freezers, real lingering TCP sockets,
 another uid where the fd comes from someone not trusted; every acknowledged entry proved by kcmp.
-(The rules themselves are checked exhaustively in tests/test_upgrade_rules.py.)"""
+(The rules themselves are checked exhaustively in tests/unit/test_upgrade_rules.py.)"""
 
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ import pytest
 from cprd import sdnotify
 from cprd.errors import UsageError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "systemd"
 ANALYZE = shutil.which("systemd-analyze")
 ACTIVATE = shutil.which("systemd-socket-activate")

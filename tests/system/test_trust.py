@@ -222,7 +222,7 @@ def test_source_refuses_a_target_another_user_runs(cluster, tmp):
     base = num_fds(src.pid)
     theirs = nobodys(tmp / "Y", 0o755)
     listen = str(theirs / "handoff.sock")
-    as_user = str(Path(__file__).parent / "as_user.py")
+    as_user = str(Path(__file__).resolve().parents[1] / "as_user.py")
     tgt = subprocess.Popen([sys.executable, as_user, "nobody", "target", "--listen", listen], cwd=theirs,
                            stderr=subprocess.PIPE)
     cluster.procs.append(tgt)
@@ -343,7 +343,7 @@ def test_a_target_takes_a_table_only_from_its_own_user_or_root(cluster, tmp):
     os.chmod(listen, 0o666)  # reachable, as a careless operator might make it: SO_PEERCRED still refuses
     theirs = nobodys(tmp / "Y", 0o755)
     control = str(theirs / "control.sock")
-    as_user = str(Path(__file__).parent / "as_user.py")
+    as_user = str(Path(__file__).resolve().parents[1] / "as_user.py")
     src = subprocess.Popen([sys.executable, as_user, "nobody", "source", "--control", control, "--populate",
                             "eventfds=5"], cwd=theirs, stderr=subprocess.PIPE)
     cluster.procs.append(src)
