@@ -5,8 +5,12 @@ a handoff (several specs, comma-separated, act in the order given when they name
 
 - side: ``source`` or ``target``; or ``restore:raise``, which makes the new program of an in-place
   upgrade fail while it restores (to test the rollback); ``standin`` (an upgrade's stand-in:
-  ``forked``, ``takeover`` once asked to stop, ``done`` after it sent Done) and ``upgrade`` (the new
-  program taking over from it: ``restored``, ``asked``, ``taken``);
+  ``forked``, ``takeover`` once asked to stop, ``done`` after it sent Done, ``journal`` before journal
+  message n, ``journaled`` once message n is queued for every reader but before the client that made
+  the change hears its answer) and ``upgrade`` (the new
+  program taking over from it: ``restored``, ``asked``, ``taken``); ``fdstore:read`` (a store's reader,
+  before it waits for a datagram: with ``sleep=S`` it leaves datagrams queued for S seconds, so that a
+  request that must handle them first, ``cprd run``'s, meets them there);
 - step: ``hello`` (after its hello), ``batch`` (after snapshot batch n; on the target, after any
   batch with sequence number n), ``delta`` (after pre-copy delta message n: a batch of replaced
   entries or a Delete, counted from 0 by each side), ``delete`` (after the n-th Delete message),
@@ -55,11 +59,13 @@ STEPS = {  # the fault points of each side
     "target": ("hello", "batch", "delta", "delete", "results", "end", "ready", "commit", "confirm"),
     "restore": ("raise",),  # restore:raise: the new program of an upgrade fails while it restores
     # an upgrade's stand-in (daemon/standin.py): right after the fork, once asked to stop (T), after Done
-    # and each journal message it sends (n: how many it sent before: `drop` leaves it out of the new program's)
-    "standin": ("forked", "takeover", "done", "journal"),
+    # and each journal message it sends (n: how many it sent before: `drop` leaves it out of the new program's),
+    # and once journal message n is queued for every reader, before the client hears the answer it carries
+    "standin": ("forked", "takeover", "done", "journal", "journaled"),
     # the new program of an upgrade: state restored (before T), after asking (T), after Taken (K),
     # once the stand-in released the table (B, before C to the guardian)
     "upgrade": ("restored", "asked", "taken", "released"),
+    "fdstore": ("read",),  # a store's reader task, before it waits for the next datagram
 }
 _SPEC = os.environ.get("CPRD_FAULT", "")
 

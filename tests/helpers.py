@@ -515,3 +515,126 @@ def release_spawn(cluster, python: Path, *args: str):
     log.close()
     cluster.procs.append(p)
     return p
+
+
+# -- who holds a table (every entry, judged by kcmp) -------------------------------------------------
+def _kcmp_order(pid1: int, fd1: int, pid2: int, fd2: int) -> int | None:
+    """kcmp(KCMP_FILE) as an order: 0 the same open file description, -1 or 1 which comes first in the
+    kernel's total order of open files; None if either fd is gone (the process ended, or closed it)."""
+    r = proc.kcmp_file(pid1, fd1, pid2, fd2)
+    if r < 0:
+        if os.path.exists(f"/proc/{pid1}/fd/{fd1}") and os.path.exists(f"/proc/{pid2}/fd/{fd2}"):
+            raise NoProof(f"kcmp({pid1}, {fd1}, {pid2}, {fd2}) was refused (no ptrace permission, or a seccomp "
+                          "profile)")
+        return None
+    return {0: 0, 1: -1, 2: 1}.get(r)
+
+
+def table_holders(control: str, pid: int, trust_uids: tuple[int, ...] = ()) -> dict[int, int]:
+    """Every process but this one that holds at least one of the open file descriptions the daemon `pid`
+    serving `control` holds for its entries (every entry, not one inode), with how many it holds.
+    Judged by the kernel: each fd of every process in /proc whose inode is an entry's (eventfds share one
+    inode, two opens of one file share theirs) is compared with the entries by kcmp(KCMP_FILE), by a
+    binary search in kcmp's total order, so that another process's thousands of eventfds cost a few
+    calls each. Only `ls` is asked of cprd, for the fd numbers."""
+    import functools
+
+    with Client(control, trust_uids=trust_uids) as c:
+        fds = [e["fd"] for e in c.ls()]
+    inodes = set()
+    for fd in fds:
+        st = os.stat(f"/proc/{pid}/fd/{fd}")
+        inodes.add((st.st_dev, st.st_ino))
+
+    def cmp(a: int, b: int) -> int:
+        r = _kcmp_order(pid, a, pid, b)
+        if r is None:
+            raise AssertionError(f"the daemon {pid} closed fd {a} or {b} while its holders were counted")
+        return r
+
+    order = sorted(fds, key=functools.cmp_to_key(cmp))
+    me, out = os.getpid(), {}
+    for other in psutil.pids():
+        if other == me:
+            continue
+        try:
+            names = os.listdir(f"/proc/{other}/fd")
+        except OSError:
+            continue
+        held = 0
+        for name in names:
+            try:
+                st = os.stat(f"/proc/{other}/fd/{name}")
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) not in inodes:
+                continue
+            lo, hi = 0, len(order)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                r = _kcmp_order(other, int(name), pid, order[mid])
+                if r is None or r == 0:
+                    held += r == 0
+                    break
+                lo, hi = (lo, mid) if r < 0 else (mid + 1, hi)
+        if held:
+            out[other] = held
+    return out
+
+
+def assert_sole_holder(control: str, pid: int, timeout: float = 10.0, trust_uids: tuple[int, ...] = ()) -> None:
+    """Assert that the daemon `pid` serving `control` holds every entry it serves and that no other
+    process (but this test's, whose copies are its own) holds any of them (table_holders). A process
+    that was killed may still be on its way out (its fds are closed as it exits): this waits for that,
+    until `timeout`, and then names whoever still holds what."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with Client(control, trust_uids=trust_uids) as c:
+            n = len(c.ls())
+        holders = table_holders(control, pid, trust_uids)
+        others = {p: k for p, k in holders.items() if p != pid}
+        if not others and holders.get(pid, 0) >= n:
+            return
+        if time.monotonic() > deadline:
+            names = {}
+            for p in others:
+                try:
+                    names[p] = psutil.Process(p).name()
+                except psutil.Error:
+                    names[p] = "?"
+            raise AssertionError(f"the daemon {pid} holds {holders.get(pid, 0)} of its {n} entries; other processes "
+                                 f"hold some of them {timeout} s later: "
+                                 + ", ".join(f"pid {p} ({names[p]}): {k}" for p, k in others.items()))
+        time.sleep(0.05)
+
+
+class ChurnWithDeletes(Churn):
+    """Churn that also deletes: after each put, every third acknowledged put (the oldest still there) is
+    deleted, on the same client (retried across the upgrade with the same request id). `mine` holds
+    what must be in the table afterwards (each the very fd put), `deleted` what must not."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.deleted: set[tuple[str, int]] = set()
+
+    def run(self) -> None:
+        i = 0
+        with Client(self.path, timeout=60) as c:
+            while not self.stop.is_set():
+                ev = os.eventfd(i)
+                try:
+                    c.put("churn", i, ev)
+                    self.mine[("churn", i)] = (ev, "eventfd")
+                except Exception as e:  # noqa: BLE001 - any failure at all fails the test
+                    self.failed.append(repr(e))
+                    os.close(ev)
+                if i % 3 == 2 and self.mine:
+                    key = min(self.mine)
+                    try:
+                        c.delete(*key)
+                        os.close(self.mine.pop(key)[0])
+                        self.deleted.add(key)
+                    except Exception as e:  # noqa: BLE001
+                        self.failed.append(f"delete {key}: {e!r}")
+                i += 1
+                time.sleep(0.002)

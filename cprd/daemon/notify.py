@@ -40,8 +40,8 @@ from typing import Any
 
 import trio
 
+from .. import fault, proc, scm
 from .. import fdstore as fs
-from .. import proc, scm
 from ..access import Peer
 from ..errors import BadFd, CapacityError, Denied, UsageError
 from ..fds import OwnedFds, read_all
@@ -192,6 +192,7 @@ class FdStores:
 
     async def _read(self, a: AppStore) -> None:
         while True:
+            await fault.apoint("fdstore", "read")
             await self.life.until_thawed()
             if self.life.handed_off:
                 return

@@ -127,7 +127,9 @@ class Stream:
             except OSError as err:
                 self._break(f"the journal could not be sent: {err}", gone)
             else:
-                self.sent += Role.NEW in self.readers
+                if Role.NEW in self.readers:
+                    self.sent += 1
+                    fault.point("standin", "journaled", self.sent - 1)  # (a test's: queued, not yet answered)
             finally:
                 OwnedFds(fds).close()
 
@@ -250,7 +252,8 @@ class StandIn:
             actions = self.session.on_msg(item)
         else:
             actions = self.session.on(item)
-        if self.session.state is St.KEEPING and before is not St.KEEPING:
+        # (KEEPING, or straight on to OWNER when the guardian had gone already: nobody to wait for)
+        if self.session.state in (St.KEEPING, St.OWNER) and before not in (St.KEEPING, St.OWNER):
             self.reason = self._keep_reason(before, item)
         return actions
 

@@ -3,8 +3,12 @@ targets, checked against a model of every acknowledged operation.
 
 Each client owns a share of the keys (so the order of its acknowledged operations is the order
 they took effect) and mixes put of new real fds, delete, replace and get at its share of --rate.
-A model records what every acknowledged operation left behind (the identity of the fd under each
-key); every get is checked against it during the run and the owning daemon's whole table after.
+A model records what every acknowledged operation left behind under each key: our own copy of the
+fd put (or, for the table's first entries, a copy taken out of the daemon with pidfd_getfd), so
+that kcmp(KCMP_FILE) tells whether the daemon serves that very open file description (two
+eventfds share one inode: no fstat can tell them apart), and its identity, the proof used only
+where the kernel will not answer kcmp ("proof" in the JSON says which was used). Every get is
+checked against it during the run and the owning daemon's whole table after.
 Handoffs run at even intervals, each to a fresh `cprd target`. Violations: a get or a final entry
 that differs from the model, a key lost or extra, an fd leaked in the survivor, an old owner that
 did not exit 0. Any violation or failed request makes the exit code non-zero.
@@ -27,11 +31,13 @@ from dataclasses import dataclass, field
 import psutil
 import trio
 
+from .. import proc
 from ..client import AsyncClient
 from ..errors import CprdError
 from ..kinds import classify
 from ..populate import mixed_spec, spec_fds, spec_string
 from .procs import quiet_fds, spawn, stop, wait_for_socket
+from .proof import kcmp_file
 
 IDENT = ("kind", "mode", "dev", "ino", "flags")
 
@@ -56,6 +62,58 @@ class Stats:
 SLOW_MS = 10.0  # a request that took longer is listed (when, which op, during which move)
 
 
+class Copies:
+    """Our own copy of the fd under each key of the model: kcmp compares it with the fd a daemon
+    serves. Where we hold no copy, or the kernel will not answer, the identity is compared instead
+    (counted: the JSON's "proof" says which proof was used)."""
+
+    def __init__(self) -> None:
+        self.fds: dict[tuple[str, int], int] = {}
+        self.by_kcmp = self.by_identity = 0
+
+    def set(self, key: tuple[str, int], fd: int | None) -> None:
+        """Hold fd (ours now) as the copy of key, closing the copy it replaces."""
+        old = self.fds.pop(key, None)
+        if old is not None:
+            os.close(old)
+        if fd is not None:
+            self.fds[key] = fd
+
+    def take_from(self, pid: int, entries: list[dict]) -> None:
+        """Copies of a running daemon's entries, taken out of it (pidfd_getfd); none if refused."""
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return
+        try:
+            for e in entries:
+                try:
+                    self.set((e["name"], e["id"]), proc.pidfd_getfd(pidfd, e["fd"]))
+                except OSError:
+                    return
+        finally:
+            os.close(pidfd)
+
+    def same(self, pid: int, fd: int, key: tuple[str, int], ident: tuple, model: tuple) -> bool:
+        """Whether fd of process pid is the fd the model holds under key: by kcmp against our copy,
+        or (no copy, kcmp refused) by identity."""
+        mine = self.fds.get(key)
+        r = None if mine is None else kcmp_file(pid, fd, os.getpid(), mine)
+        if r is None:
+            self.by_identity += 1
+            return ident == model
+        self.by_kcmp += 1
+        return r
+
+    def proof(self) -> str:
+        return "identity" if not self.by_kcmp else "kcmp" if not self.by_identity else "kcmp+identity"
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
+
+
 def new_fd(kind: int, directory: str, n: int) -> tuple[int, list[int]]:
     """A real fd of a rotating kind (eventfd, memfd, pipe, socket pair, file in `directory`), and extra fds
     to close with it (the other end of a pair)."""
@@ -78,8 +136,9 @@ def new_fd(kind: int, directory: str, n: int) -> tuple[int, list[int]]:
 
 class _Worker:
     def __init__(self, i: int, control: str, model: dict, keys: list, stats: Stats, rate: float,
-                 directory: str, seed: int) -> None:
+                 directory: str, seed: int, copies: Copies) -> None:
         self.i, self.control, self.model, self.keys, self.stats = i, control, model, keys, stats
+        self.copies = copies
         self.period = 1.0 / rate if rate > 0 else 0.0
         self.dir = directory
         self.rng = random.Random(seed)
@@ -125,12 +184,15 @@ class _Worker:
             key = (f"stress/{self.i}", self.next_id)
             self.next_id += 1
         fd, extra = new_fd(self.rng.randrange(5), self.dir, self.next_id)
+        acked = False
         try:
             local = classify(fd)
             res = await self._timed("replace" if replace else "put", c.put(key[0], key[1], fd, replace=replace))
+            acked = True
         finally:
-            for x in (fd, *extra):
+            for x in (*extra, *(() if acked else (fd,))):
                 os.close(x)
+        self.copies.set(key, fd)  # what the daemon must serve under key from now on: this very fd
         if (res["dev"], res["ino"]) != (local.dev, local.ino):
             self.stats.violations.append(f"put {key}: the daemon stored {res['kind']} {res['ino']}, we sent "
                                          f"{local.kind.label} {local.ino}")
@@ -142,14 +204,21 @@ class _Worker:
         key = self.keys.pop(self.rng.randrange(len(self.keys)))
         await self._timed("del", c.delete(*key))
         self.model.pop(key, None)
+        self.copies.set(key, None)
 
     async def _get(self, c: AsyncClient) -> None:
         key = self.rng.choice(self.keys)
         info, fd = await self._timed("get", c.get(*key))
-        os.close(fd)
-        if _ident(info) != self.model[key]:
-            self.stats.violations.append(f"get {key}: identity {_ident(info)} differs from the model "
-                                         f"{self.model[key]}")
+        try:
+            same = self.copies.same(os.getpid(), fd, key, _ident(info), self.model[key])
+        finally:
+            os.close(fd)
+        if not same:
+            self.stats.violations.append(f"get {key}: the fd served (identity {_ident(info)}) differs from the model "
+                                         f"({self._how(key)})")
+
+    def _how(self, key: tuple[str, int]) -> str:
+        return "kcmp: not the fd put" if key in self.copies.fds else f"identity {self.model[key]}"
 
 
 def plan_moves(handoffs: int, upgrades: int) -> list[str]:
@@ -248,6 +317,10 @@ async def run(fds: int, rate: float, handoffs: int, duration: float, clients: in
     deleted at the end, and the last target we hand the table to goes on serving it."""
     stats = Stats()
     external = control is not None
+    from ..handoff import raise_nofile
+
+    raise_nofile()  # we hold a copy of every fd of the model
+    copies = Copies()
     with tempfile.TemporaryDirectory(prefix="cprd-stress-") as d:
         os.chmod(d, 0o700)
         counts = {} if external else (mixed_spec(fds) if fds else {})
@@ -269,12 +342,13 @@ async def run(fds: int, rate: float, handoffs: int, duration: float, clients: in
             if external:
                 owners.append(first_pid)
             model = {(e["name"], e["id"]): _ident(e) for e in entries}
+            copies.take_from(first_pid, entries)  # the table's first entries, as the daemon holds them
             bases[first_pid] = await trio.to_thread.run_sync(quiet_fds, first_pid) - len(model)
             shares: list[list] = [[] for _ in range(clients)]
             if not external:  # our own table: every key is fair game; someone else's: only ours
                 for i, key in enumerate(sorted(model)):
                     shares[i % clients].append(key)
-            workers = [_Worker(i, control, model, shares[i], stats, rate / clients, d, seed + i)
+            workers = [_Worker(i, control, model, shares[i], stats, rate / clients, d, seed + i, copies)
                        for i in range(clients)]
             t0 = time.monotonic()
             stop_at = t0 + duration
@@ -289,8 +363,9 @@ async def run(fds: int, rate: float, handoffs: int, duration: float, clients: in
             elapsed = time.monotonic() - t0
             async with AsyncClient(control) as c:
                 st = await c.status()
-                final = {(e["name"], e["id"]): _ident(e) for e in await c.ls()}
-            _check_table(final, model, stats)
+                served = {(e["name"], e["id"]): e for e in await c.ls()}
+            final = {k: _ident(e) for k, e in served.items()}
+            _check_table(final, model, stats, st["pid"], {k: e["fd"] for k, e in served.items()}, copies)
             final_owner = next((o for o in owners if _pid(o) == st["pid"]), None)
             if final_owner is None:
                 stats.violations.append(f"the table is owned by pid {st['pid']}, not one we know")
@@ -305,6 +380,7 @@ async def run(fds: int, rate: float, handoffs: int, duration: float, clients: in
                     for key in [k for k in final if k[0].startswith("stress/")]:
                         await c.delete(*key)
         finally:
+            copies.close()
             # Someone else's table must outlive this run: never stop the target that owns it now.
             keep = stats.handoffs[-1]["target_pid"] if external and stats.handoffs else None
             for o in owners:
@@ -326,7 +402,7 @@ async def run(fds: int, rate: float, handoffs: int, duration: float, clients: in
         "ops": len(lat), "ops_per_s": round(len(lat) / elapsed, 1), "by_op": stats.ops,
         "failed": len(stats.failures), "failures": stats.failures[:20],
         "violations": len(stats.violations), "violation_details": stats.violations[:20],
-        "retries": stats.retries, "entries": len(model),
+        "retries": stats.retries, "entries": len(model), "proof": copies.proof(),
         "handoffs": [{k: h[k] for k in ("entries", "ms", "freeze_ms", "rounds", "delta_ops", "target_pid")}
                      for h in stats.handoffs],
         "stall_ms_p50": round(_pct(lat, 50), 3), "stall_ms_p99": round(_pct(lat, 99), 3),
@@ -349,21 +425,31 @@ def _during(t: float, ms: float, moves: list[tuple[str, float, float]]) -> str:
     return ""
 
 
-def _check_table(final: dict, model: dict, stats: Stats) -> None:
+def _check_table(final: dict, model: dict, stats: Stats, pid: int, fds: dict, copies: Copies) -> None:
+    """The owner's table (pid serves final, with fds) against the model: the same keys, each the
+    very fd the model holds (kcmp against our copy)."""
     for key in sorted(set(model) - set(final))[:20]:
         stats.violations.append(f"key {key} acknowledged but missing from the owner's table")
     for key in sorted(set(final) - set(model))[:20]:
         stats.violations.append(f"key {key} in the owner's table but never acknowledged (or deleted)")
     for key in sorted(set(final) & set(model)):
-        if final[key] != model[key]:
-            stats.violations.append(f"key {key}: identity {final[key]} differs from the model {model[key]}")
+        if not copies.same(pid, fds[key], key, final[key], model[key]):
+            how = "kcmp: not the fd put" if key in copies.fds else f"identity {final[key]}"
+            stats.violations.append(f"key {key}: the owner's fd differs from the model ({how}; the model's identity "
+                                    f"{model[key]})")
 
 
-def _check_fds(pid: int, entries: int, bases: dict, stats: Stats, first: bool) -> None:
-    n = quiet_fds(pid)
+def _check_fds(pid: int, entries: int, bases: dict, stats: Stats, first: bool, timeout: float = 10.0) -> None:
     # A target's fds: what it had waiting, plus its table, the control socket instead of its handoff
     # socket, and the spare fd a serving daemon keeps. The source: its baseline plus its table.
     want = bases[pid] + entries if first else bases[pid] + entries + 1
+    # The clients' connections just closed: wait until the daemon has closed its ends (it may not
+    # run for a while on a busy machine: a count that stays put for a moment is not yet settled).
+    deadline = time.monotonic() + timeout
+    n = quiet_fds(pid)
+    while n != want and time.monotonic() < deadline:
+        time.sleep(0.02)
+        n = quiet_fds(pid)
     if n != want:
         stats.violations.append(f"owner pid {pid} has {n} fds open, expected {want} ({entries} entries): a leak")
 

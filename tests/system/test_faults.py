@@ -5,10 +5,12 @@ before the handoff), and no fd leaked. Each case checks that its fault fired."""
 
 from __future__ import annotations
 
+import os
 import signal
 
 import pytest
 
+from cprd.client import Client
 from cprd.errors import CprdError, HandoffError
 from helpers import num_fds, settled_fds, snapshot
 from helpers import Copies
@@ -63,6 +65,18 @@ def wait_serving(cluster, pid: int, timeout: float = 30) -> None:
         time.sleep(0.01)
 
 
+def served_mutations(cluster, timeout: float = 10) -> None:
+    """The owner serves mutations, not only reads: a handoff that failed after its freeze must have
+    let them through again (a frozen daemon would keep a put waiting until the client's deadline)."""
+    ev = os.eventfd(0, os.EFD_CLOEXEC)
+    try:
+        with Client(cluster.control, timeout=timeout, retry_for=0) as c:
+            c.put("after-the-fault", 0, ev)
+            c.delete("after-the-fault", 0)
+    finally:
+        os.close(ev)
+
+
 def _handoff(cluster, listen):
     with cluster.client() as c:
         try:
@@ -89,6 +103,7 @@ def test_target_killed(cluster, step):
         assert c.status()["pid"] == src.pid and c.status()["state"] == "serving"
         assert snapshot(c) == before
     assert copies.prove(cluster.control, src.pid) == N
+    served_mutations(cluster)
     assert settled_fds(src.pid, src_fds) == src_fds
     tgt2, listen2 = cluster.target()
     with cluster.client() as c:
@@ -144,6 +159,7 @@ def test_connection_broken_while_both_live(cluster, side, step):
         assert c.status()["pid"] == src.pid
         assert snapshot(c) == before
     assert copies.prove(cluster.control, src.pid) == N
+    served_mutations(cluster)
     assert settled_fds(src.pid, src_fds) == src_fds
 
 

@@ -32,10 +32,10 @@ needs_libsystemd = pytest.mark.requires("libsystemd")
 
 
 def run(cluster, app: str, *cmd: str, extra: tuple[str, ...] = (), timeout: float = 60,
-        env: dict | None = None) -> subprocess.CompletedProcess:
+        env: dict | None = None, pass_fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess:
     e = {**os.environ, "CPRD_CONTROL": cluster.control, **(env or {})}
     return subprocess.run([sys.executable, "-m", "cprd", "run", "--name", app, *extra, "--", *cmd], env=e,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, pass_fds=pass_fds)
 
 
 def listened(cluster, app: str, **kw) -> dict:
@@ -71,10 +71,14 @@ def _listener() -> socket.socket:
 @needs_libsystemd
 def test_a_program_stores_fds_with_libsystemd_and_gets_them_back_named_newest_first(cluster, web):
     src, info = web
-    first = listened(cluster, "web")
+    stray = os.open("/dev/null", os.O_RDONLY)  # an fd `cprd run` inherits from whoever ran it (no O_CLOEXEC)
+    try:
+        first = listened(cluster, "web", pass_fds=(stray,))
+    finally:
+        os.close(stray)
     assert first["n"] == 0 and first["env"]["LISTEN_FDS"] is None
     assert first["env"]["NOTIFY_SOCKET"] == info["socket"] and first["env"]["FDSTORE"] == "1024"
-    assert first["others"] == [], "the program gets no fd of cprd's"
+    assert first["others"] == [], "the program gets no fd but those it stored, as under systemd"
     a, b = _listener(), _listener()
     with a, b:
         assert sd.notify("FDSTORE=1\nFDNAME=listen", [a.fileno()]) > 0
@@ -220,24 +224,38 @@ def test_over_the_limit_the_extra_fds_are_closed(cluster, web):
 
 
 @needs_libsystemd
-def test_a_program_started_next_gets_every_fd_the_last_one_sent_before_it_died(cluster, web):
+def test_a_program_started_next_gets_every_fd_the_last_one_sent_before_it_died(cluster, monkeypatch):
     """Messages still queued on the notify socket when a program is started are handled first: the
-    new program never misses an fd its predecessor sent just before it was killed."""
-    src, _ = web
+    new program never misses an fd its predecessor sent just before it was killed. The store's
+    reader is held back (a fault point) so that the messages are still queued when the request
+    comes, whatever the scheduler would have run first."""
+    src = cluster.source("eventfds=2", env={"CPRD_FAULT": "fdstore:read::sleep=3600"})
+    with cluster.client() as c:
+        info = c.fdstore("web", "socket")
     socks = [_listener() for _ in range(8)]  # fits the smallest datagram queue (net.unix.max_dgram_qlen 10)
-    os.kill(src.pid, signal.SIGSTOP)  # the daemon reads nothing: every message stays queued
-    try:
-        for i, s in enumerate(socks):
-            sd.notify(f"FDSTORE=1\nFDNAME=s{i}", [s.fileno()])
-    finally:
-        os.kill(src.pid, signal.SIGCONT)
+    sender = subprocess.run(  # a program that stores its listeners and dies
+        [sys.executable, "-c", "import os, socket, sys\n"
+         "s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); s.connect(sys.argv[1])\n"
+         "for i, fd in enumerate(sys.argv[2:]):\n"
+         "    s.sendmsg([f'FDSTORE=1\\nFDNAME=s{i}'.encode()], "
+         "[(socket.SOL_SOCKET, socket.SCM_RIGHTS, int(fd).to_bytes(4, sys.byteorder))])\n",
+         info["socket"], *(str(s.fileno()) for s in socks)],
+        pass_fds=[s.fileno() for s in socks], timeout=30)
+    assert sender.returncode == 0
+    assert "event=fault_fired side=fdstore step=read" in cluster.logs()
+    assert store_of(cluster, "web") == []  # nothing was read: all eight are queued
     with cluster.client() as c:
         info, fds = c.fdstore_open("web")
-    for fd in fds:
-        os.close(fd)
-    assert info["fdnames"] == [f"s{i}" for i in reversed(range(8))]
-    for s in socks:
-        s.close()
+    try:
+        assert info["fdnames"] == [f"s{i}" for i in reversed(range(8))]
+        got = {(os.fstat(fd).st_dev, os.fstat(fd).st_ino) for fd in fds}
+        assert got == {(os.fstat(s.fileno()).st_dev, os.fstat(s.fileno()).st_ino) for s in socks}
+    finally:
+        for fd in fds:
+            os.close(fd)
+        for s in socks:
+            s.close()
+    assert src.poll() is None
 
 
 @needs_libsystemd
@@ -512,20 +530,27 @@ def test_the_same_socket_keeps_receiving_across_a_handoff_or_an_upgrade_and_noth
     """A sender that connected its datagram socket once keeps sending through a handoff and an
     upgrade, and every message it sent, during the freeze too, is handled by some owner."""
     src, info = web
+    # The sender goes on for as long as the handoff or upgrade takes (on a busy machine, seconds):
+    # room for every message it can send, so that the store's limit never decides what is kept.
+    most = 8000
+    with cluster.client() as c:
+        assert c.fdstore("web", "socket", most)["max"] == most
     sock_ino = os.stat(info["socket"]).st_ino
     kept = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     kept.connect(info["socket"])
+    kept.settimeout(20)  # a full queue nobody reads (no owner took the store up) fails the send, never hangs
     sent, stop, errors = [], threading.Event(), []
 
     def sender() -> None:
         i = 0
-        while not stop.is_set():
+        while not stop.is_set() and i < most:
             r, w = os.pipe()
             try:
                 _send(kept, b"FDSTORE=1\nFDPOLL=0\nFDNAME=n%d" % i, [r])
                 sent.append(i)
             except OSError as e:
                 errors.append(repr(e))
+                return
             finally:
                 os.close(r)
                 os.close(w)
@@ -549,6 +574,7 @@ def test_the_same_socket_keeps_receiving_across_a_handoff_or_an_upgrade_and_noth
     finally:
         stop.set()
         t.join()
+    assert not errors and len(sent) > 50  # (a send that failed: nobody reads the socket; libsystemd would block)
     sd.barrier(timeout_s=30)  # libsystemd's own socket, to the same path
     r_, w_ = os.pipe()  # and a barrier on the socket connected before it all
     _send(kept, b"BARRIER=1", [w_])

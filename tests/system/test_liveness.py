@@ -22,8 +22,8 @@ import pytest
 
 from cprd.client import Client
 from helpers import UPGRADE_SPEC as SPEC
-from helpers import Churn, Freezer, child_named, close_copies, hold_copies, memfd_of, num_fds, pids_holding
-from helpers import prove_same, settled_fds, snapshot
+from helpers import Churn, Freezer, assert_sole_holder, child_named, close_copies, hold_copies, num_fds
+from helpers import prove_same, settled_fds
 
 SYSTEM_PYTHON = "/usr/bin/python3"  # readable by every user, unlike a root-only interpreter
 
@@ -49,12 +49,8 @@ def _one_owner(cluster, pid: int, copies: dict, churn: Churn) -> None:
         st = c.status()
         assert st["pid"] == pid and st["state"] == "serving"
         assert st["entries"] == len(copies) + len(churn.mine)
-        before = snapshot(c)
     prove_same(cluster, {**copies, **churn.mine})
-    deadline = time.monotonic() + 10
-    while pids_holding(memfd_of(before)) != {pid, os.getpid()} and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert pids_holding(memfd_of(before)) == {pid, os.getpid()}, "exactly one process holds the table"
+    assert_sole_holder(cluster.control, pid)  # every entry, by kcmp: nobody else holds any of it
 
 
 # -- a process of the upgrade that stops answering -----------------------------------------------------
@@ -97,11 +93,15 @@ def test_a_stand_in_that_stops_answering_is_fenced_and_the_new_program_takes_ove
         close_copies(locals().get("churn").mine if "churn" in locals() else {})
 
 
+# The new program's start deadline (--timeout): each new program must reach its fault point before
+# it, however busy the machine (a new program starts in ~0.3 s alone, several seconds beside CPU
+# hogs); only the case that stops before asking waits it out.
+START_S = 12
 STOPS = {
     # fault: (who serves afterwards, what the answer says)
     "standin:takeover::stop": ("daemon", "stand-in"),  # it stops when asked: fenced after answer_s
     "upgrade:asked::stop": ("standin", "did not answer within 1 s"),  # the new program stops after T
-    "upgrade:restored::stop": ("standin", "did not ask to take over within 3 s"),  # before T
+    "upgrade:restored::stop": ("standin", f"did not ask to take over within {START_S} s"),  # before T
 }
 
 
@@ -115,7 +115,7 @@ def test_a_process_that_stops_at_each_step_of_the_upgrade_is_fenced(cluster, tmp
     src = cluster.source(SPEC, env=env)
     with cluster.client() as c:
         copies = hold_copies(c)
-    args = ["--timeout", "3"]
+    args = ["--timeout", str(START_S)]
     if fault.startswith("upgrade"):
         prog = tmp_path / "stopping-cprd"
         prog.write_text(f'#!/bin/sh\nCPRD_FAULT={fault} exec {sys.executable} -m cprd "$@"\n')

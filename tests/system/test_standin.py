@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -23,8 +24,8 @@ from cprd.protocol import upgrade as pu
 from cprd.protocol.upgrade import Ev
 from cprd.table import FdTable
 from helpers import UPGRADE_SPEC as SPEC
-from helpers import Churn, close_copies, hold_copies, memfd_of, num_fds, pids_holding, prove_same, settled_fds
-from helpers import snapshot
+from helpers import Churn, ChurnWithDeletes, assert_sole_holder, child_named, close_copies, hold_copies, num_fds
+from helpers import prove_same, settled_fds
 
 
 
@@ -43,9 +44,7 @@ def _one_owner_holds_every_acknowledged_entry(cluster, serving: int, copies: dic
         assert st["pid"] == serving and st["state"] == "serving"
         assert st["entries"] == len(copies) + len(churn.mine)
     prove_same(cluster, {**copies, **churn.mine})
-    with cluster.client() as c:
-        before = snapshot(c)
-    assert pids_holding(memfd_of(before)) == {serving, os.getpid()}, "exactly one process holds the table"
+    assert_sole_holder(cluster.control, serving)  # every entry, by kcmp: nobody else holds any of it
 
 
 def _clean_up(src, serving: int | None, copies: dict, churn: Churn | None) -> None:
@@ -111,23 +110,29 @@ def test_a_failure_at_each_step_leaves_one_owner_with_every_acknowledged_entry(c
 
 
 def test_mutations_during_the_upgrade_reach_the_new_program_and_the_stand_in_exits(cluster):
+    """Puts and deletes go on across the upgrade: each put acknowledged is the very fd put (kcmp), each
+    delete acknowledged is gone, and the table holds nothing else (a change applied twice, or a
+    delete the new program skipped, shows in its count)."""
     src = cluster.source(SPEC)
     with cluster.client() as c:
         copies = hold_copies(c)
     base = num_fds(src.pid)
     try:
-        with Churn(cluster.control) as churn:
+        with ChurnWithDeletes(cluster.control) as churn:
             r = cluster.ctl("upgrade", "--json")
         assert r.returncode == 0 and not churn.failed, (r.stderr, churn.failed)
+        assert len(churn.deleted) > 10, "deletes went on across the upgrade"
         res = json.loads(r.stdout)
         assert res["pid"] == src.pid and res["standin_handed_over"] is True
         assert res["standin_journal"] > 0, "the stand-in served puts and journaled them"
         assert not psutil.pid_exists(res["standin_pid"]) or \
             psutil.Process(res["standin_pid"]).status() == psutil.STATUS_ZOMBIE
         assert not [p for p in psutil.Process(src.pid).children() if p.status() != psutil.STATUS_ZOMBIE]
-        prove_same(cluster, {**copies, **churn.mine})
+        prove_same(cluster, {**copies, **churn.mine})  # exactly these entries: no delete undone
         with cluster.client() as c:
             assert c.status()["upgrades"] == 1
+            served = {(e["name"], e["id"]) for e in c.ls()}
+        assert not served & churn.deleted, f"deletes undone: {sorted(served & churn.deleted)[:5]}"
         want = base + len(churn.mine)  # the puts, and nothing else: no journal, pidfd or state left open
         assert settled_fds(src.pid, want) == want
     finally:
@@ -185,6 +190,72 @@ def test_a_new_program_whose_journal_has_a_hole_never_takes_over(cluster):
         assert "hole" in logs, "the new program saw the hole"
 
     _kept_by_the_stand_in(cluster, "standin:journal:2:drop", check)
+
+
+def test_a_stand_in_killed_between_journaling_a_change_and_answering_it(cluster):
+    """The stand-in queued a put and its answer for the new program and the guardian, and was killed
+    before its client heard that answer (the fault `standin:journaled`). The client sends the put
+    again, with the same request id, to the new program, which took the change and its answer over
+    from the journal: it answers from that, and the change is in the table exactly once (a second
+    apply would fail the put: the key exists), the very fd put (kcmp); one owner, nobody else
+    holds any of the table."""
+    src = cluster.source(SPEC, env={"CPRD_FAULT": "standin:journaled:5"})
+    with cluster.client() as c:
+        copies = hold_copies(c)
+    try:
+        with Churn(cluster.control) as churn:
+            r = cluster.ctl("upgrade", "--json")
+        assert "event=fault_fired side=standin step=journaled n=5 action=kill" in cluster.logs()
+        assert not churn.failed, churn.failed
+        res = json.loads(r.stdout)
+        assert r.returncode == 0 and not res["rolled_back"] and res["pid"] == src.pid, (r.stdout, r.stderr)
+        assert res["standin_journal"] == 6 and res["standin_handed_over"] is False, res  # it died after 6
+        _one_owner_holds_every_acknowledged_entry(cluster, src.pid, copies, churn)
+    finally:
+        _clean_up(src, None, copies, locals().get("churn"))
+
+
+@pytest.mark.parametrize("then", ["completes", "rolls-back"])
+def test_a_guardian_killed_during_the_upgrade_leaves_one_owner_with_every_entry(cluster, tmp_path, then):
+    """The guardian is SIGKILLed while the new program restores (it takes 2 s to, a fault's pause);
+    changes go on after its death. Then the new program takes over (the journal goes to it alone), or
+    dies before asking (the stand-in keeps the table, with nobody to wait for): either way one owner,
+    the one the answer names, holds every acknowledged entry (kcmp) and nobody else holds any."""
+    fault = "upgrade:restored::sleep=2" + (",upgrade:restored::kill" if then == "rolls-back" else "")
+    src = cluster.source(SPEC)
+    with cluster.client() as c:
+        copies = hold_copies(c)
+    serving = None
+    try:
+        with Churn(cluster.control) as churn:
+            up = subprocess.Popen([sys.executable, "-m", "cprd", "ctl", "upgrade", "--json", "--program",
+                                   _program(tmp_path, f"CPRD_FAULT={fault}")], text=True, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, env={**os.environ, "CPRD_CONTROL": cluster.control})
+            guardian = child_named(src.pid, "cprd-guardian")
+            guardian.kill()
+            deadline = time.monotonic() + 10
+            while psutil.pid_exists(guardian.pid) and guardian.status() != psutil.STATUS_ZOMBIE:
+                assert time.monotonic() < deadline, "the guardian did not die of its SIGKILL"
+                time.sleep(0.005)
+            n = len(churn.mine)
+            while len(churn.mine) < n + 10 and up.poll() is None:  # changes after the guardian's death
+                time.sleep(0.005)
+            out, err = up.communicate(timeout=120)
+        assert "event=fault_fired side=upgrade step=restored" in cluster.logs()
+        assert len(churn.mine) >= n + 10, "puts were acknowledged after the guardian died"
+        res = json.loads(out)
+        serving = res["pid"]
+        if then == "completes":
+            assert up.returncode == 0 and not res["rolled_back"] and serving == src.pid, (out, err)
+            assert res["standin_journal"] > 0 and res["standin_handed_over"] is True, res
+        else:
+            assert up.returncode == 1 and res["rolled_back"] is True, (out, err)
+            assert "died before it took over; the stand-in (pid" in res["reason"], res
+            assert serving != src.pid and psutil.Process(serving).name() == "cprd-standin", "the stand-in owns"
+            assert src.wait(10) == -signal.SIGKILL
+        _one_owner_holds_every_acknowledged_entry(cluster, serving, copies, churn)
+    finally:
+        _clean_up(src, serving, copies, locals().get("churn"))
 
 
 def _journal(*messages: bytes) -> socket.socket:

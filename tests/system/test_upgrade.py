@@ -3,6 +3,7 @@ program can fail, with real processes and deliberately broken "new versions"."""
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import signal
@@ -18,8 +19,7 @@ import pytest
 
 from cprd.client import Client
 from helpers import UPGRADE_SPEC as SPEC
-from helpers import close_copies, hold_copies, memfd_of, num_fds, pids_holding, prove_same, settled_fds, snapshot
-
+from helpers import assert_sole_holder, close_copies, hold_copies, num_fds, prove_same, settled_fds, snapshot
 
 
 def _program(tmp_path, name: str, body: str, mode: int = 0o755) -> str:
@@ -35,21 +35,24 @@ def _upgrade(cluster, *args):
 
 
 class Hammer:
-    """Clients that connect afresh for every request during an upgrade: none may be refused or fail,
-    and some must have waited through the exec (each request's start and end are kept)."""
+    """Clients (`threads` of them) that connect afresh for every request during upgrades: none may be
+    refused or fail. Each request's start, end and the upgrade count its answer gave are kept, which
+    says which program answered it: the one before an upgrade (the old program, or its stand-in) or the
+    one after."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, threads: int = 2) -> None:
+        assert threads >= 2, "a request in flight across a switch needs another client's answer to date it"
         self.path, self.stop, self.failed = path, threading.Event(), []
-        self.done: list[tuple[float, float]] = []
-        self.t = threading.Thread(target=self.run)
+        self.done: list[tuple[float, float, int]] = []  # (start, end, upgrades the answer gave)
+        self.ts = [threading.Thread(target=self.run) for _ in range(threads)]
 
     def run(self) -> None:
         while not self.stop.is_set():
             t0 = time.monotonic()
             try:
                 with Client(self.path, timeout=30) as c:
-                    c.status()
-                self.done.append((t0, time.monotonic()))
+                    n = c.status()["upgrades"]
+                self.done.append((t0, time.monotonic(), n))
             except Exception as e:  # noqa: BLE001 - any failure at all is a failure of the test
                 self.failed.append(repr(e))
 
@@ -57,19 +60,40 @@ class Hammer:
     def ok(self) -> int:
         return len(self.done)
 
-    def waited_through(self, t0: float, t1: float, gap_ms: float) -> int:
-        """Requests that started in [t0, t1] and took more than half the upgrade's dark gap: they
-        were in flight while the exec happened and were answered by the new program."""
-        return sum(1 for a, b in self.done if t0 <= a <= t1 and (b - a) * 1e3 > gap_ms / 2)
+    def waited_through(self, k: int) -> int:
+        """Requests answered by the program of upgrade k that had begun before the last answer of the
+        program before it reached another client: they were in flight across the switch, waited,
+        and were answered by the new program (by the clients' own clock and the answers' counts, not
+        by the daemon's account of its freeze)."""
+        last_old = max((b for _, b, n in self.done if n == k - 1), default=None)
+        assert last_old is not None, f"no request was answered before upgrade {k}"
+        return sum(1 for a, _, n in self.done if n == k and a < last_old)
+
+    def went_back(self) -> list[tuple[float, int, int]]:
+        """Requests begun after another request had been answered by the program of a later upgrade
+        (the old program answering after the new one served): (start, its count, the later count)."""
+        ends = sorted((b, n) for _, b, n in self.done)
+        best, seen = [], 0
+        for _, n in ends:
+            seen = max(seen, n)
+            best.append(seen)
+        bad = []
+        for a, _, n in self.done:
+            i = bisect.bisect_left(ends, (a, -1))  # the answers that reached their clients before a
+            if i and best[i - 1] > n:
+                bad.append((a, n, best[i - 1]))
+        return bad
 
     def __enter__(self) -> Hammer:
-        self.t.start()
+        for t in self.ts:
+            t.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop.set()
-        self.t.join(30)
-        assert not self.t.is_alive()
+        for t in self.ts:
+            t.join(30)
+            assert not t.is_alive()
 
 
 def test_upgrade_in_place_keeps_pid_fds_and_clients(cluster):
@@ -79,16 +103,22 @@ def test_upgrade_in_place_keeps_pid_fds_and_clients(cluster):
         copies = hold_copies(c)
     base = num_fds(src.pid)
     try:
-        with Hammer(cluster.control) as h:
-            for _ in range(3):
-                t0 = time.monotonic()
+        with Hammer(cluster.control, threads=2) as h:
+            for k in range(1, 4):
+                while sum(1 for *_, n in h.done if n == k - 1) < 20:  # clients served before each upgrade
+                    time.sleep(0.01)
                 code, res, err = _upgrade(cluster)
-                t1 = time.monotonic()
                 assert code == 0, err
                 assert res["pid"] == src.pid and not res["rolled_back"] and res["entries"] == len(before)
                 assert res["ms"] > 0
-                assert h.waited_through(t0, t1, res["ms"]) > 0, "no request was in flight across the exec"
+                while sum(1 for *_, n in h.done if n == k) < 20:  # and after it
+                    assert not h.failed, h.failed
+                    time.sleep(0.01)
         assert h.failed == [] and h.ok > 0
+        assert {n for *_, n in h.done} == {0, 1, 2, 3}, "every program answered, one upgrade after another"
+        for k in range(1, 4):
+            assert h.waited_through(k) > 0, f"no request was in flight across upgrade {k}"
+        assert not h.went_back(), f"an older program answered after a newer one: {h.went_back()[:5]}"
         with cluster.client() as c:
             st = c.status()
             assert st["pid"] == src.pid and st["upgrades"] == 3
@@ -98,6 +128,7 @@ def test_upgrade_in_place_keeps_pid_fds_and_clients(cluster):
         close_copies(copies)
     assert settled_fds(src.pid, base) == base, "no fd leaked, no guardian left open"
     assert not [p for p in psutil.Process(src.pid).children() if p.status() != psutil.STATUS_ZOMBIE]
+    assert_sole_holder(cluster.control, src.pid)  # every entry, by kcmp: no stand-in or guardian holds any
 
 
 def test_upgrade_to_another_program(cluster, tmp_path):
@@ -110,8 +141,11 @@ def test_upgrade_to_another_program(cluster, tmp_path):
     assert mark.read_text().strip() == str(src.pid), "the new program ran, in the daemon's own pid"
 
 
-@pytest.mark.parametrize("case", ["missing", "not-executable", "bad-interpreter"])
+@pytest.mark.parametrize("case", ["missing", "not-executable", "bad-interpreter", "not-a-program"])
 def test_exec_failure_leaves_the_old_program_serving(cluster, tmp_path, case):
+    """Refused before anything is forked (missing, not executable, an interpreter that is not there),
+    or an exec that fails after the fork (a file the kernel cannot run: ENOEXEC): the previous program
+    takes the table back in the daemon's own pid and the client is told."""
     src = cluster.source(SPEC)
     with cluster.client() as c:
         before = snapshot(c)
@@ -120,9 +154,15 @@ def test_exec_failure_leaves_the_old_program_serving(cluster, tmp_path, case):
         "missing": str(tmp_path / "no-such-cprd"),
         "not-executable": _program(tmp_path, "plain", "#!/bin/sh\n", 0o644),
         "bad-interpreter": _program(tmp_path, "badinterp", "#!/nonexistent/python\n"),
+        "not-a-program": _program(tmp_path, "garbage", "this is no program and has no #! line\n"),
     }[case]
     code, res, err = _upgrade(cluster, "--program", prog)
-    assert code != 0 and "goes on serving" in err and prog in err
+    if case == "not-a-program":  # it got as far as the exec, in the daemon's pid, which took the table back
+        assert code == 1 and res["rolled_back"] is True and res["pid"] == src.pid, (res, err)
+        assert f"cannot run {prog}: Exec format error" in res["reason"], res
+        assert f"took the table back in pid {src.pid} and goes on serving" in res["reason"], res
+    else:
+        assert code != 0 and "goes on serving" in err and prog in err, err
     with cluster.client() as c:
         assert c.status()["pid"] == src.pid and c.status()["state"] == "serving"
         assert snapshot(c) == before
@@ -174,6 +214,7 @@ def test_new_program_killed_before_it_takes_over_leaves_the_stand_in_owning(clus
             assert c.status()["pid"] == restored
             assert snapshot(c) == before
         prove_same(cluster, copies)
+        assert_sole_holder(cluster.control, restored)
     finally:
         close_copies(copies)
         if restored:
@@ -233,8 +274,13 @@ def test_new_program_that_never_confirms_is_killed_with_what_it_forked_and_rolle
     with cluster.client() as c:
         before = snapshot(c)
         copies = hold_copies(c)
+    # a child in the background that closed the upgrade's state (only a kill of the group finds it), one
+    # that escapes the group (only the state it holds finds it), one in the foreground
     hang = _program(tmp_path, "hanging-cprd",
-                    "#!/bin/sh\n( setsid sleep 100000 & )\nsleep 100000 &\nsleep 100000\n")  # one escapes
+                    '#!/bin/sh\nfor a in "$@"; do [ "$prev" = --restore-fd ] && fd=$a; prev=$a; done\n'
+                    '( setsid sleep 100000 & )\n'
+                    '{python} -c "import os, sys, time; os.close(int(sys.argv[1])); time.sleep(100000)" "$fd" &\n'
+                    'sleep 100000\n')
     restored = None
     try:
         code, res, err = _upgrade(cluster, "--program", hang, "--timeout", "2")
@@ -247,7 +293,8 @@ def test_new_program_that_never_confirms_is_killed_with_what_it_forked_and_rolle
             assert c.status()["pid"] == restored and c.status()["state"] == "serving"
             assert snapshot(c) == before
         prove_same(cluster, copies)
-        assert pids_holding(memfd_of(before)) == {restored, os.getpid()}, "no sleep is left holding the table"
+        # the sleeps were killed (a killed process may still be closing its fds): none is left holding any entry
+        assert_sole_holder(cluster.control, restored)
     finally:
         close_copies(copies)
         _stop_restored(restored)
@@ -271,7 +318,7 @@ def test_new_program_that_dies_leaving_a_child_with_its_fds_is_rolled_back(clust
         with cluster.client() as c:
             assert c.status()["pid"] == restored
             assert snapshot(c) == before
-        assert pids_holding(memfd_of(before)) == {restored}
+        assert_sole_holder(cluster.control, restored)
     finally:
         _stop_restored(restored)
 
@@ -285,7 +332,7 @@ def test_a_wrapper_that_forks_before_it_execs_cprd_leaves_nobody_else_holding_th
     assert code == 0 and not res["rolled_back"] and res["pid"] == src.pid, err
     with cluster.client() as c:
         assert snapshot(c) == before
-    assert pids_holding(memfd_of(before)) == {src.pid}
+    assert_sole_holder(cluster.control, src.pid)
     assert "event=upgrade_strays_killed" in cluster.logs()
     assert not [p for p in psutil.Process(src.pid).children() if p.status() != psutil.STATUS_ZOMBIE]
 
@@ -319,8 +366,11 @@ def test_a_rollback_runs_the_cprd_module_not_a_program_an_earlier_upgrade_named(
         code, res, err = _upgrade(cluster, "--program", hang, "--timeout", "1")
         assert code == 1 and res["rolled_back"], err
         restored = res["pid"]
+        assert "the stand-in killed its process group" in res["reason"], res
+        assert restored != src.pid and psutil.Process(restored).name() == "cprd-standin", "the stand-in owns"
         with cluster.client() as c:
             assert c.status()["pid"] == restored and snapshot(c) == before
+        assert_sole_holder(cluster.control, restored)
         assert runs.read_text() == "run\n", "the wrapper ran once, for its own upgrade"
         assert psutil.Process(restored).cmdline()[1:3] == ["-m", "cprd"]
     finally:
@@ -337,7 +387,9 @@ def test_a_wrapper_child_that_escapes_its_group_and_parent_is_found_by_the_state
                        '#!/bin/sh\n( setsid sleep 100000 & )\nexec {python} -m cprd "$@"\n')
     code, res, err = _upgrade(cluster, "--program", wrapper)
     assert code == 0 and res["pid"] == src.pid, err
-    assert pids_holding(memfd_of(before)) == {src.pid}
+    with cluster.client() as c:
+        assert snapshot(c) == before
+    assert_sole_holder(cluster.control, src.pid)
     assert "event=upgrade_strays_killed" in cluster.logs()
 
 
