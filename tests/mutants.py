@@ -3,6 +3,7 @@
     python tests/mutants.py            run every mutant (exit 1 if one survives)
     python tests/mutants.py --list     name each mutant, its promise and its tests
     python tests/mutants.py NAME ...   run these only
+    python tests/mutants.py --jobs 2   two at a time (CI)
 
 Each mutant replaces one exact piece of cprd's source (it must occur exactly once, or the mutant is
 reported as stale: the code moved and the mutant must follow) in a copy of the checkout, made in a
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,13 +141,204 @@ MUTANTS = [
            '        if fate == "dead":',
            '        if fate in ("dead", "serving"):',
            ("tests/system/test_faults.py::test_connection_broken_after_commit_leaves_the_target_owning",)),
+    Mutant("regular-file-sent-reopened", "every entry a target serves is the same open file description the source had",
+           "cprd/protocol/session.py",
+           '            yield Send(ev, [e.fd for e in part], (("batch", ev.seq, last),))',
+           '            import fcntl\n            import os\n'
+           '            fds = [os.open("/proc/self/fd/{e.fd}", fcntl.fcntl(e.fd, fcntl.F_GETFL) | os.O_CLOEXEC)\n'
+           '                   if e.ident.kind.label == "file" else e.fd for e in part]  # the same file, opened anew\n'
+           '            yield Send(ev, fds, (("batch", ev.seq, last),))',
+           ("tests/system/test_handoff_e2e.py::test_each_kind_is_handed_off_as_the_same_open_file[files-python-verify]",)),
+    Mutant("last-partial-batch-lost", "7530 mixed fds move whole",
+           "cprd/protocol/session.py",
+           "        for i in range(0, n, self.batch):",
+           "        for i in range(0, n - n % self.batch, self.batch):",
+           ("tests/system/test_handoff_e2e.py::test_7530_mixed_fds[python-verify]",)),
+    Mutant("target-fd-table-probe-leaks", "7530 mixed fds move whole: no fd left over in the target",
+           "cprd/handoff.py",
+           "        os.close(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, max(0, slots)))",
+           "        fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, max(0, slots))",
+           ("tests/system/test_handoff_e2e.py::test_7530_mixed_fds[python-verify]",)),
+    Mutant("handed-off-source-exits-nonzero", "the old owner exits 0 once the target confirmed",
+           "cprd/daemon/core.py",
+           '        if op == "handoff" and self.life.handed_off:\n            self.stop(0)',
+           '        if op == "handoff" and self.life.handed_off:\n            self.stop(3)',
+           ("tests/system/test_handoff_e2e.py::test_chain_of_three_handoffs",)),
+    Mutant("target-capacity-unchecked", "a target that cannot hold the table refuses before any fd moves",
+           "cprd/protocol/session.py",
+           "        if self.hello.fds + 1 > capacity:",
+           "        if False:",
+           ("tests/system/test_handoff_e2e.py::test_target_with_too_small_fd_limit_refuses_and_source_keeps_everything",)),
+    Mutant("manifests-after-snapshot", "a target whose source died before End names every key lost",
+           "cprd/handoff.py",
+           '        for m in s.manifests():\n            await self.send(m, "handoff manifest")\n'
+           '        clock.mark("hello")\n        for b in s.snapshot():\n            await self.send(b)\n',
+           '        clock.mark("hello")\n        for b in s.snapshot():\n            await self.send(b)\n'
+           '        for m in s.manifests():  # the keys after the fds: the first fd moves sooner\n'
+           '            await self.send(m, "handoff manifest")\n',
+           ("tests/system/test_faults.py::test_source_killed[batch:first]",)),
+    Mutant("retry-not-deduplicated", "a retried mutation applies once, also across a handoff",
+           "cprd/daemon/handlers.py",
+           "        cached = self.st.replies.get(rid) if rid else None",
+           "        cached = None",
+           ("tests/system/test_churn.py::test_a_retried_mutation_applies_once_even_across_a_handoff",)),
+    Mutant("answers-stay-with-the-source", "a mutation retried at the target gets the source's answer",
+           "cprd/daemon/state.py",
+           "        st.replies.take_from(received.results)\n        return st",
+           "        return st",
+           ("tests/system/test_churn.py::test_a_retried_mutation_applies_once_even_across_a_handoff",)),
+    Mutant("failed-handoff-stays-frozen", "a source whose target died before it confirmed serves mutations again",
+           "cprd/daemon/core.py",
+           "            st.table.stop_journal()\n            life.thaw()\n",
+           "            st.table.stop_journal()\n",
+           ("tests/system/test_faults.py::test_target_killed[ready]",)),
+    Mutant("source-leaks-target-pidfd", "a source whose target died keeps its fd count",
+           "cprd/handoff.py",
+           "        finally:\n            _close_pidfd(pidfd)\n\n\nclass _SourceDriver",
+           "        finally:\n            pass\n\n\nclass _SourceDriver",
+           ("tests/system/test_faults.py::test_target_killed[batch:first]",)),
+    Mutant("failed-handoff-keeps-journal", "a source whose target died hands off again",
+           "cprd/daemon/core.py",
+           "            life.committing = False\n            st.table.stop_journal()\n",
+           "            life.committing = False\n",
+           ("tests/system/test_faults.py::test_target_killed[batch:first]",)),
+    Mutant("failed-target-exits-0", "a target whose connection broke while its source lives exits non-zero",
+           "cprd/daemon/main.py",
+           "    try:\n        received = await receive_table(inc)\n    except BaseException:\n",
+           "    try:\n        received = await receive_table(inc)\n"
+           "    except CprdError as e:  # the source keeps its table: nothing for us to serve, nothing went wrong\n"
+           "        inc.close()\n        log.warning(\"event=handoff_not_taken error=%r\", str(e))\n        return 0\n"
+           "    except BaseException:\n",
+           ("tests/system/test_faults.py::test_connection_broken_while_both_live[source-batch:middle]",)),
+    Mutant("failed-handoff-leaks-dropped-fds", "a handoff aborted in pre-copy leaves the source with every mutation",
+           "cprd/table.py",
+           "        close_all_later(journal.graveyard if journal is not None else ())",
+           "        pass  # what mutations dropped during a handoff: a source exits after it anyway",
+           ("tests/system/test_churn.py::test_target_killed_mid_precopy_leaves_every_mutation_at_the_source[delta]",)),
+    Mutant("graveyard-closed-at-once", "a source that dies in pre-copy leaves the target only genuine fds",
+           "cprd/table.py",
+           "        if self.journal is not None:\n            self.journal.graveyard.append(fd)\n        else:\n"
+           "            close_later(fd)",
+           "        close_later(fd)",
+           ("tests/system/test_churn.py::test_source_killed_mid_precopy_leaves_the_target_only_genuine_fds[delta]",)),
+    Mutant("standin-journal-drops-deletes", "handoffs and upgrades mixed under churn: no violation of the model",
+           "cprd/daemon/standin.py",
+           "            self.ops.append(pu.remove_op(*op.key))",
+           "            pass  # a delete carries no fd: nothing for the new program to take",
+           ("tests/system/test_churn.py::test_stress_model_check_across_handoffs_and_upgrades",)),
+    Mutant("upgrade-loses-an-entry-at-exec", "an in-place upgrade keeps every fd",
+           "cprd/protocol/upgrade.py",
+           "        fds = [e.fd for e in self.entries] + [self.listener_fd]",
+           "        fds = [e.fd for e in self.entries[1:]] + [self.listener_fd]",
+           ("tests/system/test_upgrade.py::test_upgrade_in_place_keeps_pid_fds_and_clients",)),
+    Mutant("upgrade-state-left-open", "an in-place upgrade keeps every fd, and only those",
+           "cprd/daemon/main.py", "        os.close(state_fd)\n        cpid = ", "        cpid = ",
+           ("tests/system/test_upgrade.py::test_upgrade_in_place_keeps_pid_fds_and_clients",)),
+    Mutant("journal-deletes-skipped", "each change the stand-in made reaches the new program",
+           "cprd/daemon/takeover.py",
+           "            elif self.table.find(name, id_) is not None:\n                self.table.delete(name, id_)",
+           "            elif False:\n                self.table.delete(name, id_)",
+           ("tests/system/test_standin.py::test_mutations_during_the_upgrade_reach_the_new_program_and_the_stand_in_exits",)),
+    Mutant("journal-answers-not-taken-over", "a change journaled but not answered is applied once",
+           "cprd/daemon/main.py", "    st.replies.take_from(took.answers)\n", "",
+           ("tests/system/test_standin.py::test_a_stand_in_killed_between_journaling_a_change_and_answering_it",)),
+    Mutant("guardian-restores-without-the-journal", "the guardian restores every acknowledged change",
+           "cprd/daemon/takeover.py",
+           "            journal.strict = False\n            journal.read()\n", "            journal.strict = False\n",
+           ("tests/system/test_standin.py::test_a_failure_at_each_step_leaves_one_owner_with_every_acknowledged_entry"
+           "[new-program-killed-after-released]",)),
+    Mutant("new-program-waits-start-s-for-the-stand-in",
+           "a stand-in that stops answering is fenced after --answer-timeout",
+           "cprd/daemon/takeover.py",
+           "            deadline = trio.current_time() + self.d.answer_s\n",
+           "            deadline = trio.current_time() + self.d.start_s\n",
+           ("tests/system/test_liveness.py::test_a_stand_in_that_stops_answering_is_fenced_and_the_new_program_takes_over"
+            "[sigstop]",)),
+    Mutant("fence-kills-only-the-pid", "a new program that hangs is killed with its process group",
+           "cprd/proc.py",
+           "    if group:\n        try:\n            os.killpg(group, signal.SIGKILL)",
+           "    if False:\n        try:\n            os.killpg(group, signal.SIGKILL)",
+           ("tests/system/test_upgrade.py::test_new_program_that_never_confirms_is_killed_with_what_it_forked_and_rolled_back",)),
+    Mutant("chaos-identity-weakened", "the chaos campaign's checks catch a table changed behind their back",
+           "cprd/tools/chaos.py",
+           "            if proc.kcmp_file(owner, entries[key], me, mine) == 0:\n                continue",
+           "            if proc.kcmp_file(owner, entries[key], me, mine) >= 0:\n                continue",
+           ("tests/system/test_chaos.py::test_the_campaigns_checks_catch_a_table_changed_behind_the_models_back",)),
+    Mutant("done-count-checked-one-way", "a journal that arrives with a hole is never taken over from",
+           "cprd/daemon/takeover.py",
+           "                    if n != self.out.messages:", "                    if n < self.out.messages:",
+           ("tests/system/test_standin.py::test_a_journal_with_a_hole_is_never_taken_over_from",)),
+    Mutant("exec-failure-not-rolled-back", "a failed exec: the table survives in the daemon's pid, the client is told",
+           "cprd/daemon/core.py",
+           "                statefd.rollback(prep.state_fd, prep.state, reason)\n", "                pass\n",
+           ("tests/system/test_upgrade.py::test_exec_failure_leaves_the_old_program_serving[not-a-program]",)),
+    Mutant("queued-messages-not-drained", "a program started next gets every fd the last one sent before it died",
+           "cprd/daemon/core.py",
+           "            self.stores.drain(app)  # what the app's previous run sent before it died is stored first\n",
+           "",
+           ("tests/system/test_fdstore.py::test_a_program_started_next_gets_every_fd_the_last_one_sent_before_it_died",)),
+    Mutant("listen-pid-not-the-program", "LISTEN_PID names the program started, as sd_listen_fds() requires",
+           "cprd/cli.py",
+           "LISTEN_FDNAMES=\":\".join(info[\"fdnames\"]), LISTEN_PID=str(os.getpid()))",
+           "LISTEN_FDNAMES=\":\".join(info[\"fdnames\"]), LISTEN_PID=str(os.getppid()))",
+           ("tests/system/test_fdstore.py::test_a_program_stores_fds_with_libsystemd_and_gets_them_back_named_newest_first",)),
+    Mutant("cprd-fds-reach-the-program", "the program gets its stored fds and no other fd of cprd's",
+           "cprd/cli.py",
+           "    os.closerange(3 + n, 1 << 20)  # the program gets these fds and no other, as under systemd\n",
+           "",
+           ("tests/system/test_fdstore.py::test_a_program_stores_fds_with_libsystemd_and_gets_them_back_named_newest_first",)),
+    Mutant("fdnames-out-of-order", "each fd handed to the program under its own name",
+           "cprd/cli.py",
+           "LISTEN_FDNAMES=\":\".join(info[\"fdnames\"]), LISTEN_PID",
+           "LISTEN_FDNAMES=\":\".join(reversed(info[\"fdnames\"])), LISTEN_PID",
+           ("tests/system/test_examples.py::test_fdstore_server_keeps_every_keep_alive_connection_across_kill_9",)),
+    Mutant("barrier-with-other-tags-obeyed", "BARRIER=1 with other tags is refused whole (fdstore rule)",
+           "cprd/fdstore.py",
+           '    if n.has("BARRIER=1"):\n        d = Decision(barrier=True)',
+           '    if n.has("BARRIER=1") and len(n.tags) == 1:\n        d = Decision(barrier=True)',
+           ("tests/system/test_fdstore.py::test_barrier_closes_its_fd_and_a_malformed_barrier_is_refused_whole",)),
+    Mutant("dropped-datagram-fds-kept", "a datagram that is dropped has every fd closed (fdstore rule)",
+           "cprd/daemon/notify.py",
+           '            self.quiet.warn("fdstore_dropped", a.app, "reason=%r fds=%d", notice, len(fds), kind=notice)\n'
+           '            return',
+           '            self.quiet.warn("fdstore_dropped", a.app, "reason=%r fds=%d", notice, len(fds), kind=notice)\n'
+           '            fds.fds.clear()\n            return',
+           ("tests/system/test_fdstore.py::test_garbage_junk_fds_bad_names_and_a_flood_are_dropped_without_a_leak",)),
+    Mutant("any-sender-stores", "only the store's owner, the daemon's user and root may store",
+           "cprd/daemon/notify.py",
+           "        if uid not in self.st.allowed_uids or not self.owners.grants.may_change(Peer(uid), "
+           "self.key(a.app)):",
+           "        if False:",
+           ("tests/system/test_fdstore.py::test_a_sender_of_an_unlisted_uid_is_refused_and_its_fds_closed",)),
+    Mutant("names-lost-on-take-up", "names and FDPOLL choices travel with the table",
+           "cprd/fdstore.py",
+           '                        meta.names[int(id_)] = (name, poll == "1")',
+           '                        meta.names[int(id_)] = ("stored", True)',
+           ("tests/system/test_fdstore.py::test_names_and_poll_choices_survive_handoff_and_upgrade",)),
+    Mutant("store-socket-not-taken-up", "the same notify socket keeps receiving across a handoff and an upgrade",
+           "cprd/daemon/core.py",
+           "        self.stores.load()  # the fd stores a handoff or an upgrade brought along\n",
+           "",
+           ("tests/system/test_fdstore.py::test_the_same_socket_keeps_receiving_across_a_handoff_or_an_upgrade_and_nothing_is_lost",)),
+    Mutant("error-does-not-remove", "a polled fd that reports an error is removed, as one that hangs up (fdstore "
+           "rule)", "cprd/daemon/notify.py",
+           "                hit = self._polled.get(fd)\n                if hit is None:\n"
+           "                    continue\n",
+           "                hit = self._polled.get(fd)\n"
+           "                if hit is None or not events & select.EPOLLHUP:\n                    continue\n",
+           ("tests/system/test_fdstore.py::test_a_polled_fd_that_reports_an_error_is_removed",)),
+    Mutant("epoll-fd-stored", "an epoll fd is never stored (its interest list means nothing elsewhere)",
+           "cprd/kinds.py",
+           "    if kind is Kind.EPOLL:\n        raise BadFd(",
+           "    if False:\n        raise BadFd(",
+           ("tests/system/test_fdstore.py::test_an_epoll_fd_is_refused_and_closed_and_the_rest_of_its_message_stored",)),
 ]
 
 
 def _copy() -> Path:
     """A copy of the checkout's code and tests in a new temporary directory."""
     d = Path(tempfile.mkdtemp(prefix="cprd-mutant-"))
-    for part in ("cprd", "tests", "pyproject.toml", "conftest.py"):
+    for part in ("cprd", "tests", "examples", "docs", "README.md", "pyproject.toml", "conftest.py"):
         src = ROOT / part
         if src.is_dir():
             shutil.copytree(src, d / part, ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.pyc"))
@@ -162,15 +355,24 @@ def _pytest(d: Path, tests: tuple[str, ...] | list[str]) -> subprocess.Completed
                           env={**_env(), "PYTHONPATH": str(d), "CPRD_HISTORY": str(ROOT)})
 
 
-def baseline(chosen: list[Mutant]) -> str | None:
+def baseline(chosen: list[Mutant], jobs: int = 1) -> str | None:
     """None if every chosen mutant's tests pass on an unbroken copy (so that a failure under a
-    mutant is the mutant's doing), else pytest's last lines."""
-    d = _copy()
-    try:
-        r = _pytest(d, sorted({t for m in chosen for t in m.tests}))
-        return None if r.returncode == 0 else "\n".join((r.stdout + r.stderr).strip().splitlines()[-15:])
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+    mutant is the mutant's doing), else pytest's last lines. `jobs` copies run at once, each a share
+    of the tests."""
+    tests = sorted({t for m in chosen for t in m.tests})
+    shares = [tests[i::jobs] for i in range(jobs) if tests[i::jobs]]
+
+    def one(share: list[str]) -> str | None:
+        d = _copy()
+        try:
+            r = _pytest(d, share)
+            return None if r.returncode == 0 else "\n".join((r.stdout + r.stderr).strip().splitlines()[-15:])
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
+    with ThreadPoolExecutor(len(shares) or 1) as pool:
+        whys = [w for w in pool.map(one, shares) if w is not None]
+    return "\n".join(whys) or None
 
 
 def run(m: Mutant, keep: bool = False) -> tuple[str, float, str]:
@@ -211,27 +413,39 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("names", nargs="*", help="run only these mutants")
     p.add_argument("--list", action="store_true", help="list the mutants and exit")
+    p.add_argument("--markdown", action="store_true", help="list them as docs/testing.md's table and exit")
     p.add_argument("--keep", action="store_true", help="keep each mutated copy (its directory is printed)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="run N mutants at once, each in its own copy (their tests must pass on a busy machine)")
     a = p.parse_args(argv)
     chosen = [m for m in MUTANTS if not a.names or m.name in a.names]
     if a.names and len(chosen) != len(set(a.names)):
         print(f"unknown mutant(s): {sorted(set(a.names) - {m.name for m in MUTANTS})}", file=sys.stderr)
         return 2
+    if a.markdown:
+        print("| mutant | the promise it breaks | file | caught by |\n|---|---|---|---|")
+        for m in chosen:
+            tests = ", ".join(f"`{Path(n.partition('::')[0]).name}::{n.partition('::')[2]}`".replace("::`", "`")
+                              for n in m.tests)
+            print(f"| {m.name} | {m.promise} | `{m.file}` | {tests} |")
+        return 0
     if a.list:
         for m in chosen:
             print(f"{m.name}: {m.promise}\n    {m.file}; tests: {' '.join(m.tests)}")
         return 0
     bad, t0 = 0, time.monotonic()
-    why = baseline(chosen)
+    why = baseline(chosen, a.jobs)
     if why is not None:
         print(f"the mutants' tests fail on an unbroken copy, so a failure would prove nothing:\n{why}", file=sys.stderr)
         return 2
     print(f"baseline: every mutant's tests pass on an unbroken copy ({time.monotonic() - t0:.0f} s)", flush=True)
-    for m in chosen:
-        verdict, secs, tail = run(m, a.keep)
-        bad += verdict != "caught"
-        print(f"{verdict:<9} {secs:6.1f} s  {m.name}: {m.promise}" + (f"\n          {tail}" if verdict != "caught"
-                                                                       else ""), flush=True)
+    with ThreadPoolExecutor(a.jobs) as pool:
+        running = {pool.submit(run, m, a.keep): m for m in chosen}
+        for done in as_completed(running):
+            m, (verdict, secs, tail) = running[done], done.result()
+            bad += verdict != "caught"
+            print(f"{verdict:<9} {secs:6.1f} s  {m.name}: {m.promise}" + (f"\n          {tail}" if verdict != "caught"
+                                                                           else ""), flush=True)
     print(f"{len(chosen) - bad} of {len(chosen)} mutants caught in {time.monotonic() - t0:.0f} s")
     return 1 if bad else 0
 

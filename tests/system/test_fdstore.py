@@ -8,6 +8,7 @@ import array
 import json
 import os
 import pwd
+import select
 import shutil
 import signal
 import socket
@@ -201,6 +202,93 @@ def test_a_polled_fd_that_hangs_up_is_removed_unless_fdpoll_0(cluster, web):
     assert sorted(r["fdname"] for r in store_of(cluster, "web")) == ["file", "unwatched"]
     assert settled_fds(src.pid, base + 2) == base + 2
     assert "event=fdstore_hangup app=web" in cluster.logs()
+
+
+@needs_libsystemd
+def test_a_polled_fd_that_reports_an_error_is_removed(cluster, web):
+    """EPOLLERR removes as EPOLLHUP does: the write end of a pipe whose read end is gone."""
+    src, _ = web
+    r, w = os.pipe()
+    base = num_fds(src.pid)
+    sd.notify("FDSTORE=1\nFDNAME=writer", [w])
+    sd.barrier()
+    os.close(w)
+    assert [x["fdname"] for x in store_of(cluster, "web")] == ["writer"]
+    os.close(r)  # the stored write end now reports EPOLLERR (and nothing else)
+    deadline = time.monotonic() + 10
+    while store_of(cluster, "web") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert store_of(cluster, "web") == []
+    assert settled_fds(src.pid, base) == base, "the removed fd was closed"
+
+
+@needs_libsystemd
+def test_an_epoll_fd_is_refused_and_closed_and_the_rest_of_its_message_stored(cluster, web):
+    """An epoll fd's interest list names fds of the process that made it: never stored (its
+    message's other fds are), and closed."""
+    src, _ = web
+    ep = select.epoll()
+    s = _listener()
+    base = num_fds(src.pid)
+    try:
+        sd.notify("FDSTORE=1\nFDNAME=mixed", [ep.fileno(), s.fileno()])
+        sd.barrier()
+        rows = store_of(cluster, "web")
+        assert [x["fdname"] for x in rows] == ["mixed"] and rows[0]["kind"] == "socket"
+    finally:
+        ep.close()
+        s.close()
+    assert settled_fds(src.pid, base + 1) == base + 1, "the epoll fd was closed, the socket kept"
+    assert "epoll fd and cannot be stored" in cluster.logs()
+
+
+@needs_libsystemd
+def test_an_fd_stored_without_a_name_reaches_the_program_as_stored(cluster, web):
+    """systemd's default name, end to end: no FDNAME= means "stored" in the store and in
+    LISTEN_FDNAMES."""
+    s = _listener()
+    with s:
+        sd.notify("FDSTORE=1", [s.fileno()])
+        sd.barrier()
+        ino = os.fstat(s.fileno()).st_ino
+    assert [x["fdname"] for x in store_of(cluster, "web")] == ["stored"]
+    got = listened(cluster, "web")
+    assert got["env"]["LISTEN_FDNAMES"] == "stored" and [f["name"] for f in got["fds"]] == ["stored"]
+    assert [f["ino"] for f in got["fds"]] == [ino]
+
+
+def test_a_full_notify_queue_makes_the_sender_wait_and_drops_nothing(cluster):
+    """While the daemon reads nothing (its reader held back), the kernel's queue fills and refuses a
+    sender that will not wait; one that waits sends as soon as there is room. Every message is
+    stored once the reader goes on: the daemon drops nothing for being busy."""
+    src = cluster.source("eventfds=2", env={"CPRD_FAULT": "fdstore:read::sleep=1"})
+    with cluster.client() as c:
+        path = c.fdstore("web", "socket")["socket"]
+    n = int(open("/proc/sys/net/unix/max_dgram_qlen").read()) + 20
+    refused = 0
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(path)
+        for i in range(n):
+            r, w = os.pipe()
+            try:
+                msg, anc = [b"FDSTORE=1\nFDPOLL=0\nFDNAME=m%d" % i], [
+                    (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r]).tobytes())]
+                try:
+                    s.sendmsg(msg, anc, socket.MSG_DONTWAIT)
+                except BlockingIOError:  # the queue is full: this sender waits (up to a deadline)
+                    refused += 1
+                    s.settimeout(60)
+                    s.sendmsg(msg, anc)
+                    s.settimeout(None)
+            finally:
+                os.close(r)
+                os.close(w)
+    assert refused > 0, "the queue never filled: the reader was not held back"
+    deadline = time.monotonic() + 60
+    while len(store_of(cluster, "web")) < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sorted(x["fdname"] for x in store_of(cluster, "web")) == sorted(f"m{i}" for i in range(n))
+    assert src.poll() is None
 
 
 @needs_libsystemd
