@@ -343,7 +343,13 @@ class _SourceDriver:
 
     async def run(self) -> Result:
         s, clock, hooks = self.s, self.clock, self.hooks
-        await self.send(s.hello(), "handoff hello")
+        try:
+            await self.send(s.hello(), "handoff hello")
+        except scm.Closed:
+            # A target that refuses this source answers with an Abort and closes at once, maybe before
+            # the hello arrived: its Abort waits in our queue. Say what it says (else: closed).
+            await self.recv("handoff hello")
+            raise
         try:
             s.on_target_hello(await self.recv("handoff hello"))
         except CapacityError as e:

@@ -84,10 +84,10 @@ class Cluster:
         return Client(self.control, timeout=60)
 
     def ctl(self, *args: str, env: dict[str, str] | None = None, check: bool = False,
-            pass_fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess:
+            pass_fds: tuple[int, ...] = (), timeout: float = 60) -> subprocess.CompletedProcess:
         e = {**os.environ, "CPRD_CONTROL": self.control, **(env or {})}
         return subprocess.run([sys.executable, "-m", "cprd", "ctl", *map(str, args)], env=e, capture_output=True,
-                              text=True, timeout=60, check=check, pass_fds=pass_fds)
+                              text=True, timeout=timeout, check=check, pass_fds=pass_fds)
 
     def logs(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.dir.glob("daemon-*.log")))

@@ -353,13 +353,15 @@ def closing_later(conn: Any) -> Iterator[Any]:
 def refuse(conn: Any, err: CprdError) -> None:
     """Answer a connection we will not serve with err and close it at once, never waiting for the
     client. What it already sent is read and dropped first (its fds closed), so that the close does
-    not reset the connection; a request that arrives after the close fails to send, and cprd's
-    client then reads this answer, which waits in its queue."""
+    not reset the connection; the socket is shut for reading before that, so that a request sent
+    between the drop and the close cannot reset it either: it fails to send (as one that arrives
+    after the close), and cprd's client then reads this answer, which waits in its queue."""
     with closing_later(conn):
         raw = socket.socket(fileno=conn.fileno())  # borrowed for a send that must not wait
         try:
             for f in cp.encode_error(err):
                 raw.send(f, socket.MSG_DONTWAIT)
+            raw.shutdown(socket.SHUT_RD)
         except OSError:
             return
         finally:

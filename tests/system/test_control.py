@@ -113,13 +113,14 @@ def test_put_opens_without_waiting_and_creates_only_when_asked(cluster, tmp_path
     src = cluster.source()
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    r = cluster.ctl("put", "fifo", 0, "--path", str(fifo), "--flags", "r")  # no writer: used to hang
+    # (a put answers at once or not at all: 15 s is ample on a busy machine, and a hang fails fast)
+    r = cluster.ctl("put", "fifo", 0, "--path", str(fifo), "--flags", "r", timeout=15)  # no writer: used to hang
     assert r.returncode == 0, r.stderr
-    r = cluster.ctl("put", "fifo", 1, "--path", str(fifo), "--flags", "w")  # no reader (ours is in the daemon)
+    r = cluster.ctl("put", "fifo", 1, "--path", str(fifo), "--flags", "w", timeout=15)  # no reader: ours is in it
     assert r.returncode == 0, r.stderr
     other = tmp_path / "fifo2"
     os.mkfifo(other)
-    r = cluster.ctl("put", "fifo", 2, "--path", str(other), "--flags", "w")
+    r = cluster.ctl("put", "fifo", 2, "--path", str(other), "--flags", "w", timeout=15)
     assert r.returncode == 2 and "a FIFO that nobody reads" in r.stderr
     made = tmp_path / "made"
     r = cluster.ctl("put", "made", 0, "--path", str(made), "--create")
@@ -137,12 +138,23 @@ def test_put_opens_without_waiting_and_creates_only_when_asked(cluster, tmp_path
 def test_populate_is_checked_before_anything_is_made(tmp_path):
     control = str(tmp_path / "c.sock")
     r = subprocess.run([sys.executable, "-m", "cprd", "source", "--control", control, "--populate",
-                        "files=5,files=6"], capture_output=True, text=True, timeout=30)
+                        "files=5,files=6"], capture_output=True, text=True, timeout=15)
     assert r.returncode == 2 and "names files twice" in r.stderr
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     r = subprocess.run([sys.executable, "-m", "cprd", "source", "--control", control, "--populate",
-                        f"eventfds={soft - 70}"], capture_output=True, text=True, timeout=30)
+                        f"eventfds={soft - 70}"], capture_output=True, text=True, timeout=15)
     assert r.returncode == 1 and "a target with the same fd limit could take over at most" in r.stderr
+    # One fd more than a target with the same limit could take, though this process could open it: refused
+    # for the target's sake alone (a limit of 1024 keeps the daemon small should it wrongly start).
+    from cprd.handoff import table_limit
+
+    def limit_1024() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+
+    most = table_limit(1024)
+    r = subprocess.run([sys.executable, "-m", "cprd", "source", "--control", control, "--populate",
+                        f"eventfds={most + 1}"], capture_output=True, text=True, timeout=30, preexec_fn=limit_1024)
+    assert r.returncode == 1 and f"could take over at most {most} (RLIMIT_NOFILE 1024" in r.stderr, r.stderr
     assert os.listdir(tmp_path) == []
 
 
@@ -259,7 +271,7 @@ def test_control_socket_is_private_and_never_stolen(cluster, tmp_path):
     assert stat.S_IMODE(os.stat(os.path.dirname(cluster.control)).st_mode) == 0o700
     # a second daemon on the same path refuses and names the owner
     r = subprocess.run([sys.executable, "-m", "cprd", "source", "--control", cluster.control],
-                       capture_output=True, text=True, timeout=30)
+                       capture_output=True, text=True, timeout=15)
     assert r.returncode == 1 and f"another cprd serves {cluster.control}, cprd pid {src.pid}" in r.stderr
     with cluster.client() as c:
         assert c.status()["pid"] == src.pid
@@ -282,7 +294,7 @@ def test_stale_socket_is_replaced_and_new_dirs_are_private(cluster, tmp_path):
     open_dir.mkdir()
     os.chmod(open_dir, 0o777)
     r = subprocess.run([sys.executable, "-m", "cprd", "source", "--control", str(open_dir / "c.sock")],
-                       capture_output=True, text=True, timeout=30)
+                       capture_output=True, text=True, timeout=15)
     assert r.returncode == 2 and "writable by other users" in r.stderr
     # a missing directory is created 0700
     fresh = tmp_path / "fresh" / "control.sock"
@@ -294,14 +306,14 @@ def test_stale_socket_is_replaced_and_new_dirs_are_private(cluster, tmp_path):
 def test_control_path_from_the_environment_and_the_flag(cluster, tmp_path):
     src = cluster.source()
     r = subprocess.run([sys.executable, "-m", "cprd", "ctl", "status", "--json"], capture_output=True, text=True,
-                       env={**os.environ, "CPRD_CONTROL": cluster.control}, timeout=30)
+                       env={**os.environ, "CPRD_CONTROL": cluster.control}, timeout=15)
     assert json.loads(r.stdout)["pid"] == src.pid
     r = subprocess.run([sys.executable, "-m", "cprd", "ctl", "status", "--json", "--control", cluster.control],
                        capture_output=True, text=True, env={**os.environ, "CPRD_CONTROL": "/nonexistent/x.sock"},
-                       timeout=30)
+                       timeout=15)
     assert json.loads(r.stdout)["pid"] == src.pid
     r = subprocess.run([sys.executable, "-m", "cprd", "ctl", "status"], capture_output=True, text=True,
-                       env={**os.environ, "CPRD_CONTROL": str(tmp_path / "none.sock")}, timeout=30)
+                       env={**os.environ, "CPRD_CONTROL": str(tmp_path / "none.sock")}, timeout=15)
     assert r.returncode == 1 and "no cprd serves" in r.stderr
 
 
@@ -315,7 +327,7 @@ def test_no_daemon_gives_a_clear_error(tmp_path):
 def test_socket_path_too_long_is_a_clear_error(tmp_path):
     path = str(tmp_path / ("a" * (100 - len(str(tmp_path)))))
     r = subprocess.run([sys.executable, "-m", "cprd", "source", "--control", path], capture_output=True, text=True,
-                       timeout=30)
+                       timeout=15)
     assert r.returncode == 2 and "at most 95" in r.stderr and "Traceback" not in r.stderr
     assert not os.listdir(tmp_path)
 
@@ -338,5 +350,5 @@ def test_a_control_path_that_is_not_utf8_is_refused_clearly(tmp_path):
     d = os.path.join(os.fsencode(tmp_path), b"d\xff")
     os.mkdir(d, 0o700)
     r = subprocess.run([sys.executable, "-m", "cprd", "source", "--control", os.path.join(d, b"control.sock")],
-                       capture_output=True, text=True, timeout=30)
+                       capture_output=True, text=True, timeout=15)
     assert r.returncode == 2 and "is not valid UTF-8" in r.stderr and "Traceback" not in r.stderr, r.stderr
