@@ -155,10 +155,12 @@ class _Worker:
             if ms > SLOW_MS:
                 self.stats.slow.append((t0, op, ms))
 
-    async def run(self, stop_at: float) -> None:
+    async def run(self, stop_at: float, moves_done: trio.Event) -> None:
+        """Churn until stop_at, and on until every move is done: on a busy machine a move may start
+        late, and every move must meet the churn it is there to prove."""
         async with AsyncClient(self.control, timeout=60) as c:
             t_next = time.monotonic()
-            while time.monotonic() < stop_at:
+            while time.monotonic() < stop_at or not moves_done.is_set():
                 r = self.rng.random()
                 try:
                     if r < 0.30 or not self.keys:
@@ -230,10 +232,19 @@ def plan_moves(handoffs: int, upgrades: int) -> list[str]:
 
 
 async def _moves(handoffs: int, upgrades: int, start: float, duration: float, control: str, d: str, owners: list,
-                 bases: dict, stats: Stats, external: bool) -> None:
+                 bases: dict, stats: Stats, external: bool, done: trio.Event) -> None:
     """The moves of plan_moves at even intervals: a handoff from the current owner to a fresh target
     we start, or an in-place upgrade of the current owner (which keeps its pid). owners holds each
-    owner in turn: a Popen we started, or the pid of a daemon we found running."""
+    owner in turn: a Popen we started, or the pid of a daemon we found running. `done` is set once
+    the last move ended (or failed)."""
+    try:
+        await _each_move(handoffs, upgrades, start, duration, control, d, owners, bases, stats, external)
+    finally:
+        done.set()
+
+
+async def _each_move(handoffs: int, upgrades: int, start: float, duration: float, control: str, d: str,
+                     owners: list, bases: dict, stats: Stats, external: bool) -> None:
     plan = plan_moves(handoffs, upgrades)
     h = 0
     for i, move in enumerate(plan):
@@ -352,12 +363,13 @@ async def run(fds: int, rate: float, handoffs: int, duration: float, clients: in
                        for i in range(clients)]
             t0 = time.monotonic()
             stop_at = t0 + duration
+            moves_done = trio.Event()
             async with trio.open_nursery() as n:
                 for w in workers:
-                    n.start_soon(w.run, stop_at)
+                    n.start_soon(w.run, stop_at, moves_done)
                 # trio's clock is not time.monotonic(): the moves are timed on trio's
                 n.start_soon(_moves, handoffs, upgrades, trio.current_time(), duration, control, d, owners, bases,
-                             stats, external)
+                             stats, external, moves_done)
                 if progress:
                     n.start_soon(_progress, stats, stop_at)
             elapsed = time.monotonic() - t0

@@ -93,6 +93,7 @@ def test_peer_with_another_uid_is_refused_unless_allowed(cluster, tmp_path):
             path = str(d / "control.sock")
             p = cluster.spawn("source", "--control", path, *allow)
             wait_for_socket(path, p)
+            Client(path, timeout=10).status()  # answered: the daemon has made its control socket 0600
             os.chmod(path, 0o666)
             base = num_fds(p.pid)
             assert _status_as_nobody(path) == want
