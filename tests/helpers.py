@@ -276,8 +276,12 @@ class Churn:
                 except Exception as e:  # noqa: BLE001 - any failure at all fails the test
                     self.failed.append(repr(e))
                     os.close(ev)
+                self.after_put(c, i)
                 i += 1
                 time.sleep(0.002)
+
+    def after_put(self, c: Client, i: int) -> None:
+        """What else a churner does after its i-th put, on the same client."""
 
     def __enter__(self) -> Churn:
         self.t.start()
@@ -617,24 +621,12 @@ class ChurnWithDeletes(Churn):
         super().__init__(path)
         self.deleted: set[tuple[str, int]] = set()
 
-    def run(self) -> None:
-        i = 0
-        with Client(self.path, timeout=60) as c:
-            while not self.stop.is_set():
-                ev = os.eventfd(i)
-                try:
-                    c.put("churn", i, ev)
-                    self.mine[("churn", i)] = (ev, "eventfd")
-                except Exception as e:  # noqa: BLE001 - any failure at all fails the test
-                    self.failed.append(repr(e))
-                    os.close(ev)
-                if i % 3 == 2 and self.mine:
-                    key = min(self.mine)
-                    try:
-                        c.delete(*key)
-                        os.close(self.mine.pop(key)[0])
-                        self.deleted.add(key)
-                    except Exception as e:  # noqa: BLE001
-                        self.failed.append(f"delete {key}: {e!r}")
-                i += 1
-                time.sleep(0.002)
+    def after_put(self, c: Client, i: int) -> None:
+        if i % 3 == 2 and self.mine:
+            key = min(self.mine)
+            try:
+                c.delete(*key)
+                os.close(self.mine.pop(key)[0])
+                self.deleted.add(key)
+            except Exception as e:  # noqa: BLE001
+                self.failed.append(f"delete {key}: {e!r}")
