@@ -7,8 +7,8 @@ a handoff (several specs, comma-separated, act in the order given when they name
   upgrade fail while it restores (to test the rollback); ``standin`` (an upgrade's stand-in:
   ``forked``, ``takeover`` once asked to stop, ``done`` after it sent Done, ``journal`` before journal
   message n, ``journaled`` once message n is queued for every reader but before the client that made
-  the change hears its answer) and ``upgrade`` (the new
-  program taking over from it: ``restored``, ``asked``, ``taken``); ``fdstore:read`` (a store's reader,
+  the change hears its answer) and ``upgrade`` (the new program taking over from it: ``restored``,
+  ``asked``, ``taken``, ``released``); ``fdstore:read`` (a store's reader,
   before it waits for a datagram: with ``sleep=S`` it leaves datagrams queued for S seconds, so that a
   request that must handle them first, ``cprd run``'s, meets them there);
 - step: ``hello`` (after its hello), ``batch`` (after snapshot batch n; on the target, after any
