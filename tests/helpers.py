@@ -274,7 +274,9 @@ class Churn:
                     c.put("churn", i, ev)
                     self.mine[("churn", i)] = (ev, "eventfd")
                 except Exception as e:  # noqa: BLE001 - any failure at all fails the test
-                    self.failed.append(repr(e))
+                    now = time.time()  # the daemons' logs' clock, to find the request in them
+                    self.failed.append(f"{time.strftime('%H:%M:%S', time.localtime(now))},{int(now * 1000) % 1000:03d}"
+                                       f" put churn/{i}: {e!r}")
                     os.close(ev)
                 self.after_put(c, i)
                 i += 1

@@ -82,7 +82,9 @@ def test_a_failure_at_each_step_leaves_one_owner_with_every_acknowledged_entry(c
     try:
         with Churn(cluster.control) as churn:
             r = cluster.ctl("upgrade", "--json", *args)
-        assert not churn.failed, churn.failed
+        # (a request that failed here once, beside other work, never again since: should it come back, the
+        # daemons' own account of the upgrade says when and why)
+        assert not churn.failed, (churn.failed, r.stdout, cluster.logs()[-6000:])
         assert len(churn.mine) > 20, "puts went on across the upgrade"
         res = json.loads(r.stdout)
         serving = res["pid"]
