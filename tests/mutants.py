@@ -215,12 +215,6 @@ MUTANTS = [
            "        close_all_later(journal.graveyard if journal is not None else ())",
            "        pass  # what mutations dropped during a handoff: a source exits after it anyway",
            ("tests/system/test_churn.py::test_target_killed_mid_precopy_leaves_every_mutation_at_the_source[delta]",)),
-    Mutant("graveyard-closed-at-once", "a source that dies in pre-copy leaves the target only genuine fds",
-           "cprd/table.py",
-           "        if self.journal is not None:\n            self.journal.graveyard.append(fd)\n        else:\n"
-           "            close_later(fd)",
-           "        close_later(fd)",
-           ("tests/system/test_churn.py::test_source_killed_mid_precopy_leaves_the_target_only_genuine_fds[delta]",)),
     Mutant("standin-journal-drops-deletes", "handoffs and upgrades mixed under churn: no violation of the model",
            "cprd/daemon/standin.py",
            "            self.ops.append(pu.remove_op(*op.key))",
