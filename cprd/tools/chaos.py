@@ -8,10 +8,12 @@ A campaign starts a source with a small table. Each round:
 1. Clients (trio tasks, each with its own connection and keys) churn: put fresh fds of several
    kinds and keep their own copy of each, delete, replace, get (each get proved by kcmp against
    the client's copy). What was acknowledged is the model.
-2. A move starts: a handoff to a fresh target, or an in-place upgrade.
+2. A move starts: a handoff to a fresh target, or an in-place upgrade; the two alternate.
 3. At random moments of the move, one or two faults: SIGKILL or SIGSTOP of a role (a handoff's
    source or target; an upgrade's daemon pid (the old program, then the new one), its stand-in,
    its guardian). A stopped process is continued after a random hold, unless it was fenced.
+   The first fault of a move takes its roles in turn (each turn shuffled), so that a short
+   campaign hits every role, whatever the seed; a second fault picks any role.
 4. The round settles: the move answered (or failed), every stopped process continued, somebody
    answers a status, and the upgrade's other processes are gone.
 5. The checks, each a violation: an acknowledged put missing, or not the same open file
@@ -211,6 +213,13 @@ class Campaign:
         self.base: int | None = None
         self.restarts = 0
         self.ids = [itertools.count() for _ in range(clients)]
+        self.turns: dict[str, list[str]] = {move: [] for move in ROLES}
+
+    def next_role(self, move: str) -> str:
+        """The move's roles in turn, each turn in a new random order: every role is hit early."""
+        if not self.turns[move]:
+            self.turns[move] = self.rng.sample(ROLES[move], len(ROLES[move]))
+        return self.turns[move].pop()
 
     # -- processes ---------------------------------------------------------------------------
     def spawn(self, *args: str) -> psutil.Popen:
@@ -282,11 +291,12 @@ class Campaign:
             owner = await trio.to_thread.run_sync(self.start_source)
         else:
             owner = st["pid"]
-        move = self.rng.choice(("handoff", "upgrade"))
+        move = ("handoff", "upgrade")[n % 2]
         faults = []
-        for _ in range(0 if os.environ.get("CPRD_CHAOS_TAMPER") else self.rng.choice((1, 1, 2))):
+        for i in range(0 if os.environ.get("CPRD_CHAOS_TAMPER") else self.rng.choice((1, 1, 2))):
             lo, hi = MOMENTS_MS[move]
-            faults.append(Fault(self.rng.choice(ROLES[move]), self.rng.choice(("kill", "stop")),
+            role = self.next_role(move) if i == 0 else self.rng.choice(ROLES[move])
+            faults.append(Fault(role, self.rng.choice(("kill", "stop")),
                                 self.rng.uniform(lo, hi), hold_s=self.rng.uniform(*HOLD_S)))
         r = Round(n, move, faults, owner)
         churners = [Churner(i, self.control, self.model, random.Random(self.rng.random()), self.rate, self.ids[i])
