@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import time
 from typing import Any
 
 from .errors import CapacityError, CprdError, UsageError
@@ -289,8 +290,83 @@ def cmd_fdstore(a: argparse.Namespace) -> int:
             lines = [f"{'FDNAME':<20} {'TYPE':<8} {'DEVNO':<7} {'INODE':>10} {'RDEVNO':<7} {'PATH':<30} FLAGS"]
             lines += [f"{_shown(r['fdname']):<20} {r['kind']:<8} {r['dev']:<7} {r['ino']:>10} {r['rdev'] or 'n/a':<7} "
                       f"{_shown(r['path']):<30} {r['access']}" for r in rows]
+            if not a.json:
+                served = c.status().get("fdstore", {}).get(a.app, {}).get("serve")
+                lines += _generations(a.app, served)
             _print(rows, a.json, "\n".join(lines))
     return 0
+
+
+def _generations(app: str, served: dict | None) -> list[str]:
+    """The lines that show an app's `cprd serve` and its generations."""
+    if not served:
+        return []
+    state = "serving" if served["alive"] else f"not heard from for {served['heard_s_ago']:.1f} s"
+    out = [f"supervisor: cprd serve pid {served['pid']} ({state}), {served['restarts_done']} restarts"]
+    for g in served["generations"]:
+        age = time.time() - g["started"]
+        out.append(f"  generation {g['gen']}: pid {g['pid']}, {g['state']}, started {age:.1f} s ago"
+                   + ("" if g["ready"] else ", not ready"))
+    return out
+
+
+def cmd_restart(a: argparse.Namespace) -> int:
+    """`cprd ctl restart APP`: ask APP's `cprd serve` for a new generation and wait for the outcome."""
+    import uuid
+
+    from .fdstore import check_app
+
+    check_app(a.app)
+    if not 0 < a.timeout <= 86400:
+        raise UsageError(f"--timeout {a.timeout:g} must be more than 0 and at most 86400 seconds")
+    rid = uuid.uuid4().hex[:16]
+    deadline = time.monotonic() + a.timeout
+    with _client(a) as c:
+        asked = c.fdstore_restart(a.app, rid)
+        while True:
+            served = c.status().get("fdstore", {}).get(a.app, {}).get("serve") or {}
+            res = next((r for r in served.get("results", []) if r.get("id") == rid), None)
+            if res is not None:
+                break
+            if time.monotonic() > deadline:
+                raise CprdError(f"cprd serve pid {asked['supervisor']} did not report the restart of {a.app} within "
+                                f"{a.timeout:g} s (its --ready-timeout may be longer: pass a larger --timeout); "
+                                f"`cprd ctl fdstore {a.app}` shows its generations")
+            time.sleep(0.02)
+    res = {"app": a.app, **res}
+    if res["ok"]:
+        human = f"restarted {a.app}: generation {res['gen']} (pid {res['pid']}) ready after {res['ms']:.0f} ms" + (
+            f"; generation {res['retired']['gen']} (pid {res['retired']['pid']}) stops" if res.get("retired") else "")
+    else:
+        kept = res.get("serving")
+        human = f"restart of {a.app} rolled back: {res['reason']}" + (
+            f"; generation {kept['gen']} (pid {kept['pid']}) keeps serving" if kept else "")
+    _print(res, a.json, human)
+    if not res["ok"] and not a.json:
+        print(f"cprd: error: {human}", file=sys.stderr)
+    return 0 if res["ok"] else 1
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    """`cprd serve --name APP [--listen NAME=SPEC]... -- CMD`: APP's supervisor, in the foreground."""
+    import signal
+
+    from . import listeners, serve
+    from .fdstore import check_app
+
+    check_app(a.name)
+    cmd = _command(a, "serve")
+    if not 0 < a.ready_timeout <= 3600 or not 0 <= a.drain <= 3600:
+        raise UsageError("--ready-timeout must be in (0, 3600] and --drain in [0, 3600] seconds")
+    try:
+        sig = signal.Signals[a.stop_signal if a.stop_signal.startswith("SIG") else "SIG" + a.stop_signal.upper()]
+    except KeyError:
+        raise UsageError(f"--stop-signal {a.stop_signal!r} is not a signal name (TERM, QUIT, INT, ...)") from None
+    o = serve.Options(app=a.name, cmd=cmd, listens=listeners.parse_all(a.listen), dialect=a.dialect,
+                      replace=a.replace_listeners, fdstore_max=a.fdstore_max, ready=serve.parse_ready(a.ready),
+                      ready_timeout=a.ready_timeout, stop_signal=sig, drain=a.drain, control=a.control,
+                      trust_uids=_trust(a))
+    return serve.main(o)
 
 
 def _room_for(n: int) -> None:
@@ -310,59 +386,48 @@ def _room_for(n: int) -> None:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    """`cprd run --name APP -- CMD`: CMD, in this very process, with APP's stored fds at 3, 4, ...
-    and the environment systemd gives a service with a fd store."""
-    from .fdstore import MAX_LIMIT, check_app
+    """`cprd run --name APP [--listen NAME=SPEC]... -- CMD`: CMD, in this very process, with APP's
+    stored fds (its listeners made first when missing) where its dialect wants them, and the
+    environment systemd gives a service with a fd store."""
+    from . import launch, listeners
+    from .fdstore import check_app
 
     check_app(a.name)
-    cmd = a.cmd[1:] if a.cmd[:1] == ["--"] else a.cmd
-    if not cmd:
-        raise UsageError("cprd run needs a command: cprd run --name APP -- CMD [ARG...]")
-    if a.fdstore_max is not None and not 0 <= a.fdstore_max <= MAX_LIMIT:
-        raise UsageError(f"--fdstore-max {a.fdstore_max} is outside 0..{MAX_LIMIT}")
+    cmd = _command(a, "run")
+    listens = listeners.parse_all(a.listen)
     with _client(a) as c:
-        _room_for(c.fdstore(a.name, "socket", a.fdstore_max)["fds"])
-        info, fds = c.fdstore_open(a.name, a.fdstore_max)
-    n = len(fds)
-    _place(fds)
-    os.closerange(3 + n, 1 << 20)  # the program gets these fds and no other, as under systemd
-    env = dict(os.environ, NOTIFY_SOCKET=info["socket"], FDSTORE=str(info["max"]))
-    for var in ("LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID"):
-        env.pop(var, None)
-    if n:  # LISTEN_PID is ours: exec keeps the pid, so it is the program's
-        env.update(LISTEN_FDS=str(n), LISTEN_FDNAMES=":".join(info["fdnames"]), LISTEN_PID=str(os.getpid()))
+        _room_for(c.fdstore(a.name, "socket", a.fdstore_max)["fds"] + len(listens))
+        g = launch.gather(c, a.name, listens, a.replace_listeners, a.fdstore_max)
     try:
-        os.execvpe(cmd[0], cmd, env)
+        p = launch.plan(g, cmd, a.dialect, listens, dict(os.environ))
+    except BaseException:
+        g.close()
+        raise
+    if p.needs_pid:  # LISTEN_PID is ours: exec keeps the pid, so it is the program's
+        p.env["LISTEN_PID"] = str(os.getpid())
+    launch.place_here(p)
+    try:
+        os.execvpe(p.cmd[0], p.cmd, p.env)
     except OSError as e:
         if e.errno == errno.E2BIG:
-            print(f"cprd: error: cannot run {cmd[0]!r}: its arguments and environment are too large "
-                  f"(LISTEN_FDNAMES names {n} fds in {len(env.get('LISTEN_FDNAMES', ''))} bytes); store fewer fds "
-                  "or use shorter FDNAME=s", file=sys.stderr)
+            print(f"cprd: error: cannot run {p.cmd[0]!r}: its arguments and environment are too large "
+                  f"(LISTEN_FDNAMES names {len(p.moves)} fds in {len(p.env.get('LISTEN_FDNAMES', ''))} bytes); "
+                  "store fewer fds or use shorter FDNAME=s", file=sys.stderr)
         else:
-            print(f"cprd: error: cannot run {cmd[0]!r}: {e.strerror}", file=sys.stderr)
+            print(f"cprd: error: cannot run {p.cmd[0]!r}: {e.strerror}", file=sys.stderr)
         return 127 if isinstance(e, FileNotFoundError) else 126
     return 0  # not reached
 
 
-def _place(fds: list[int]) -> None:
-    """Move fds[i] to fd 3 + i (inheritable), using at most one more fd than there are: an fd that
-    sits where another must go is moved out of the way first."""
-    where = {fd: i for i, fd in enumerate(fds)}  # fd -> the index it must go to
-    for i in range(len(fds)):
-        want, fd = 3 + i, fds[i]
-        if fd != want:
-            j = where.get(want)
-            if j is not None:  # fds[j] occupies our place: move it to the lowest free fd
-                moved = fcntl.fcntl(want, fcntl.F_DUPFD_CLOEXEC, 3)
-                os.close(want)
-                del where[want]
-                fds[j], where[moved] = moved, j
-            os.dup2(fd, want, inheritable=True)
-            os.close(fd)
-            del where[fd]
-            fds[i], where[want] = want, i
-        else:
-            os.set_inheritable(want, True)
+def _command(a: argparse.Namespace, what: str) -> list[str]:
+    from .fdstore import MAX_LIMIT
+
+    cmd = a.cmd[1:] if a.cmd[:1] == ["--"] else a.cmd
+    if not cmd:
+        raise UsageError(f"cprd {what} needs a command: cprd {what} --name APP -- CMD [ARG...]")
+    if a.fdstore_max is not None and not 0 <= a.fdstore_max <= MAX_LIMIT:
+        raise UsageError(f"--fdstore-max {a.fdstore_max} is outside 0..{MAX_LIMIT}")
+    return cmd
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -490,6 +555,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="roll back if the new program has not confirmed after S seconds (default: the daemon's "
                          "--upgrade-timeout, 30)")
     cu.set_defaults(func=cmd_upgrade)
+    cr = csub.add_parser("restart", help="ask an app's cprd serve for a new generation; prints whether it took "
+                                         "(exit 0) or was rolled back (exit 1), with the reason")
+    cr.add_argument("app", help="the app's name (as in cprd serve --name)")
+    cr.add_argument("--timeout", type=float, default=300.0, metavar="S",
+                    help="wait at most S seconds for the outcome (default 300)")
+    cr.set_defaults(func=cmd_restart)
     for sp in csub.choices.values():
         control_opt(sp)
         sp.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -512,17 +583,50 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("--trust-uid", action="append", metavar="UID",
                     help="talk to a daemon running as this uid too (besides yours and root); repeatable")
 
+    def launch_opts(r: argparse.ArgumentParser) -> None:
+        r.add_argument("--name", required=True, metavar="APP", help="the app whose store to use (made if missing)")
+        r.add_argument("--listen", action="append", default=[], metavar="NAME=SPEC",
+                       help="a listener kept in the store under NAME, made (with your rights) if missing: "
+                            "tcp:HOST:PORT, tcp:[V6]:PORT, udp:HOST:PORT or unix:/PATH, then options "
+                            "backlog=N, reuseport, v6only=0|1, mode=0660, owner=U, group=G; repeatable")
+        r.add_argument("--replace-listeners", action="store_true",
+                       help="a stored listener that does not match its --listen is replaced by a new one "
+                            "(default: an error)")
+        r.add_argument("--dialect", default="systemd", choices=("systemd", "nginx", "stdin"),
+                       help="how the program is told of its fds: systemd's LISTEN_FDS (default), nginx's "
+                            "NGINX=\"3;4;\" (and LISTEN_FDS), or the one listener as fd 0 (inetd's wait style). "
+                            "In every dialect {fd:NAME} in the command becomes the fd number of NAME")
+        r.add_argument("--fdstore-max", type=int, metavar="N",
+                       help="the most fds the app may store (default 1024, or what it was set to before)")
+        control_opt(r)
+        r.add_argument("--trust-uid", action="append", metavar="UID",
+                       help="talk to a daemon running as this uid too (besides yours and root); repeatable")
+
     r = sub.add_parser("run", help="run a program with its fd store: NOTIFY_SOCKET, and the fds it stored at 3, 4, "
                                    "... with LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID (systemd's protocol)")
-    r.add_argument("--name", required=True, metavar="APP", help="the app whose store to use (made if missing)")
-    r.add_argument("--fdstore-max", type=int, metavar="N",
-                   help="the most fds the app may store (default 1024, or what it was set to before)")
-    control_opt(r)
-    r.add_argument("--trust-uid", action="append", metavar="UID",
-                   help="talk to a daemon running as this uid too (besides yours and root); repeatable")
+    launch_opts(r)
     r.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]",
                    help="the program to run, in this process")
     r.set_defaults(func=cmd_run)
+
+    sv = sub.add_parser("serve", help="supervise a program in generations over the same listeners: restart it "
+                                      "(ctl restart APP, SIGHUP) without refusing a connection")
+    launch_opts(sv)
+    sv.add_argument("--ready", default="delay:1", metavar="MODE",
+                    help="when a new generation is ready: notify (READY=1 from it on NOTIFY_SOCKET), delay:S "
+                         "(S seconds after it started and did not exit), check:CMD (a shell command that exits "
+                         "0); default delay:1")
+    sv.add_argument("--ready-timeout", type=float, default=60.0, metavar="S",
+                    help="a new generation not ready after S seconds is killed and the old one keeps serving "
+                         "(default 60)")
+    sv.add_argument("--stop-signal", default="TERM", metavar="SIG",
+                    help="what tells the old generation to stop: TERM (default; gunicorn, uvicorn), QUIT (nginx), "
+                         "INT (lighttpd) ...")
+    sv.add_argument("--drain", type=float, default=30.0, metavar="S",
+                    help="after its stop signal, the old generation has S seconds to finish; then SIGKILL for it "
+                         "and all it forked (default 30)")
+    sv.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]", help="the program")
+    sv.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="populate a source, hand it to a target, prove every fd survived")
     d.add_argument("--fds", type=int, default=1000, help="about how many fds (default 1000)")

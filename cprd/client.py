@@ -348,6 +348,11 @@ class Client:
         """Another fd store action: socket (made if missing), list, clean."""
         return self._call("fdstore", app=app, action=action, max=-1 if max_fds is None else max_fds)
 
+    def fdstore_restart(self, app: str, rid: str) -> dict[str, Any]:
+        """Ask the app's `cprd serve` for a restart; its outcome shows up, under `rid`, in
+        status()["fdstore"][app]["serve"]["results"]."""
+        return self._call("fdstore", app=app, action="restart", report=rid)
+
 
 def _one_fd(fds: OwnedFds, name: str, id: int) -> int:
     got = fds.take()

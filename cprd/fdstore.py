@@ -125,6 +125,7 @@ class Decision:
     name: str = "stored"
     poll: bool = True
     status: str | None = None
+    ready: bool = False  # READY=1: a generation of `cprd serve` may be waiting for it
     warnings: list[str] = field(default_factory=list)
 
 
@@ -136,7 +137,7 @@ def decide(n: Notice, nfds: int) -> Decision:
         elif nfds != 1:
             d.warnings.append(f"BARRIER=1 with {nfds} fds instead of 1, closing them")
         return d
-    d = Decision(status=n.first("STATUS="))
+    d = Decision(status=n.first("STATUS="), ready=n.has("READY=1"))
     if d.status is not None:  # the text was decoded byte for byte: STATUS= must be UTF-8, as systemd wants
         try:
             d.status = d.status.encode("latin-1").decode("utf-8")
@@ -255,3 +256,35 @@ class Log:
     def compact(meta: Meta) -> bytes:
         return (Log.line_max(meta.max) + (Log.line_status(meta.status) if meta.status is not None else b"")
                 + b"".join(Log.line_store(i, p, n) for i, (n, p) in sorted(meta.names.items())))
+
+
+# -- the supervisor of an app (`cprd serve`) ---------------------------------------------------------
+SUPERVISOR_STALE_S = 3.0  # a supervisor not heard from for this long is gone (or stopped): another may take over
+_GEN_KEYS = {"gen": int, "pid": int, "ticks": int, "started": float, "ready": bool, "state": str}
+
+
+def check_report(text: str) -> dict:
+    """A supervisor's report (JSON): {token, pid, generations: [{gen, pid, started, ready, state}],
+    restarts_done, results: [{id, ...} of the last restarts]}; a UsageError says what is wrong.
+    Kept in memory, shown by status."""
+    try:
+        r = json.loads(text)
+    except (ValueError, RecursionError):
+        raise UsageError("fdstore serve: the report is not JSON") from None
+    if not isinstance(r, dict) or not isinstance(r.get("token"), str) or not 8 <= len(r["token"]) <= 64:
+        raise UsageError("fdstore serve: the report needs a token of 8 to 64 characters")
+    if not isinstance(r.get("pid"), int) or not isinstance(r.get("restarts_done"), int):
+        raise UsageError("fdstore serve: the report needs pid and restarts_done (integers)")
+    gens = r.get("generations")
+    if not isinstance(gens, list) or len(gens) > 16:
+        raise UsageError("fdstore serve: the report needs generations, a list of at most 16")
+    for g in gens:
+        if not isinstance(g, dict) or set(g) != set(_GEN_KEYS) or not all(
+                isinstance(g[k], t) or (t is float and isinstance(g[k], int)) for k, t in _GEN_KEYS.items()):
+            raise UsageError(f"fdstore serve: a generation must have exactly {', '.join(_GEN_KEYS)}")
+    results = r.get("results", [])
+    if not isinstance(results, list) or len(results) > 8 or len(json.dumps(results)) > 4096 or not all(
+            isinstance(x, dict) and isinstance(x.get("id"), str) for x in results):
+        raise UsageError("fdstore serve: results must be a list of at most 8 objects with an id (4096 bytes)")
+    return {"token": r["token"], "pid": r["pid"], "generations": gens, "restarts_done": r["restarts_done"],
+            "results": results}

@@ -48,6 +48,16 @@ def stat_of(pid: int | str) -> tuple[str, int, int] | None:
         return None
 
 
+def start_ticks(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot): with its pid, it names one process for
+    good (a pid reused later has another start)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def alive(pid: int | None) -> bool:
     """Whether process `pid` runs (a zombie does not). Only a pidfd or a child's pid names one
     process for good; this is for what a pid cannot mislead (our own children, tests)."""

@@ -262,7 +262,11 @@ class Daemon:
             self.stores.check(app, who, action, change=True)
             n = self.stores.clean(app) if action == "clean" else self.stores.remove_store(app)
             return cp.encode_reply({"app": app, "removed": n}), []
-        raise UsageError(f"fdstore action {action!r} is not one of open, socket, list, clean, remove")
+        if action == "serve":
+            return cp.encode_reply(self.stores.supervise(app, who, a["report"])), []
+        if action == "restart":
+            return cp.encode_reply(self.stores.ask_restart(app, who, a["report"])), []
+        raise UsageError(f"fdstore action {action!r} is not one of open, socket, list, clean, remove, serve, restart")
 
     def status_line(self) -> str:
         return f"serving {len(self.st.table)} entries on {self.st.control_path} ({self.st.role})"

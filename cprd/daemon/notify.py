@@ -34,7 +34,7 @@ import select
 import socket
 import struct
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +43,7 @@ import trio
 from .. import fault, proc, scm
 from .. import fdstore as fs
 from ..access import Peer
-from ..errors import BadFd, CapacityError, Denied, UsageError
+from ..errors import BadFd, Busy, CapacityError, Denied, UsageError
 from ..fds import OwnedFds, read_all
 from ..kinds import classify
 from ..paths import bind_datagram, file_id, unlink_if_same, user_name
@@ -96,6 +96,11 @@ class AppStore:
     fid: tuple[int, int] | None = None  # the socket's file (dev, ino), as found when made or taken up
     ordered: set[tuple[int, int]] = field(default_factory=set)
     names_bytes: int = 0  # LISTEN_FDNAMES's bytes for the names stored, a colon after each (kept as they change)
+    # for `cprd serve` (in memory: a supervisor reports again within a second after a handoff or upgrade)
+    ready: deque = field(default_factory=lambda: deque(maxlen=64))  # (pid, monotonic) of READY=1 senders
+    supervisor: dict | None = None  # its last report
+    heard: float = -1e9  # when (monotonic)
+    restarts: list = field(default_factory=list)  # ids of `ctl restart` requests not yet handed to the supervisor
 
     def stored(self) -> int:
         return len(self.meta.names)
@@ -267,6 +272,8 @@ class FdStores:
         if d.status is not None and (d.status or None) != a.status:
             a.status = a.meta.status = d.status or None  # an empty STATUS= clears it
             self._append(a, fs.Log.line_status(a.status))
+        if d.ready:
+            a.ready.append((pid, time.monotonic()))
         if d.remove is not None:
             self.remove_name(a, d.remove)
         elif d.store:
@@ -543,11 +550,49 @@ class FdStores:
         return {"app": app, "fdname": a.meta.names.get(e.id, (None,))[0] if e.id >= 0 else None}
 
     def summary(self, who: Peer) -> dict[str, Any]:
-        """The stores `who` may see, with their owners."""
+        """The stores `who` may see, with their owners and supervisors."""
         g = self.owners.grants
         return {a.app: {"fds": a.stored(), "max": a.meta.max, "socket": a.meta.path, "status": a.status,
-                        **g.grant(self.key(a.app)).describe()}
+                        **g.grant(self.key(a.app)).describe(), **self.served(a.app)}
                 for a in self.apps.values() if g.may_read(who, self.key(a.app))}
+
+    # -- its supervisor (`cprd serve`) ------------------------------------------------------------
+    def served(self, app: str) -> dict[str, Any]:
+        """{"serve": the supervisor's last report and how long ago it came} when one reported."""
+        a = self.apps.get(app)
+        if a is None or a.supervisor is None:
+            return {}
+        r = {k: v for k, v in a.supervisor.items() if k != "token"}
+        return {"serve": {**r, "heard_s_ago": round(time.monotonic() - a.heard, 3),
+                          "alive": time.monotonic() - a.heard < fs.SUPERVISOR_STALE_S}}
+
+    def supervise(self, app: str, who: Peer, text: str) -> dict[str, Any]:
+        """A supervisor's heartbeat: its report kept; the restarts asked and the READY=1 senders
+        back. A second supervisor is refused while the first one is heard from."""
+        self.check(app, who, "serve", change=True)
+        a = self._get(app)
+        r = fs.check_report(text)
+        now = time.monotonic()
+        old = a.supervisor
+        if old is not None and old["token"] != r["token"] and now - a.heard < fs.SUPERVISOR_STALE_S:
+            raise Busy(f"app {app} is served by cprd serve pid {old['pid']} (heard from {now - a.heard:.1f} s "
+                       f"ago); stop that one first, or wait {fs.SUPERVISOR_STALE_S:g} s if it is gone")
+        a.supervisor, a.heard = r, now
+        restarts, a.restarts = a.restarts, []
+        return {"restarts": restarts, "ready": [[p, round(now - t, 3)] for p, t in a.ready],
+                "previous": old if old is not None and old["token"] != r["token"] else None}
+
+    def ask_restart(self, app: str, who: Peer, rid: str) -> dict[str, Any]:
+        self.check(app, who, "restart", change=True)
+        a = self._get(app)
+        if a.supervisor is None or time.monotonic() - a.heard >= fs.SUPERVISOR_STALE_S:
+            raise UsageError(f"app {app} has no running cprd serve (none heard from in the last "
+                             f"{fs.SUPERVISOR_STALE_S:g} s): start one with cprd serve --name {app} -- CMD")
+        if not 8 <= len(rid) <= 64 or len(a.restarts) >= 16:
+            raise UsageError("fdstore restart: an id of 8 to 64 characters, at most 16 restarts waiting")
+        if rid not in a.restarts:  # a request sent again (its first answer was lost) restarts once
+            a.restarts.append(rid)
+        return {"app": app, "id": rid, "supervisor": a.supervisor["pid"]}
 
     # -- the names memfd ------------------------------------------------------------------------
     def _append(self, a: AppStore, line: bytes) -> None:

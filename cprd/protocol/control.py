@@ -46,8 +46,9 @@ OPS: dict[str, tuple[dict[str, type], dict[str, tuple[type, Any]], int]] = {
     "handoff": ({"to": str}, {"batch": (int, 253), "window": (int, 4)}, 0),
     "upgrade": ({}, {"program": (str, ""), "timeout": (float, 0.0)}, 0),
     # an app's fd store (systemd's protocol): action open (made if missing; its fds come with the
-    # reply, newest first), socket (made if missing), list, clean, remove; max: its limit (-1: as it is)
-    "fdstore": ({"app": str, "action": str}, {"max": (int, -1)}, 0),
+    # reply, newest first), socket (made if missing), list, clean, remove; max: its limit (-1: as it is);
+    # serve (a `cprd serve` supervisor's heartbeat, with its report), restart (asks the supervisor)
+    "fdstore": ({"app": str, "action": str}, {"max": (int, -1), "report": (str, "")}, 0),
     # let these uids and gids read an entry (or a store: its notify socket's entry, id -1); replaces the list
     "share": ({"name": str, "id": int}, {"uids": (list, []), "gids": (list, []), "rid": (str, "")}, 0),
 }
