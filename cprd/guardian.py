@@ -171,6 +171,16 @@ def spawn(state: pu.UpgradeState, state_fd: int, link: int, words: int, copy: in
         code = 1
         try:
             os.setpgid(0, 0)  # out of the daemon's group, which it may kill
+            if state.nice is not None:
+                # The old program lowered its priority for the new program's start (daemon/core.py
+                # _yield_cpu) just before forking us. Should the guardian restore, nobody serves until
+                # the previous program runs: at nice +10 beside busy processes that outage outlasted a
+                # client's retry budget. The guardian and what it restores take the daemon's back
+                # (before our name shows: a test finds us by it).
+                try:
+                    os.setpriority(os.PRIO_PROCESS, 0, int(state.nice))
+                except (OSError, ValueError):
+                    pass
             proc.set_name("cprd-guardian")
             for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
                 signal.signal(sig, signal.SIG_IGN)

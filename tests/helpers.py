@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import re
 import shutil
@@ -11,24 +12,23 @@ import stat
 import subprocess
 import sys
 import sysconfig
+import tempfile
+import textwrap
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 
-
-import psutil
-
+from cprd import proc
 from cprd.client import Client
 from cprd.errors import ControlError
 from cprd.kinds import Kind
-from cprd import proc
+from cprd.tools.procs import cprd_cmd, quiet_fds, stop, wait_for_socket
 from cprd.tools.proof import check_populated, same_open_file
 from cprd.tools.proof import kcmp_file as proof_kcmp_file
-from cprd.tools.procs import cprd_cmd, quiet_fds, stop, wait_for_socket
-
 
 FIRED: set[tuple[str, str]] = set()  # (side, step) of every fault point that fired in a cluster's daemons
 
@@ -632,3 +632,50 @@ class ChurnWithDeletes(Churn):
                 self.deleted.add(key)
             except Exception as e:  # noqa: BLE001
                 self.failed.append(f"delete {key}: {e!r}")
+
+
+# -- other users ------------------------------------------------------------------------------
+NOBODY, OTHER = 65534, 65533  # an allowed uid, and one that is not
+SYSTEM_PYTHON = "/usr/bin/python3"  # readable by every user, unlike a root-only interpreter
+AS_USER = str(Path(__file__).resolve().parent / "as_user.py")
+# a script run as uid 65534: imports while root (the interpreter may be in a root-only home), then drops
+DROP_TO = ("import json, os, socket, sys, time, cprd.client, cprd.errors, cprd.protocol.control; os.setgroups([]); "
+         "os.setgid({gid}); os.setuid({uid}); exec(sys.stdin.read())")
+
+
+class Shared:
+    """A root daemon in a directory other users may pass through (0711), allowing nobody."""
+
+    def __init__(self, cluster, *daemon_args: str) -> None:
+        self.cluster = cluster
+        self.dir = tempfile.mkdtemp(prefix="cprd-tenants-", dir="/tmp")
+        os.chmod(self.dir, 0o711)
+        self.control = os.path.join(self.dir, "control.sock")
+        self.proc = cluster.spawn("source", "--control", self.control, "--populate", "eventfds=3",
+                                  "--allow-uid", "nobody", *daemon_args)
+        wait_for_socket(self.control, self.proc)
+        wait_for_socket(self.lane(NOBODY), self.proc)
+        cluster.keep(self)
+
+    def lane(self, uid: int) -> str:
+        return f"{self.control}.{uid}"
+
+    def client(self, **kw) -> Client:
+        return Client(self.control, timeout=30, **kw)
+
+    def ctl(self, uid: int | None, *args: str) -> subprocess.CompletedProcess:
+        """`cprd ctl ARGS` (or `cprd ARGS` when args start with "run") as nobody, or root (None)."""
+        cmd = list(args) if args[0] == "run" else ["ctl", *args]
+        argv = [sys.executable, AS_USER, "nobody", *cmd] if uid == NOBODY else [sys.executable, "-m", "cprd", *cmd]
+        return subprocess.run(argv, env={**os.environ, "CPRD_CONTROL": self.control}, capture_output=True, text=True,
+                              timeout=120)
+
+    def as_nobody(self, script: str, *args: str) -> dict:
+        """Run a Python script as nobody (with cprd importable); its last line of output is JSON."""
+        r = subprocess.run([sys.executable, "-c", DROP_TO.format(uid=NOBODY, gid=NOBODY), self.control, *args],
+                           input=textwrap.dedent(script), capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)

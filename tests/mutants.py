@@ -236,6 +236,11 @@ MUTANTS = [
     Mutant("journal-answers-not-taken-over", "a change journaled but not answered is applied once",
            "cprd/daemon/main.py", "    st.replies.take_from(took.answers)\n", "",
            ("tests/system/test_standin.py::test_a_stand_in_killed_between_journaling_a_change_and_answering_it",)),
+    Mutant("guardian-restores-at-low-priority", "the guardian restores at the daemon's priority, not the +10 the "
+           "old program took for the new one's start", "cprd/guardian.py",
+           "                    os.setpriority(os.PRIO_PROCESS, 0, int(state.nice))\n",
+           "                    pass\n",
+           ("tests/system/test_standin.py::test_a_guardian_killed_during_the_upgrade_leaves_one_owner_with_every_entry",)),
     Mutant("guardian-restores-without-the-journal", "the guardian restores every acknowledged change",
            "cprd/daemon/takeover.py",
            "            journal.strict = False\n            journal.read()\n", "            journal.strict = False\n",

@@ -234,6 +234,9 @@ def test_a_guardian_killed_during_the_upgrade_leaves_one_owner_with_every_entry(
                                    _program(tmp_path, f"CPRD_FAULT={fault}")], text=True, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, env={**os.environ, "CPRD_CONTROL": cluster.control})
             guardian = child_named(src.pid, "cprd-guardian")
+            # the daemon's priority, not the +10 the old program took for the new one's start: a restore
+            # at +10 beside busy processes outlasted a client's retry budget
+            assert guardian.nice() == os.getpriority(os.PRIO_PROCESS, 0), "the guardian runs at the daemon's priority"
             guardian.kill()
             deadline = time.monotonic() + 10
             while psutil.pid_exists(guardian.pid) and guardian.status() != psutil.STATUS_ZOMBIE:

@@ -14,9 +14,9 @@ import sys
 import tempfile
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
+from helpers import DROP_TO, NOBODY, OTHER, SYSTEM_PYTHON, Shared, num_fds, settled_fds
 
 from cprd.client import Client
 from cprd.errors import CapacityError, ControlError, Denied, UsageError
@@ -25,55 +25,8 @@ from cprd.kinds import Kind
 from cprd.tools.bench_tenants import CONNECT_FLOOD
 from cprd.tools.procs import wait_for_socket
 from cprd.tools.proof import same_open_file
-from helpers import num_fds, settled_fds
 
 pytestmark = pytest.mark.requires("root")
-
-NOBODY, OTHER = 65534, 65533  # an allowed uid, and one that is not
-SYSTEM_PYTHON = "/usr/bin/python3"  # readable by every user, unlike a root-only interpreter
-AS_USER = str(Path(__file__).resolve().parents[1] / "as_user.py")
-# a script run as uid 65534: imports while root (the interpreter may be in a root-only home), then drops
-_DROP = ("import json, os, socket, sys, time, cprd.client, cprd.errors, cprd.protocol.control; os.setgroups([]); "
-         "os.setgid({gid}); os.setuid({uid}); exec(sys.stdin.read())")
-
-
-class Shared:
-    """A root daemon in a directory other users may pass through (0711), allowing nobody."""
-
-    def __init__(self, cluster, *daemon_args: str) -> None:
-        self.cluster = cluster
-        self.dir = tempfile.mkdtemp(prefix="cprd-tenants-", dir="/tmp")
-        os.chmod(self.dir, 0o711)
-        self.control = os.path.join(self.dir, "control.sock")
-        self.proc = cluster.spawn("source", "--control", self.control, "--populate", "eventfds=3",
-                                  "--allow-uid", "nobody", *daemon_args)
-        wait_for_socket(self.control, self.proc)
-        wait_for_socket(self.lane(NOBODY), self.proc)
-        cluster.keep(self)
-
-    def lane(self, uid: int) -> str:
-        return f"{self.control}.{uid}"
-
-    def client(self, **kw) -> Client:
-        return Client(self.control, timeout=30, **kw)
-
-    def ctl(self, uid: int | None, *args: str) -> subprocess.CompletedProcess:
-        """`cprd ctl ARGS` (or `cprd ARGS` when args start with "run") as nobody, or root (None)."""
-        cmd = list(args) if args[0] == "run" else ["ctl", *args]
-        argv = [sys.executable, AS_USER, "nobody", *cmd] if uid == NOBODY else [sys.executable, "-m", "cprd", *cmd]
-        return subprocess.run(argv, env={**os.environ, "CPRD_CONTROL": self.control}, capture_output=True, text=True,
-                              timeout=120)
-
-    def as_nobody(self, script: str, *args: str) -> dict:
-        """Run a Python script as nobody (with cprd importable); its last line of output is JSON."""
-        r = subprocess.run([sys.executable, "-c", _DROP.format(uid=NOBODY, gid=NOBODY), self.control, *args],
-                           input=textwrap.dedent(script), capture_output=True, text=True, timeout=180)
-        assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout.strip().splitlines()[-1])
-
-    def close(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-
 
 @pytest.fixture
 def shared(cluster):
@@ -489,8 +442,9 @@ def test_a_forged_owners_log_or_lane_from_an_older_table_is_not_believed(cluster
     """Found by a review: a cprd older than owners let an allowed uid put names starting with cprd/;
     a table of it handed to this version must not have a log it forged believed (which would make
     it the owner of root's entries) nor a socket it made served as a lane."""
-    from cprd.kinds import classify
     from helpers import RELEASES, install, release_spawn
+
+    from cprd.kinds import classify
 
     version, commit = RELEASES[0]
     python = install(version, commit)
@@ -519,7 +473,7 @@ def test_a_forged_owners_log_or_lane_from_an_older_table_is_not_believed(cluster
     with Client(control) as c:
         assert c.status()["pid"] == tgt.pid
         assert {e["name"]: e["owner"] for e in c.ls()}["eventfd"] == 0
-    out = subprocess.run([sys.executable, "-c", _DROP.format(uid=NOBODY, gid=NOBODY), control],
+    out = subprocess.run([sys.executable, "-c", DROP_TO.format(uid=NOBODY, gid=NOBODY), control],
                          input=textwrap.dedent("""
                              c = cprd.client.Client(sys.argv[1])
                              try:
