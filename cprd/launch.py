@@ -121,7 +121,7 @@ def plan(g: Gathered, cmd: list[str], dialect: str, listens: list[Listen], base_
     if g.fds:
         env.update(LISTEN_FDS=str(len(g.fds)), LISTEN_FDNAMES=":".join(g.names))
     if dialect == "nginx":
-        socks = [3 + g.names.index(li.name) for li in listens] or [
+        socks = sorted(3 + g.names.index(li.name) for li in listens) or [
             3 + i for i, fd in enumerate(g.fds) if _is_listener(fd)]
         env["NGINX"] = "".join(f"{n};" for n in socks)
     return Plan(moves, env, _substitute(cmd, at), bool(g.fds))

@@ -12,15 +12,16 @@ connection that arrives while nobody accepts waits in the backlog instead of bei
   both share the listeners. Once the new one is **ready** (READY=1 from it or a process it forked,
   on the app's notify socket; or a delay; or a check command that exits 0), the old one gets its
   stop signal and, after the drain time, SIGKILL with its whole process group. A new generation
-  that exits or is not ready in time is killed the same way and the old one keeps serving: rolled
-  back, with the reason.
+  that exits or is not ready in time is stopped the same way (it may have accepted connections
+  from the shared queue: its stop signal lets it answer them) and the old one keeps serving:
+  rolled back, with the reason.
 * A generation that **dies by itself** is started again, after a backoff that doubles from 0.1 s to
   10 s (back to 0.1 s once one ran for a minute).
 * **Liveness of this supervisor** is its heartbeat to the daemon (every 0.1 s; 0.02 s while a
   generation's READY=1 is awaited): the daemon hands it the restarts asked and the READY=1 senders,
   and keeps its report (the generations) for `ctl status` and `ctl fdstore`. A second `cprd serve`
-  of the same app is refused while the first is heard from. One that finds the first gone (no
-  heartbeat for 3 s: killed, or stopped) takes over: it starts its own generation and, once that
+  of the same app is refused while the first is heard from and its process lives. One that finds
+  the first gone (its process, or no heartbeat for 3 s: stopped) takes over: it starts its own generation and, once that
   is ready, retires the first one's generations (each checked by pid and start time). The first,
   if it wakes up, finds itself replaced and exits, leaving its generations to the second.
 * SIGTERM or SIGINT stops the generations (stop signal, drain, SIGKILL) and exits; the listeners
@@ -50,6 +51,7 @@ import trio
 from . import launch, proc
 from .client import AsyncClient, Client
 from .errors import Busy, CprdError, UsageError
+from .fdstore import SUPERVISOR_STALE_S
 from .listeners import Listen
 
 log = logging.getLogger("cprd.serve")
@@ -149,7 +151,7 @@ class Supervisor:
     async def run(self) -> int:
         await self.client.request("fdstore", app=self.o.app, action="socket",
                                   max=-1 if self.o.fdstore_max is None else self.o.fdstore_max)  # made if missing
-        await self.heartbeat()  # refused at once if another supervisor serves the app
+        await self._first_heartbeat()
         async with trio.open_nursery() as n:
             self.nursery = n
             if self._previous:
@@ -167,6 +169,21 @@ class Supervisor:
             log.error("event=superseded app=%s reason=%r", self.o.app, self.superseded)
             return 1
         return 0
+
+    async def _first_heartbeat(self) -> None:
+        """Refused at once while another supervisor of the app runs; one whose process is gone (killed
+        just now) stops being heard from within SUPERVISOR_STALE_S: wait for that."""
+        deadline = trio.current_time() + SUPERVISOR_STALE_S + 2
+        while True:
+            try:
+                await self.heartbeat()
+                return
+            except Busy:
+                st = await self.client.status()
+                other = (st.get("fdstore", {}).get(self.o.app, {}).get("serve") or {}).get("pid")
+                if proc.alive(other) or trio.current_time() > deadline:
+                    raise
+                await trio.sleep(0.1)
 
     async def _manage(self) -> None:
         await self._start_until_ready(why="start")
@@ -242,7 +259,9 @@ class Supervisor:
             g.ready, g.state = True, "ready"
             self._healthy_watch(g)
             return g, ""
-        await self.retire(g, kill=True)
+        # It shares the listeners: it may have accepted connections already. Its stop signal first, so
+        # that it answers them, then SIGKILL after the drain time; the old generation serves meanwhile.
+        self.nursery.start_soon(self.retire, g)
         return None, reason
 
     def _healthy_watch(self, g: Gen) -> None:
