@@ -87,6 +87,14 @@ def add_parser(b: argparse.ArgumentParser) -> None:
     s.add_argument("--senders", type=int, default=4, help="concurrent senders (default 4)")
     s.add_argument("--reps", type=int, default=3, help="repetitions (median reported)")
     s.add_argument("--json", action="store_true")
+    rs = sub.add_parser("restart", help="cprd serve: ctl restart until the new generation serves and the old one "
+                                        "is gone, what clients saw meanwhile; cprd run's start cost beside "
+                                        "systemd-socket-activate")
+    rs.add_argument("--restarts", type=int, default=10, help="restarts, one after the other (default 10)")
+    rs.add_argument("--clients", type=int, default=4, help="client threads, a new connection per request (default 4)")
+    rs.add_argument("--steady", type=float, default=3.0, help="seconds of load before the restarts (default 3)")
+    rs.add_argument("--reps", type=int, default=5, help="starts measured of each program starter (default 5)")
+    rs.add_argument("--json", action="store_true")
     m = sub.add_parser("memory", help="bytes per entry of an FdTable of N real fds (tracemalloc and RSS)")
     m.add_argument("--sizes", default="540,2870,7530,19000", help="comma-separated table sizes (fds)")
     m.add_argument("--json", action="store_true")
@@ -135,6 +143,13 @@ def main(a: argparse.Namespace) -> int:
         if a.seconds <= 0 or a.closes < 1 or a.linger < 1:
             raise UsageError("--seconds must be above 0, --closes and --linger at least 1")
         _emit(bench_close(a.seconds, a.closes, a.linger), a.json, print_close)
+        return 0
+    if a.bench == "restart":
+        from .bench_restart import bench_restart, print_restart
+
+        if a.restarts < 1 or a.clients < 1 or a.steady <= 0:
+            raise UsageError("--restarts and --clients must be at least 1, --steady above 0")
+        _emit(bench_restart(a.restarts, a.clients, a.steady, a.reps), a.json, print_restart)
         return 0
     if a.bench == "tenants":
         from .bench_tenants import bench_tenants, print_tenants

@@ -15,66 +15,11 @@ import time
 
 import psutil
 import pytest
-
 from helpers import NOBODY, Shared
 
-SERVER = r"""
-import os, signal, socket, sys, threading, time
-mode = open(sys.argv[2]).read().strip() if len(sys.argv) > 2 and os.path.exists(sys.argv[2]) else ""
-if mode == "exit":
-    sys.exit(3)
-ls = socket.socket(fileno=int(sys.argv[1]))
-def handle(c):
-    with c:
-        c.settimeout(10)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            got = c.recv(4096)
-            if not got:
-                return
-            data += got
-        body = f"{os.getpid()}\n".encode()
-        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
-stopping = threading.Event()
-signal.signal(signal.SIGTERM, lambda *a: stopping.set())
-if mode != "never-ready" and os.environ.get("NOTIFY_SOCKET"):
-    u = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    u.sendto(b"READY=1", os.environ["NOTIFY_SOCKET"])
-ls.settimeout(0.05)
-busy = []
-while not stopping.is_set():
-    try:
-        c, _ = ls.accept()
-    except TimeoutError:
-        continue
-    busy.append(threading.Thread(target=handle, args=(c,), daemon=True))
-    busy[-1].start()
-for t in busy:  # a graceful stop: what was accepted is answered
-    t.join(10)
-"""
-
-
-class ConnectFailed(Exception):
-    pass
-
-
-def _get(port: int, timeout: float = 30.0) -> int:
-    """One request on a new connection; the pid that answered."""
-    try:
-        s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    except OSError as e:
-        raise ConnectFailed(f"at connect: {e}") from None
-    with s:
-        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        data = b""
-        while True:
-            got = s.recv(4096)
-            if not got:
-                break
-            data += got
-    head, _, body = data.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200"), data
-    return int(body)
+from cprd import proc
+from cprd.tools.bench_restart import SERVER, ConnectFailed
+from cprd.tools.bench_restart import get as _get
 
 
 class Clients:
@@ -273,7 +218,7 @@ def test_restarts_start_a_ready_generation_before_the_old_one_stops_and_refuse_n
                 res = json.loads(r.stdout)
                 assert res["ok"] and res["retired"]["pid"] == seen[-1] and res["pid"] not in seen, res
                 seen.append(res["pid"])
-                app.wait(lambda: not psutil.pid_exists(seen[-2]) or psutil.Process(seen[-2]).status() == "zombie")
+                app.wait(lambda: not proc.alive(seen[-2]))
             app.proc.send_signal(signal.SIGHUP)  # a reload the usual way
             app.wait(lambda: [g for g in app.ready_gens() if g["pid"] not in seen])
             seen.append(app.ready_gens()[-1]["pid"])
@@ -288,7 +233,7 @@ def test_restarts_start_a_ready_generation_before_the_old_one_stops_and_refuse_n
         app.stop()
         assert not _children_of_serve(app.proc.pid)
         for pid in seen:
-            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+            assert not proc.alive(pid)
         # the listener stays in cprd: a connection still waits in its backlog
         socket.create_connection(("127.0.0.1", app.port), timeout=5).close()
     finally:
@@ -355,7 +300,7 @@ def test_a_killed_serve_leaves_the_server_serving_and_the_next_serve_takes_it_ov
             assert _get(app.port) == orphan, "the generation serves on without its supervisor"
             app.proc = app.start()
             app.wait(lambda: [g for g in app.ready_gens() if g["pid"] != orphan])
-            app.wait(lambda: not psutil.pid_exists(orphan) or psutil.Process(orphan).status() == "zombie")
+            app.wait(lambda: not proc.alive(orphan))
         assert not clients.failed, clients.failed[:5]
         logs = "".join(p.read_text() for p in cluster.dir.glob("serve-*.log"))
         assert f"event=generation_adopted app=web gen=1 pid={orphan}" in logs
