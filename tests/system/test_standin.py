@@ -67,7 +67,9 @@ CASES = {
     # guardian restores) or sees it dead first (it keeps the table); either way one owner
     "new-program-killed-after-taken": ("", "upgrade:taken", "standin|guardian"),
     "new-program-killed-after-released": ("", "upgrade:released", "guardian"),
-    "both-killed": ("standin:takeover", "upgrade:asked", "guardian"),
+    # the stand-in may meet the new program's death first (its journal of a churned put breaks): it
+    # fences the others and keeps the table before its own fault can fire; else both die: the guardian
+    "both-killed": ("standin:takeover", "upgrade:asked", "standin|guardian"),
 }
 
 
@@ -89,8 +91,9 @@ def test_a_failure_at_each_step_leaves_one_owner_with_every_acknowledged_entry(c
         res = json.loads(r.stdout)
         serving = res["pid"]
         logs = cluster.logs()
+        kept = "the stand-in (pid" in (res.get("reason") or "") and case == "both-killed"
         for fault in (standin_fault, new_fault):
-            if fault:
+            if fault and not (kept and fault == standin_fault):
                 side, step = fault.split(":")
                 assert f"event=fault_fired side={side} step={step}" in logs, logs
         if owner == "daemon":  # the new program took over from the journal alone
