@@ -588,14 +588,17 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("--listen", action="append", default=[], metavar="NAME=SPEC",
                        help="a listener kept in the store under NAME, made (with your rights) if missing: "
                             "tcp:HOST:PORT, tcp:[V6]:PORT, udp:HOST:PORT or unix:/PATH, then options "
-                            "backlog=N, reuseport, v6only=0|1, mode=0660, owner=U, group=G; repeatable")
+                            "backlog=N, reuseport, v6only=0|1, nodelay (tcp), mode=0660, owner=U, group=G; "
+                            "repeatable")
         r.add_argument("--replace-listeners", action="store_true",
                        help="a stored listener that does not match its --listen is replaced by a new one "
                             "(default: an error)")
-        r.add_argument("--dialect", default="systemd", choices=("systemd", "nginx", "stdin"),
+        r.add_argument("--dialect", default="systemd", choices=("systemd", "nginx", "stdin", "fds"),
                        help="how the program is told of its fds: systemd's LISTEN_FDS (default), nginx's "
-                            "NGINX=\"3;4;\" (and LISTEN_FDS), or the one listener as fd 0 (inetd's wait style). "
-                            "In every dialect {fd:NAME} in the command becomes the fd number of NAME")
+                            "NGINX=\"3;4;\" (and LISTEN_FDS), the one listener as fd 0 (inetd's wait style), or "
+                            "only by {fd:NAME} in its command (fds: no LISTEN_FDS, for a program that would take "
+                            "them too, as gunicorn --bind fd://{fd:http} does). In every dialect {fd:NAME} in the "
+                            "command becomes the fd number of NAME")
         r.add_argument("--fdstore-max", type=int, metavar="N",
                        help="the most fds the app may store (default 1024, or what it was set to before)")
         control_opt(r)

@@ -13,9 +13,12 @@ number and which variables to set:
 | systemd (default) | every stored fd at 3, 4, ... | LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID |
 | nginx | the same | the same, and NGINX="3;4;" naming the listeners |
 | stdin | the one listener at fd 0 (inetd's "wait" style) | none of the LISTEN_* |
+| fds | every stored fd at 3, 4, ... | none of the LISTEN_*: the command names them ({fd:NAME}) |
 
 In every dialect `{fd:NAME}` in the command's arguments becomes the number of the fd named NAME
-(gunicorn's `--bind fd://{fd:http}`, uvicorn's `--fd {fd:http}`), NOTIFY_SOCKET is the app's notify
+(uvicorn's `--fd {fd:http}`, which ignores LISTEN_FDS; gunicorn's `--bind fd://{fd:http}` needs the fds
+dialect: told of fd 3 by LISTEN_FDS too, gunicorn adopts it twice and fails with EBADF; in the systemd
+dialect gunicorn needs no --bind at all), NOTIFY_SOCKET is the app's notify
 socket and FDSTORE its limit. LISTEN_PID must be the program's own pid: `cprd run` execs in place
 (its pid is the program's); `cprd serve` spawns through `/bin/sh -c 'LISTEN_PID=$$ exec "$@"'`.
 
@@ -34,7 +37,7 @@ from . import listeners
 from .errors import UsageError
 from .listeners import Listen
 
-DIALECTS = ("systemd", "nginx", "stdin")
+DIALECTS = ("systemd", "nginx", "stdin", "fds")
 _SUBST = re.compile(r"\{fd:([^{}]*)\}")
 
 
@@ -118,13 +121,13 @@ def plan(g: Gathered, cmd: list[str], dialect: str, listens: list[Listen], base_
     at = {}
     for i, n in enumerate(g.names):
         at[n] = -1 if n in at else 3 + i  # -1: the name is not unique
-    if g.fds:
+    if g.fds and dialect != "fds":
         env.update(LISTEN_FDS=str(len(g.fds)), LISTEN_FDNAMES=":".join(g.names))
     if dialect == "nginx":
         socks = sorted(3 + g.names.index(li.name) for li in listens) or [
             3 + i for i, fd in enumerate(g.fds) if _is_listener(fd)]
         env["NGINX"] = "".join(f"{n};" for n in socks)
-    return Plan(moves, env, _substitute(cmd, at), bool(g.fds))
+    return Plan(moves, env, _substitute(cmd, at), bool(g.fds) and dialect != "fds")
 
 
 def _is_listener(fd: int) -> bool:

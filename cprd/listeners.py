@@ -15,11 +15,14 @@ directory it cannot write cannot get cprd to do it either. Then it is stored the
 
 SPEC: ``tcp:HOST:PORT``, ``tcp:[V6]:PORT``, ``udp:HOST:PORT``, ``unix:/PATH``, followed by
 comma-separated options: ``backlog=N`` (default: as large as the system allows, its somaxconn),
-``reuseport``, ``v6only=0|1``, and for unix sockets ``mode=0660``, ``owner=USER``, ``group=GROUP``.
+``reuseport``, ``v6only=0|1``, for tcp ``nodelay`` (TCP_NODELAY on the listener, which the connections
+it accepts inherit: systemd's NoDelay=; for a server that never sets it itself, as uvicorn --fd), and for
+unix sockets ``mode=0660``, ``owner=USER``, ``group=GROUP``.
 
 A listener found in the store is checked against its SPEC (family, type, listening, address);
-a changed SPEC is an error unless the caller asks to replace it. `backlog` is applied again on
-every start (listen(2) on a listening socket changes it).
+a changed SPEC is an error unless the caller asks to replace it. `backlog` and `nodelay` are applied
+again on every start (listen(2) on a listening socket changes its backlog; a socket option can be set
+at any time), so adding them to a kept listener needs no new socket.
 
 What this module may know: sockets, users and groups, files. No trio, no control protocol.
 """
@@ -55,6 +58,7 @@ class Listen:
     backlog: int | None = None
     reuseport: bool = False
     v6only: bool | None = None
+    nodelay: bool = False
     mode: int | None = None
     owner: str | None = None
     group: str | None = None
@@ -110,12 +114,15 @@ def parse(text: str) -> Listen:
             kw["reuseport"] = value != "0"
         elif key == "v6only" and value in ("0", "1") and kind != "unix":
             kw["v6only"] = value == "1"
+        elif key == "nodelay" and value in ("", "1", "0") and kind == "tcp":
+            kw["nodelay"] = value != "0"
         elif key == "mode" and kind == "unix" and re.fullmatch(r"0?[0-7]{3}", value):
             kw["mode"] = int(value, 8)
         elif key in ("owner", "group") and kind == "unix" and value:
             kw[key] = value
         else:
             raise UsageError(f"--listen {text!r}: option {opt!r} is not one of backlog=N, reuseport, v6only=0|1"
+                             + (", nodelay" if kind == "tcp" else "")
                              + (", mode=0NNN, owner=USER, group=GROUP" if kind == "unix" else ""))
     if kind == "udp" and "backlog" in kw:
         raise UsageError(f"--listen {text!r}: a udp socket has no backlog")
@@ -149,6 +156,8 @@ def make(li: Listen) -> socket.socket:
             raise UsageError(f"listener {li.name}: cannot bind {li.spec}: {_why(e, li)}") from None
         if li.kind == "unix":
             _set_file(li)
+        if li.nodelay:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if li.kind != "udp":
             s.listen(li.backlog or max_backlog())
         return s
@@ -273,10 +282,13 @@ def mismatch(fd: int, li: Listen) -> str | None:
 
 
 def relisten(fd: int, li: Listen) -> None:
-    """Apply the spec's backlog again (listen(2) on a listening socket only changes its backlog)."""
+    """Apply the spec's backlog again (listen(2) on a listening socket only changes its backlog), and
+    its nodelay (never cleared: a kept listener without it in the spec keeps what it has)."""
     if li.kind != "udp":
         s = socket.socket(fileno=fd)
         try:
+            if li.nodelay:
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             s.listen(li.backlog or max_backlog())
         finally:
             s.detach()

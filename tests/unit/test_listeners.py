@@ -188,3 +188,16 @@ def test_readiness_modes_parse_and_a_bad_one_says_what_is_allowed():
     for bad in ("notify:1", "delay:x", "delay:-1", "delay:nan", "check:", "soon"):
         with pytest.raises(UsageError, match="notify .*delay:SECONDS.*check:COMMAND"):
             parse_ready(bad)
+
+
+def test_nodelay_is_set_on_the_listener_and_applied_again_on_every_start():
+    li = listeners.parse("http=tcp:127.0.0.1:0,nodelay")
+    plain = listeners.make(listeners.parse("http=tcp:127.0.0.1:0"))
+    try:
+        assert not plain.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        listeners.relisten(plain.fileno(), li)  # a stored socket gets it at the next start, no new socket
+        assert plain.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        plain.close()
+    with pytest.raises(UsageError):
+        listeners.parse("s=unix:/tmp/x.sock,nodelay")
