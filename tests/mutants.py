@@ -242,6 +242,10 @@ MUTANTS = [
     Mutant("nginx-told-of-no-listener", "each dialect hands the listener as its server expects", "cprd/launch.py",
            '        env["NGINX"] = "".join(f"{n};" for n in socks)\n', "",
            ("tests/system/test_serve.py::test_each_dialect_hands_the_listener_as_the_server_expects",)),
+    Mutant("fds-dialect-tells-twice", "each dialect hands the listener as its server expects (fds: LISTEN_FDS "
+           "unset, or gunicorn --bind fd:// takes fd 3 twice)", "cprd/launch.py",
+           '    if g.fds and dialect != "fds":\n', "    if g.fds:\n",
+           ("tests/unit/test_listeners.py::test_each_dialect_hands_the_fds_and_variables_it_promises",)),
     Mutant("ready-without-ready", "a new generation that never says READY=1 is not taken as ready", "cprd/serve.py",
            "                await g.ready_event.wait()\n", "                pass\n",
            ("tests/system/test_serve.py::test_a_new_generation_that_fails_is_killed_and_the_old_one_keeps_serving",)),

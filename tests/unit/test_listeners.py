@@ -136,6 +136,9 @@ def test_each_dialect_hands_the_fds_and_variables_it_promises():
         assert n.env["NGINX"] == "4;5;" and n.env["LISTEN_FDS"] == "3"
         n = launch.plan(g, ["nginx"], "nginx", [], base)  # no --listen: every listening socket stored
         assert n.env["NGINX"] == "4;5;"
+        f = launch.plan(g, ["gunicorn", "--bind", "fd://{fd:l1}"], "fds", ls, base)
+        assert f.cmd[-1] == "fd://4" and [n for _, n in f.moves] == [3, 4, 5] and not f.needs_pid
+        assert not {"LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID"} & set(f.env), "told once, by its command"
         with pytest.raises(UsageError, match="exactly one"):
             launch.plan(g, ["inetd-prog"], "stdin", ls, base)
         s = launch.plan(g, ["inetd-prog", "{fd:l1}"], "stdin", ls[:1], base)
