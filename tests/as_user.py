@@ -7,8 +7,10 @@ import array  # noqa: F401
 import ctypes  # noqa: F401
 import grp  # noqa: F401
 import hashlib  # noqa: F401
+import importlib
 import json  # noqa: F401
 import os
+import pkgutil
 import pwd
 import resource  # noqa: F401
 import select  # noqa: F401
@@ -19,13 +21,16 @@ import sys
 import psutil  # noqa: F401
 import trio  # noqa: F401
 
-import cprd.tools.bench  # noqa: F401
+import cprd
 import cprd.cli
-import cprd.client  # noqa: F401
-import cprd.daemon  # noqa: F401
-import cprd.handoff  # noqa: F401
-import cprd.kinds  # noqa: F401
-import cprd.paths  # noqa: F401
+
+# Every module of cprd, so that a command importing one lazily finds it (the checkout may be unreadable too).
+for module in pkgutil.walk_packages(cprd.__path__, "cprd."):
+    if module.name != "cprd.__main__":
+        try:
+            importlib.import_module(module.name)
+        except ImportError:  # the optional C module, absent on the pure-Python path
+            pass
 
 user, argv = sys.argv[1], sys.argv[2:]
 pw = pwd.getpwnam(user)
