@@ -63,6 +63,8 @@ def gather(c, app: str, listens: list[Listen], replace: bool, fdstore_max: int |
         stale: list[str] = []
         for li in listens:
             at = [i for i, n in enumerate(g.names) if n == li.name]
+            if len(at) == 1:
+                listeners.restore(li)  # its path, if the last program removed it
             why = listeners.mismatch(g.fds[at[0]], li) if len(at) == 1 else (
                 f"{len(at)} fds are stored under that name" if at else None)
             if at and why is None:

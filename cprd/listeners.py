@@ -19,6 +19,14 @@ comma-separated options: ``backlog=N`` (default: as large as the system allows, 
 it accepts inherit: systemd's NoDelay=; for a server that never sets it itself, as uvicorn --fd), and for
 unix sockets ``mode=0660``, ``owner=USER``, ``group=GROUP``.
 
+A unix listener's file gets a second name beside it, `.NAME.cprd` for `NAME` (a hard link, made with
+the same rights right after bind). Servers that did not make the socket remove its path anyway when
+they stop (nginx after its parent changed, gunicorn given `--bind fd://N`): without the path nobody can
+connect, though the socket still listens in cprd. `restore` makes the path again from the second name
+(`cprd run` before it starts the program; `cprd serve` as soon as the path goes, watching the
+directory with inotify). The second name is trusted only when it is a socket file owned by whoever
+owns the listener's file: whoever may replace it in that directory may replace the path itself too.
+
 A listener found in the store is checked against its SPEC (family, type, listening, address);
 a changed SPEC is an error unless the caller asks to replace it. `backlog` and `nodelay` are applied
 again on every start (listen(2) on a listening socket changes its backlog; a socket option can be set
@@ -29,9 +37,11 @@ What this module may know: sockets, users and groups, files. No trio, no control
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import grp
 import ipaddress
+import logging
 import os
 import pwd
 import re
@@ -43,6 +53,8 @@ from dataclasses import dataclass
 from .errors import UsageError
 from .fdstore import fdname_is_valid
 from .paths import max_backlog
+
+log = logging.getLogger("cprd.listeners")
 
 KINDS = {"tcp": socket.SOCK_STREAM, "udp": socket.SOCK_DGRAM, "unix": socket.SOCK_STREAM}
 _NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
@@ -156,6 +168,7 @@ def make(li: Listen) -> socket.socket:
             raise UsageError(f"listener {li.name}: cannot bind {li.spec}: {_why(e, li)}") from None
         if li.kind == "unix":
             _set_file(li)
+            _keep(li)
         if li.nodelay:
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if li.kind != "udp":
@@ -226,6 +239,81 @@ def _set_file(li: Listen) -> None:
             pass
         raise UsageError(f"listener {li.name}: cannot set the owner or mode of {li.path}: {e.strerror} "
                          "(only root may give a file to another user; a group must be one of yours)") from None
+
+
+def kept_path(li: Listen) -> str:
+    """The second name of a unix listener's file, from which its path is made again."""
+    head, tail = os.path.split(li.path)
+    return os.path.join(head, f".{tail}.cprd")
+
+
+def _keep(li: Listen) -> None:
+    keep = kept_path(li)
+    try:
+        if stat.S_ISSOCK(os.lstat(keep).st_mode):
+            os.unlink(keep)  # left by an earlier listener at this path (its socket is gone: bind succeeded)
+    except OSError:
+        pass
+    try:
+        os.link(li.path, keep)
+    except OSError as e:
+        log.warning("event=listener_not_kept name=%s path=%s error=%r: if a server removes the path, nobody can "
+                    "connect until the listener is made again", li.name, keep, e.strerror)
+
+
+def restore(li: Listen) -> bool:
+    """Make a unix listener's path again from its second name if a server removed it. True if made."""
+    if li.kind != "unix":
+        return False
+    try:
+        os.lstat(li.path)
+        return False  # there (whatever it is: mismatch says if it is not ours)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    try:
+        st = os.lstat(kept_path(li))
+        owner = os.geteuid() if li.owner is None else _uid(li.owner)
+    except (OSError, UsageError):
+        return False
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != owner:
+        return False
+    try:
+        os.link(kept_path(li), li.path)  # link(2) never follows the old name if it is a symlink
+    except OSError:
+        return False  # made by someone meanwhile, or we may not: mismatch reports it
+    log.warning("event=listener_path_restored name=%s path=%s: a server removed it", li.name, li.path)
+    return True
+
+
+class PathWatch:
+    """inotify on the directories of unix listeners: readable when a name in one of them goes."""
+
+    _IN_DELETE, _IN_MOVED_FROM = 0x200, 0x40
+
+    def __init__(self, lis: list[Listen]) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+        try:
+            for d in sorted({os.path.dirname(li.path) for li in lis if li.kind == "unix"}):
+                if libc.inotify_add_watch(self.fd, os.fsencode(d), self._IN_DELETE | self._IN_MOVED_FROM) < 0:
+                    raise OSError(ctypes.get_errno(), f"inotify_add_watch {d}")
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def drain(self) -> None:
+        try:
+            while os.read(self.fd, 65536):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 def _uid(name: str) -> int:

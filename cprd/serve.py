@@ -24,6 +24,7 @@ connection that arrives while nobody accepts waits in the backlog instead of bei
   the first gone (its process, or no heartbeat for 3 s: stopped) takes over: it starts its own generation and, once that
   is ready, retires the first one's generations (each checked by pid and start time). The first,
   if it wakes up, finds itself replaced and exits, leaving its generations to the second.
+* A unix listener's path that a generation removes as it stops is made again at once (listeners.py).
 * SIGTERM or SIGINT stops the generations (stop signal, drain, SIGKILL) and exits; the listeners
   stay in cprd for the next `cprd serve`.
 
@@ -48,7 +49,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from . import launch, proc
+from . import launch, listeners, proc
 from .client import AsyncClient, Client
 from .errors import Busy, CprdError, UsageError
 from .fdstore import SUPERVISOR_STALE_S
@@ -158,10 +159,13 @@ class Supervisor:
                 self.adopt(self._previous)
             n.start_soon(self._heartbeats)
             n.start_soon(self._signals)
+            n.start_soon(self._keep_paths)
             try:
                 await self._manage()
             finally:
                 n.cancel_scope.cancel()
+        for li in self.o.listens:  # the last generation may have removed a path as it stopped
+            listeners.restore(li)
         with trio.move_on_after(2.0):
             await self.heartbeat(final=True)
         self.client.close()
@@ -398,6 +402,30 @@ class Supervisor:
             with trio.move_on_after(KILL_WAIT_S):
                 await g.exited.wait()
         await self.report()
+
+    async def _keep_paths(self) -> None:
+        """A unix listener's path that a generation removed (nginx and gunicorn do as they stop) is made
+        again at once (listeners.restore): inotify on its directory, and a look every second besides."""
+        unix = [li for li in self.o.listens if li.kind == "unix"]
+        if not unix:
+            return
+        try:
+            watch: listeners.PathWatch | None = listeners.PathWatch(unix)
+        except OSError as e:
+            log.warning("event=inotify_unavailable app=%s error=%r: unix paths are looked at every %g s",
+                        self.o.app, str(e), FAST_S * 5)
+            watch = None
+        try:
+            while True:
+                with trio.move_on_after(1.0 if watch else FAST_S * 5):
+                    if watch:
+                        await trio.lowlevel.wait_readable(watch.fd)
+                        watch.drain()
+                for li in unix:
+                    listeners.restore(li)
+        finally:
+            if watch:
+                watch.close()
 
     # -- adopting what a previous supervisor left ----------------------------------------------------
     def adopt(self, previous: dict) -> None:

@@ -246,6 +246,15 @@ MUTANTS = [
            "unset, or gunicorn --bind fd:// takes fd 3 twice)", "cprd/launch.py",
            '    if g.fds and dialect != "fds":\n', "    if g.fds:\n",
            ("tests/unit/test_listeners.py::test_each_dialect_hands_the_fds_and_variables_it_promises",)),
+    Mutant("unix-path-left-removed", "a unix listener's path that a stopping server removed is made again",
+           "cprd/serve.py", "                for li in unix:\n                    listeners.restore(li)\n",
+           "                pass\n",
+           ("tests/system/test_servers.py::test_a_unix_listener_keeps_its_path_when_a_stopping_server_removes_it",)),
+    Mutant("unix-path-from-anyones-file", "a unix listener's path is made again only from a socket file of the "
+           "listener's owner", "cprd/listeners.py", "    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != owner:\n",
+           "    if not stat.S_ISSOCK(st.st_mode):\n",
+           ("tests/unit/test_listeners.py::test_a_unix_path_a_server_removed_is_made_again_from_its_second_name_and_"
+            "only_from_ours",)),
     Mutant("ready-without-ready", "a new generation that never says READY=1 is not taken as ready", "cprd/serve.py",
            "                await g.ready_event.wait()\n", "                pass\n",
            ("tests/system/test_serve.py::test_a_new_generation_that_fails_is_killed_and_the_old_one_keeps_serving",)),

@@ -164,6 +164,23 @@ def test_run_makes_a_listener_once_and_hands_the_same_socket_to_every_run(cluste
     sock.close()
 
 
+def test_run_makes_a_unix_listener_path_again_when_the_last_program_removed_it(cluster, tmp_path):
+    cluster.source("eventfds=1")
+    path = str(tmp_path / "app.sock")
+    args = ["--name", "u", "--listen", f"s=unix:{path},mode=0660", "--", sys.executable, "-c"]
+    first = _run(cluster, *args, "import os, socket; print(os.readlink('/proc/self/fd/3')); "
+                 "os.unlink(socket.socket(fileno=3).getsockname())")  # as gunicorn --bind fd:// does on its stop
+    assert first.returncode == 0 and not os.path.lexists(path), first.stderr
+    again = _run(cluster, *args, "import os; print(os.readlink('/proc/self/fd/3'))")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == first.stdout, "the same socket"
+    assert oct(os.stat(path).st_mode & 0o777) == "0o660"
+    assert "event=listener_path_restored name=s" in again.stderr, again.stderr
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        c.settimeout(5)
+        c.connect(path)  # it waits in the kept socket's backlog
+
+
 def test_each_dialect_hands_the_listener_as_the_server_expects(cluster):
     cluster.source("eventfds=1")
     args = ["--name", "web", "--listen", "a=tcp:127.0.0.1:0", "--listen", "b=tcp:[::1]:0"]

@@ -119,8 +119,19 @@ def test_a_server_keeps_answering_across_restarts_a_kill_and_cprd_moving(cluster
 
 
 # -- the README's `cprd run` lines ------------------------------------------------------------------
-def _http_get(port: int, timeout: float = 30.0) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as c:
+def _http_get(where: int | str, timeout: float = 30.0) -> bytes:
+    """GET / on a new connection to a port of 127.0.0.1, or to a unix socket's path."""
+    if isinstance(where, str):
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.settimeout(timeout)
+        try:
+            c.connect(where)
+        except BaseException:
+            c.close()
+            raise
+    else:
+        c = socket.create_connection(("127.0.0.1", where), timeout=timeout)
+    with c:
         c.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         data = b""
         while chunk := c.recv(65536):
@@ -229,6 +240,87 @@ def _port_of(cluster, app: str) -> int:
         _, fd = c.get(f"fdstore/{app}", rows[0]["id"])
     with socket.socket(fileno=fd) as s:
         return s.getsockname()[1]
+
+
+# -- a unix listener whose path a server removes ------------------------------------------------------
+UNIX_CASES = [pytest.param("nginx", marks=pytest.mark.requires("nginx"), id="nginx-adopted"),
+              pytest.param("gunicorn", marks=pytest.mark.requires("gunicorn"), id="gunicorn-bind-fd")]
+
+
+@pytest.mark.parametrize("server", UNIX_CASES)
+def test_a_unix_listener_keeps_its_path_when_a_stopping_server_removes_it(cluster, tmp_path, server):
+    """Servers remove a unix socket's path as they stop even though cprd made it: nginx once its parent
+    changed (a generation a new `cprd serve` adopted after the first was killed), gunicorn given
+    `--bind fd://N` on every stop. cprd serve makes the path again at once from the file's second name
+    (listeners.py), so the next restarts take and clients keep connecting."""
+    cluster.source()
+    path = str(tmp_path / "http.sock")
+    if server == "nginx":
+        conf = run._replace((EXAMPLE / "nginx.conf").read_text(), "listen 127.0.0.1:8084;", f"listen unix:{path};")
+        (tmp_path / "nginx.conf").write_text(conf)
+        opts = ["--dialect", "nginx", "--ready", "delay:0.5", "--stop-signal", "QUIT"]
+        cmd = [run.binary("nginx"), "-p", f"{tmp_path}/", "-c", str(tmp_path / "nginx.conf"), "-e", "error.log"]
+    else:
+        opts = ["--dialect", "fds", "--ready", "notify", "--stop-signal", "TERM"]
+        cmd = [sys.executable, "-m", "gunicorn", "--chdir", str(EXAMPLE), "--bind", "fd://{fd:http}",
+               "--graceful-timeout", "5", *(["--no-control-socket"] if run._gunicorn_has_control_socket() else []),
+               "wsgi_app:app"]
+    cprd = _cprd(cluster)
+
+    def serve() -> subprocess.Popen:
+        log = open(tmp_path / "serve.log", "ab")
+        p = subprocess.Popen([sys.executable, "-m", "cprd", "--log-level", "info", "serve", "--control",
+                              cluster.control, "--name", "u", "--listen", f"http=unix:{path}", *opts, "--drain",
+                              "10", "--", *cmd], cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        log.close()
+        cluster.procs.append(p)
+        return p
+
+    def answers() -> bool:
+        try:
+            return _http_get(path, timeout=5).startswith(b"HTTP/1.1 200")
+        except OSError:
+            return False
+
+    seen: set[int] = set()
+
+    def ready() -> list[int]:
+        pids = [g["pid"] for g in cprd.served("u").get("generations", []) if g["state"] == "ready"]
+        seen.update(pids)
+        return pids
+
+    first = serve()
+    try:
+        (orphan,) = _wait(ready, why="the first generation was never ready")
+        assert _wait(answers, why="no answer on the unix socket")
+        if server == "nginx":
+            first.kill()
+            first.wait(10)
+            second = serve()  # adopts the orphan and retires it once its own generation is ready
+            _wait(lambda: [p for p in ready() if p != orphan] and orphan not in ready() and not run.session_pids(
+                {orphan}), why="the orphan was not retired")
+            assert answers(), "the adopted nginx removed the path and it was not made again"
+            first = second
+        for _ in range(2):
+            before = ready()
+            r = cprd.ctl_json("restart", "u")
+            assert r["ok"], r
+            _wait(lambda: not run.session_pids(set(before)), why="the old generation did not stop")
+            _wait(lambda: os.path.exists(path), 5, why="the path was not made again")
+            assert answers()
+        log = (tmp_path / "serve.log").read_text()
+        assert "event=listener_path_restored name=http" in log, log[-3000:]
+        assert cprd.listeners("u") and len(cprd.listeners("u")) == 1
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(60) == 0
+        # its last generation removed the path as it stopped; the listener stays in cprd, reachable
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+            c.settimeout(5)
+            c.connect(path)
+    finally:
+        first.kill()
+        for q in run.session_pids(seen):
+            os.kill(q, signal.SIGKILL)
 
 
 # -- the README -----------------------------------------------------------------------------------------

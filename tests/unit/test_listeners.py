@@ -105,6 +105,43 @@ def test_a_stale_socket_file_is_replaced_and_a_live_one_or_another_file_is_not(t
     assert other.read_text() == "data" and link.is_symlink()
 
 
+@pytest.mark.requires("root")
+def test_a_unix_path_a_server_removed_is_made_again_from_its_second_name_and_only_from_ours(tmp_path):
+    path = str(tmp_path / "s.sock")
+    li = listeners.parse(f"s=unix:{path}")
+    keep = listeners.kept_path(li)
+    assert keep == str(tmp_path / ".s.sock.cprd")
+    s = listeners.make(li)
+    try:
+        assert os.stat(keep).st_ino == os.stat(path).st_ino
+        assert not listeners.restore(li), "nothing to do while the path is there"
+        os.unlink(path)  # as nginx and gunicorn --bind fd:// do when they stop
+        assert listeners.restore(li)
+        assert os.stat(path).st_ino == os.stat(keep).st_ino
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+            c.connect(path)  # the very socket: it lands in its backlog
+            conn, _ = s.accept()
+            conn.close()
+        # a second name that is not a socket file of ours is never linked at the path
+        os.unlink(path)
+        os.chown(keep, 65534, 65534)  # another user's
+        assert not listeners.restore(li) and not os.path.lexists(path)
+        os.chown(keep, os.geteuid(), os.getegid())
+        os.rename(keep, keep + ".real")
+        os.symlink(keep + ".real", keep)
+        assert not listeners.restore(li) and not os.path.lexists(path)
+    finally:
+        s.close()
+    # a new listener at the path gets a new second name: the old one's is replaced
+    os.unlink(keep)
+    os.rename(keep + ".real", keep)
+    s = listeners.make(li)
+    try:
+        assert os.stat(keep).st_ino == os.stat(path).st_ino
+    finally:
+        s.close()
+
+
 def test_an_address_in_use_says_so():
     li = listeners.parse("a=tcp:127.0.0.1:0")
     s = listeners.make(li)
