@@ -202,13 +202,14 @@ class Meta:
     path: str = ""  # where its notify socket is (not kept in the log: it follows from the control path)
     names: dict[int, tuple[str, bool]] = field(default_factory=dict)
     status: str | None = None
+    serve: dict | None = None  # its supervisor's token, pid and generations (durable_report)
 
 
 class Log:
     """The append-only text a store's names memfd holds, a line each: ``M max``, ``S id poll name``,
-    ``R id``, ``T "status"`` (JSON, ASCII). Replaying it gives the Meta; it is written again compactly
-    when mostly obsolete. Every line is checked as it is replayed (the memfd is shared with whoever
-    held a copy of it): a line that breaks the rules, or was cut short by a crash, is ignored."""
+    ``R id``, ``T "status"``, ``V {supervisor}`` (JSON, ASCII). Replaying it gives the Meta; it is
+    written again compactly when mostly obsolete. Every line is checked as it is replayed (the memfd
+    is shared with whoever held a copy of it): a line that breaks the rules, or was cut short by a crash, is ignored."""
 
     @staticmethod
     def line_max(n: int) -> bytes:
@@ -225,6 +226,10 @@ class Log:
     @staticmethod
     def line_status(status: str | None) -> bytes:
         return b"T " + json.dumps(status).encode() + b"\n"
+
+    @staticmethod
+    def line_serve(record: dict) -> bytes:
+        return b"V " + json.dumps(record, separators=(",", ":")).encode("ascii") + b"\n"
 
     @staticmethod
     def replay(data: bytes) -> tuple[Meta, int]:
@@ -248,22 +253,26 @@ class Log:
                     status = json.loads(rest)
                     if status is None or isinstance(status, str):
                         meta.status = status
-            except ValueError:  # UnicodeDecodeError and JSONDecodeError included: the line is ignored
+                elif kind == "V":
+                    meta.serve = durable_report(check_report(rest, durable=True))
+            except (ValueError, UsageError):  # UnicodeDecodeError and JSONDecodeError too: the line is ignored
                 continue
         return meta, lines
 
     @staticmethod
     def compact(meta: Meta) -> bytes:
         return (Log.line_max(meta.max) + (Log.line_status(meta.status) if meta.status is not None else b"")
+                + (Log.line_serve(meta.serve) if meta.serve is not None else b"")
                 + b"".join(Log.line_store(i, p, n) for i, (n, p) in sorted(meta.names.items())))
 
 
 # -- the supervisor of an app (`cprd serve`) ---------------------------------------------------------
 SUPERVISOR_STALE_S = 3.0  # a supervisor not heard from for this long is gone (or stopped): another may take over
+GEN_STATES = ("starting", "ready", "stopping", "exited", "adopted")
 _GEN_KEYS = {"gen": int, "pid": int, "ticks": int, "started": float, "ready": bool, "state": str}
 
 
-def check_report(text: str) -> dict:
+def check_report(text: str, durable: bool = False) -> dict:
     """A supervisor's report (JSON): {token, pid, generations: [{gen, pid, started, ready, state}],
     restarts_done, results: [{id, ...} of the last restarts]}; a UsageError says what is wrong.
     Kept in memory, shown by status."""
@@ -273,6 +282,8 @@ def check_report(text: str) -> dict:
         raise UsageError("fdstore serve: the report is not JSON") from None
     if not isinstance(r, dict) or not isinstance(r.get("token"), str) or not 8 <= len(r["token"]) <= 64:
         raise UsageError("fdstore serve: the report needs a token of 8 to 64 characters")
+    if durable:  # a line of the store's log: durable_report's keys
+        r = {**r, "restarts_done": 0}
     if not isinstance(r.get("pid"), int) or not isinstance(r.get("restarts_done"), int):
         raise UsageError("fdstore serve: the report needs pid and restarts_done (integers)")
     gens = r.get("generations")
@@ -282,9 +293,18 @@ def check_report(text: str) -> dict:
         if not isinstance(g, dict) or set(g) != set(_GEN_KEYS) or not all(
                 isinstance(g[k], t) or (t is float and isinstance(g[k], int)) for k, t in _GEN_KEYS.items()):
             raise UsageError(f"fdstore serve: a generation must have exactly {', '.join(_GEN_KEYS)}")
+        if g["state"] not in GEN_STATES:
+            raise UsageError(f"fdstore serve: a generation's state is one of {', '.join(GEN_STATES)}")
     results = r.get("results", [])
     if not isinstance(results, list) or len(results) > 8 or len(json.dumps(results)) > 4096 or not all(
             isinstance(x, dict) and isinstance(x.get("id"), str) for x in results):
         raise UsageError("fdstore serve: results must be a list of at most 8 objects with an id (4096 bytes)")
     return {"token": r["token"], "pid": r["pid"], "generations": gens, "restarts_done": r["restarts_done"],
             "results": results}
+
+
+def durable_report(report: dict) -> dict:
+    """What of a supervisor's report the store's log keeps, so that it travels with the table (a
+    handoff, an upgrade): who it is and its generations, for a later `cprd serve` to take over the
+    generations of one that died meanwhile. Restarts and results are of the moment, not kept."""
+    return {"token": report["token"], "pid": report["pid"], "generations": report["generations"]}

@@ -148,6 +148,11 @@ def group_members(pgid: int) -> set[int]:
 
 def holds(pid: int | str, ident: tuple[int, int]) -> bool:
     """Whether process `pid` has an fd open on the inode `ident` (st_dev, st_ino)."""
+    return holds_any(pid, {ident})
+
+
+def holds_any(pid: int | str, idents: set[tuple[int, int]]) -> bool:
+    """Whether process `pid` has an fd open on one of the inodes `idents` (st_dev, st_ino)."""
     try:
         names = os.listdir(f"/proc/{pid}/fd")
     except OSError:
@@ -157,7 +162,7 @@ def holds(pid: int | str, ident: tuple[int, int]) -> bool:
             st = os.stat(f"/proc/{pid}/fd/{n}")
         except OSError:
             continue
-        if (st.st_dev, st.st_ino) == ident:
+        if (st.st_dev, st.st_ino) in idents:
             return True
     return False
 

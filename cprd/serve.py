@@ -22,7 +22,8 @@ connection that arrives while nobody accepts waits in the backlog instead of bei
   and keeps its report (the generations) for `ctl status` and `ctl fdstore`. A second `cprd serve`
   of the same app is refused while the first is heard from and its process lives. One that finds
   the first gone (its process, or no heartbeat for 3 s: stopped) takes over: it starts its own generation and, once that
-  is ready, retires the first one's generations (each checked by pid and start time). The first,
+  is ready, retires the first one's generations (each checked by pid, start time and session). The
+  daemon keeps who they are in the store's log, so this holds after a cprd handoff or upgrade too. The first,
   if it wakes up, finds itself replaced and exits, leaving its generations to the second.
 * A unix listener's path that a generation removes as it stops is made again at once (listeners.py).
 * SIGTERM or SIGINT stops the generations (stop signal, drain, SIGKILL) and exits; the listeners
@@ -156,7 +157,7 @@ class Supervisor:
         async with trio.open_nursery() as n:
             self.nursery = n
             if self._previous:
-                self.adopt(self._previous)
+                await self.adopt(self._previous)
             n.start_soon(self._heartbeats)
             n.start_soon(self._signals)
             n.start_soon(self._keep_paths)
@@ -345,7 +346,7 @@ class Supervisor:
             elif r.mode == "delay":
                 await trio.sleep(r.delay)
             else:
-                await self._check_until_ok()
+                await self._check_until_ok(g)
             outcome.append((True, ""))
 
         async def exited() -> None:
@@ -369,11 +370,14 @@ class Supervisor:
             return False, f"the new generation (pid {g.pid}) exited: {g.status}"
         return outcome[0]
 
-    async def _check_until_ok(self) -> None:
+    async def _check_until_ok(self, g: Gen) -> None:
+        """The check command until it exits 0, told which generation it checks: CPRD_GENERATION_PID
+        (the old one may answer a plain request on the shared listener)."""
+        env = {**os.environ, "CPRD_GENERATION_PID": str(g.pid), "CPRD_GENERATION": str(g.gen)}
         while True:
             try:
                 with trio.move_on_after(max(1.0, min(10.0, self.o.ready_timeout))):
-                    r = await trio.run_process(["/bin/sh", "-c", self.o.ready.check], check=False,
+                    r = await trio.run_process(["/bin/sh", "-c", self.o.ready.check], check=False, env=env,
                                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                                stderr=subprocess.DEVNULL)
                     if r.returncode == 0:
@@ -428,15 +432,28 @@ class Supervisor:
                 watch.close()
 
     # -- adopting what a previous supervisor left ----------------------------------------------------
-    def adopt(self, previous: dict) -> None:
-        for d in previous.get("generations", []):
-            if d.get("state") == "exited" or any(x.pid == d["pid"] for x in self.gens):
+    async def adopt(self, previous: dict) -> None:
+        """Take over the generations a previous supervisor left; each is retired once one of ours is
+        ready. A process is taken for one only if it still is what the record says (pid, start time),
+        leads its own session, and holds one of the store's fds: a record names pids, and signalling a
+        process that is not a generation of this app is never acceptable."""
+        todo = [d for d in previous.get("generations", []) if d.get("state") != "exited"]
+        if not todo:
+            return
+        idents = await self._store_idents()
+        for d in todo:
+            if any(x.pid == d["pid"] for x in self.gens):
                 continue
             pidfd = proc.pidfd_open(d["pid"])
             if pidfd is None:
                 continue
-            if proc.start_ticks(d["pid"]) != d["ticks"]:  # the pid was reused: not ours to touch
+            if proc.start_ticks(d["pid"]) != d["ticks"] or _sid(d["pid"]) != d["pid"]:
+                os.close(pidfd)  # the pid was reused (each generation leads a session of its own): not ours
+                continue
+            if not proc.holds_any(d["pid"], idents):
                 os.close(pidfd)
+                log.warning("event=generation_not_adopted app=%s pid=%d reason=it-holds-none-of-the-store's-fds "
+                            "(left alone)", self.o.app, d["pid"])
                 continue
             g = Gen(d["gen"], d["pid"], pidfd, d["ticks"], d["started"], 0.0, child=False, ready=d["ready"],
                     state="adopted")
@@ -446,6 +463,26 @@ class Supervisor:
             log.info("event=generation_adopted app=%s gen=%d pid=%d from_supervisor=%d", self.o.app, g.gen, g.pid,
                      previous.get("pid", 0))
             self.nursery.start_soon(self._reap, g)
+        if self.current is not None:  # ours is ready already
+            for old in self.adopted:
+                self.nursery.start_soon(self.retire, old)
+            self.adopted = []
+
+    async def _store_idents(self) -> set[tuple[int, int]]:
+        """(st_dev, st_ino) of every fd in the app's store."""
+        deadline = trio.current_time() + 10.0
+        while True:
+            try:
+                async with self._one_request:
+                    rows, fds = await self.client.request("fdstore", app=self.o.app, action="list")
+                fds.close()
+                return {(os.makedev(*map(int, r["dev"].split(":"))), r["ino"]) for r in rows}
+            except (CprdError, OSError) as e:
+                if trio.current_time() > deadline:
+                    log.warning("event=adoption_failed app=%s error=%r: the previous generations are left "
+                                "alone", self.o.app, str(e))
+                    return set()
+                await trio.sleep(0.2)
 
     # -- the daemon: heartbeat, report, restarts asked, READY=1 -------------------------------------
     def _report_json(self) -> str:
@@ -461,8 +498,8 @@ class Supervisor:
         if reply.get("previous") and not final:
             if self.nursery is None:
                 self._previous = reply["previous"]
-            else:
-                self.adopt(reply["previous"])
+            else:  # not under this request's deadline: the daemon hands a previous record over once
+                self.nursery.start_soon(self.adopt, reply["previous"])
         for rid in reply.get("restarts", []):
             if not final:
                 self.send.send_nowait(("restart", rid))
@@ -517,6 +554,13 @@ class Supervisor:
                     log.info("event=stopping app=%s signal=%s", self.o.app, signal.Signals(s).name)
                     self.stop.set()
                     self.send.send_nowait(("stop",))
+
+
+def _sid(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
 
 
 def _descends(pid: int, ancestor: int) -> bool:

@@ -255,6 +255,17 @@ MUTANTS = [
            "    if not stat.S_ISSOCK(st.st_mode):\n",
            ("tests/unit/test_listeners.py::test_a_unix_path_a_server_removed_is_made_again_from_its_second_name_and_"
             "only_from_ours",)),
+    Mutant("serve-record-not-kept", "a killed cprd serve's generations are taken over after cprd moved",
+           "cprd/daemon/notify.py", "            self._append(a, fs.Log.line_serve(durable))\n", "            pass\n",
+           ("tests/system/test_serve.py::test_a_killed_serve_s_generation_is_taken_over_after_cprd_was_upgraded_and_"
+            "handed_off",)),
+    Mutant("adopt-any-named-process", "a process that is no generation of the app gets no signal from cprd serve",
+           "cprd/serve.py", '            if not proc.holds_any(d["pid"], idents):\n', "            if False:\n",
+           ("tests/system/test_serve.py::test_a_record_naming_a_process_that_is_no_generation_of_the_app_gets_it_"
+            "no_signal",)),
+    Mutant("check-not-told-generation", "a readiness check is told which generation it checks",
+           "cprd/serve.py", '"CPRD_GENERATION_PID": str(g.pid), ', "",
+           ("tests/system/test_serve.py::test_a_check_is_told_the_new_generation_and_the_restart_waits_for_it",)),
     Mutant("ready-without-ready", "a new generation that never says READY=1 is not taken as ready", "cprd/serve.py",
            "                await g.ready_event.wait()\n", "                pass\n",
            ("tests/system/test_serve.py::test_a_new_generation_that_fails_is_killed_and_the_old_one_keeps_serving",)),

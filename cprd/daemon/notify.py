@@ -96,7 +96,9 @@ class AppStore:
     fid: tuple[int, int] | None = None  # the socket's file (dev, ino), as found when made or taken up
     ordered: set[tuple[int, int]] = field(default_factory=set)
     names_bytes: int = 0  # LISTEN_FDNAMES's bytes for the names stored, a colon after each (kept as they change)
-    # for `cprd serve` (in memory: a supervisor reports again within a second after a handoff or upgrade)
+    # for `cprd serve`: its last report (in memory: a supervisor reports again within a second after a
+    # handoff or upgrade), whose token, pid and generations are in the log too (meta.serve), so that a
+    # `cprd serve` started after one died takes its generations over, wherever the table went meanwhile
     ready: deque = field(default_factory=lambda: deque(maxlen=64))  # (pid, monotonic) of READY=1 senders
     supervisor: dict | None = None  # its last report
     heard: float = -1e9  # when (monotonic)
@@ -168,6 +170,11 @@ class FdStores:
             del meta.names[i]
         a = AppStore(app, sock.fd, names.fd, meta, socket.socket(fileno=sock.fd), status=meta.status,
                      log_lines=lines, log_size=len(data), fid=file_id(meta.path))
+        if meta.serve is not None:  # it reported to the table's previous owner
+            a.supervisor = {**meta.serve, "restarts_done": 0, "results": []}
+            # a live one is heard again within a heartbeat; until then (SUPERVISOR_STALE_S) no other
+            # may take over, unless it had ended (no generation left)
+            a.heard = time.monotonic() if meta.serve["generations"] else -1e9
         self.apps[app] = a
         self._ensure_epoll()
         a.names_bytes = sum(len(n) + 1 for n, _ in meta.names.values())
@@ -578,6 +585,10 @@ class FdStores:
             raise Busy(f"app {app} is served by cprd serve pid {old['pid']} (heard from {now - a.heard:.1f} s "
                        f"ago); stop that one first, or wait {fs.SUPERVISOR_STALE_S:g} s if it is gone")
         a.supervisor, a.heard = r, now
+        durable = fs.durable_report(r)
+        if durable != a.meta.serve:  # a generation started, was ready, stopped or exited; a new supervisor
+            a.meta.serve = durable
+            self._append(a, fs.Log.line_serve(durable))
         restarts, a.restarts = a.restarts, []
         return {"restarts": restarts, "ready": [[p, round(now - t, 3)] for p, t in a.ready],
                 "previous": old if old is not None and old["token"] != r["token"] else None}
@@ -607,7 +618,7 @@ class FdStores:
         data = fs.Log.compact(a.meta)
         os.ftruncate(a.meta_fd, 0)
         os.pwrite(a.meta_fd, data, 0)
-        a.log_lines, a.log_size = 2 + a.stored(), len(data)
+        a.log_lines, a.log_size = data.count(b"\n"), len(data)
 
     # -- FDPOLL ---------------------------------------------------------------------------------
     def _ensure_epoll(self) -> select.epoll:

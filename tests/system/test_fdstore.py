@@ -750,6 +750,16 @@ def test_the_names_log_replays_after_a_write_cut_short_and_ignores_lines_that_br
     assert lines == 14
     again, _ = fs.Log.replay(fs.Log.compact(meta))
     assert again == meta
+    # cprd serve's record: the last valid one counts; one that breaks check_report's rules is ignored
+    gen = {"gen": 1, "pid": 4321, "ticks": 99, "started": 1.5, "ready": True, "state": "ready"}
+    good = {"token": "t" * 16, "pid": 1234, "generations": [gen]}
+    log = (fs.Log.line_serve(good) + fs.Log.line_serve({**good, "token": "short"})
+           + fs.Log.line_serve({**good, "generations": [{**gen, "state": "evil" * 100}]})
+           + fs.Log.line_serve({**good, "generations": [{**gen, "pid": "1"}]}) + b"V {\n" + b"V [1]\n")
+    meta, _ = fs.Log.replay(log)
+    assert meta.serve == good
+    again, _ = fs.Log.replay(fs.Log.compact(meta))
+    assert again == meta
 
 
 @needs_libsystemd

@@ -87,7 +87,11 @@ class App:
             time.sleep(0.02)
 
     def ready_gens(self) -> list[dict]:
-        return [g for g in self.served().get("generations", []) if g["state"] == "ready"]
+        """The ready generations, as this App's `cprd serve` reports them."""
+        served = self.served()
+        if served.get("pid") != self.proc.pid:
+            return []
+        return [g for g in served.get("generations", []) if g["state"] == "ready"]
 
     def wait_port(self) -> int:
         self.wait(self.ready_gens)
@@ -284,6 +288,50 @@ def test_a_new_generation_that_fails_is_killed_and_the_old_one_keeps_serving(clu
         app.proc.kill()
 
 
+def test_a_check_is_told_the_new_generation_and_the_restart_waits_for_it(cluster, tmp_path):
+    """--ready check:CMD: the command runs with CPRD_GENERATION_PID; the old generation serves until
+    the check passes for the new one."""
+    cluster.source("eventfds=1")
+    oks = tmp_path / "ok"
+    oks.mkdir()
+    starting = []
+
+    def bless_starting() -> bool:  # what the server would do once it serves: here, the test says so
+        with cluster.client() as c:
+            served = c.status().get("fdstore", {}).get("web", {}).get("serve") or {}
+        gens = [g for g in served.get("generations", []) if g["state"] == "starting"]
+        for g in gens:
+            (oks / str(g["pid"])).touch()
+            starting.append(g["pid"])
+        return bool(gens)
+
+    blesser = threading.Thread(target=lambda: _until(bless_starting, 30), daemon=True)
+    blesser.start()
+    app = App(cluster, tmp_path, "web", f'check:test -e {oks}/"$CPRD_GENERATION_PID"')
+    try:
+        blesser.join(30)
+        first = app.ready_gens()[0]["pid"]
+        assert starting == [first]
+        r = subprocess.Popen([sys.executable, "-m", "cprd", "ctl", "restart", "web", "--json", "--control",
+                              cluster.control], stdout=subprocess.PIPE, text=True)
+        new = app.wait(lambda: [g["pid"] for g in app.served().get("generations", []) if g["state"] == "starting"])
+        time.sleep(0.5)
+        assert r.poll() is None and [g["pid"] for g in app.ready_gens()] == [first], "not ready before the check"
+        (oks / str(new[0])).touch()
+        out, _ = r.communicate(timeout=30)
+        res = json.loads(out)
+        assert res["ok"] and res["pid"] == new[0] and res["retired"]["pid"] == first, res
+        app.stop()
+    finally:
+        app.proc.kill()
+
+
+def _until(what, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not what() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def test_a_generation_that_dies_is_started_again_and_connections_wait_meanwhile(cluster, tmp_path):
     cluster.source("eventfds=1")
     app = App(cluster, tmp_path)
@@ -324,6 +372,68 @@ def test_a_killed_serve_leaves_the_server_serving_and_the_next_serve_takes_it_ov
         app.stop()
     finally:
         app.proc.kill()
+
+
+def test_a_killed_serve_s_generation_is_taken_over_after_cprd_was_upgraded_and_handed_off(cluster, tmp_path):
+    """Who the generations are travels with the table (the store's log): a `cprd serve` started after
+    the first died and cprd moved takes the orphan over and retires it; none is left serving forever."""
+    src = cluster.source("eventfds=1")
+    app = App(cluster, tmp_path)
+    try:
+        orphan = app.ready_gens()[0]["pid"]
+        with Clients(app.port) as clients:
+            app.proc.kill()
+            app.proc.wait(10)
+            assert cluster.ctl("upgrade").returncode == 0
+            tgt, listen = cluster.target()
+            assert cluster.ctl("handoff", "--to", listen).returncode == 0
+            src.wait(30)
+            with cluster.client() as c:
+                assert c.status()["pid"] == tgt.pid
+            assert app.served()["generations"][0]["pid"] == orphan, "the target knows the orphan"
+            app.proc = app.start()
+            app.wait(lambda: [g for g in app.ready_gens() if g["pid"] != orphan])
+            app.wait(lambda: not proc.alive(orphan))
+            new = app.ready_gens()[0]["pid"]
+            app.wait(lambda: new in clients.pids)
+        assert not clients.failed, clients.failed[:5]
+        logs = "".join(p.read_text() for p in cluster.dir.glob("serve-*.log"))
+        assert f"event=generation_adopted app=web gen=1 pid={orphan}" in logs, logs[-3000:]
+        app.stop()
+        assert not _children_of_serve(app.proc.pid) and not proc.alive(orphan)
+    finally:
+        app.proc.kill()
+
+
+def test_a_record_naming_a_process_that_is_no_generation_of_the_app_gets_it_no_signal(cluster, tmp_path):
+    """A supervisor's report names pids. One that names a process which leads its own session and is
+    what the record says (pid, start time) but holds none of the store's fds is not taken over: the
+    next `cprd serve` leaves it alone."""
+    cluster.source("eventfds=1")
+    bystander = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    try:
+        ticks = proc.start_ticks(bystander.pid)
+        gen = {"gen": 1, "pid": bystander.pid, "ticks": ticks, "started": time.time(), "ready": True,
+               "state": "ready"}
+        with cluster.client() as c:
+            c.fdstore("web", "socket")
+            c.request("fdstore", app="web", action="serve", report=json.dumps(
+                {"token": "f" * 16, "pid": 999999, "generations": [gen], "restarts_done": 0}))[1].close()
+        app = App(cluster, tmp_path)  # waits out the forged supervisor's 3 s (its pid is gone), then serves
+        try:
+            app.wait(lambda: app.ready_gens())
+            logs = "".join(p.read_text() for p in cluster.dir.glob("serve-*.log"))
+            assert f"event=generation_not_adopted app=web pid={bystander.pid}" in logs, logs[-3000:]
+            assert "event=generation_adopted" not in logs
+            time.sleep(0.5)
+            assert bystander.poll() is None, "a process that is no generation of the app was signalled"
+            app.stop()
+            assert bystander.poll() is None
+        finally:
+            app.proc.kill()
+    finally:
+        bystander.kill()
+        bystander.wait()
 
 
 def test_serve_keeps_serving_across_a_handoff_and_an_upgrade_of_cprd(cluster, tmp_path):
