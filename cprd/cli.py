@@ -63,7 +63,7 @@ def _config(a: argparse.Namespace):
     return Config(allow_uids=_uid_list(a.allow_uid), idle_timeout=a.idle_timeout, max_clients=a.max_clients,
                   queue_timeout=a.queue_timeout, upgrade_timeout=a.upgrade_timeout, answer_timeout=a.answer_timeout,
                   uid_max_entries=a.uid_max_entries, uid_max_stores=a.uid_max_stores, reserve=a.reserve,
-                  own_args=_own_args())
+                  own_args=_own_args(), standby=a.standby)
 
 
 def _print(obj: Any, as_json: bool, human: str) -> None:
@@ -492,6 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--reserve", type=int, metavar="N",
                         help="N entries of the table's capacity only the daemon's own user and root may use "
                              "(default: a quarter of it)")
+        sp.add_argument("--standby", action="store_true",
+                        help="keep a second process that holds a copy of every fd, is told of every change before "
+                             "its client is answered, and takes over if the daemon dies (docs/standby.md)")
         sp.add_argument("--restore-fd", type=int, metavar="FD",
                         help="(used by an in-place upgrade) restore the daemon from the state in FD")
 

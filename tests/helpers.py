@@ -57,9 +57,10 @@ class Cluster:
         self.procs.append(p)
         return p
 
-    def source(self, spec: str = "", env: dict[str, str] | None = None) -> subprocess.Popen:
+    def source(self, spec: str = "", env: dict[str, str] | None = None,
+               extra: tuple[str, ...] = ()) -> subprocess.Popen:
         p = self.spawn("source", "--control", self.control, "--populate", spec,
-                       "--state-dir", str(self.dir / "state"), env=env)
+                       "--state-dir", str(self.dir / "state"), *extra, env=env)
         wait_for_socket(self.control, p)
         deadline = time.monotonic() + 30
         while True:  # the path may still be a stale socket file that the daemon is about to replace

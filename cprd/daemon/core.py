@@ -54,6 +54,7 @@ from .endpoint import Endpoint, Unanswered
 from .handlers import Handlers, Reply, upgrade_timeout
 from .notify import FdStores
 from .owners import Owners
+from .standby import Standby
 from .standin import StandIn
 from .lifecycle import Lifecycle, Phase
 from .state import DaemonState
@@ -114,6 +115,7 @@ class Daemon:
         self.stores = FdStores(st, self.life, self.handlers.check_room, self.owners)
         self.stores.load()  # the fd stores a handoff or an upgrade brought along
         self._open_lanes()
+        self.standby = Standby(self) if st.config.standby else None
 
     def _open_lanes(self) -> None:
         """A lane for each uid of --allow-uid (endpoint.py): its listening socket is a table entry,
@@ -190,6 +192,8 @@ class Daemon:
                 except CprdError as e:
                     log.error("event=owners_not_settled error=%r", str(e))
                 self.settled.set()
+                if self.standby is not None:  # the table is ours alone now (a target: confirmed)
+                    nursery.start_soon(self.standby.run)
                 if stores_after:
                     await self.stores.run(nursery)
         finally:
@@ -206,6 +210,8 @@ class Daemon:
         self._nursery.start_soon(fn)
 
     def stop(self, code: int = 0) -> None:
+        if self.standby is not None:  # a deliberate end: the standby must not take over
+            self.standby.retire("the daemon stops")
         self.exit_code = code
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
@@ -234,7 +240,10 @@ class Daemon:
 
     def _status_extra(self, who: Peer) -> dict[str, Any]:
         summary = self.stores.summary(who)
-        return {"fdstore": summary} if summary else {}
+        extra: dict[str, Any] = {"fdstore": summary} if summary else {}
+        if self.standby is not None:
+            extra["standby"] = self.standby.describe()
+        return extra
 
     # -- the fd stores (systemd's protocol) ------------------------------------------------------
     async def _fdstore_req(self, req: cp.Request, fds: OwnedFds, conn: Any, who: Peer) -> Reply:
@@ -292,6 +301,8 @@ class Daemon:
         st, life, endpoint = self.st, self.life, self.endpoint
         life.to(Phase.HANDING_OFF)
         stopped = False
+        if self.standby is not None:  # from now on the target may hold the table: one owner's protocol
+            self.standby.retire("a handoff starts")
 
         async def freeze() -> None:
             life.freeze()
@@ -312,6 +323,8 @@ class Daemon:
             life.committing = False
             st.table.stop_journal()
             life.thaw()
+            if self.standby is not None:
+                self.standby.resume()
             if stopped and self._nursery is not None and not endpoint.accepting:
                 endpoint.start_accepting()
             if isinstance(e, (CprdError, OSError)):
@@ -365,6 +378,8 @@ class Daemon:
         deadlines = Deadlines(start_s=timeout, answer_s=st.config.answer_timeout)
         # From here to the fork nothing awaits: the table at the fork is the one the state describes.
         life.to(Phase.UPGRADING)
+        if self.standby is not None:  # the guardian protects the upgrade; the program that serves after starts one
+            self.standby.retire("an upgrade starts")
         t0 = upgrade.now_ms()
         socks: list[socket.socket] = []
         fds: list[int] = []
@@ -400,6 +415,8 @@ class Daemon:
             if mask is not None:
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             life.to(Phase.SERVING)
+            if self.standby is not None:
+                self.standby.resume()
             if isinstance(e, OSError):  # a memfd, a socket or the fork could not be made (at the fd limit?)
                 raise UpgradeError(f"cannot prepare the upgrade: {e}; the running daemon (pid "
                                            f"{os.getpid()}) goes on serving, nothing changed") from None

@@ -177,6 +177,9 @@ def restore_main(state_fd: int, own_args: tuple[str, ...]) -> int:
         table, listener = _rebuild(state, state_fd)
         log.info("event=restored entries=%d ms=%.1f", len(table), (time.perf_counter() - t0) * 1e3)
     except Exception as e:  # noqa: BLE001 - whatever went wrong, the previous program takes over again
+        if state is not None and state.mode == "standby":  # nothing to roll back: the daemon forks another
+            print(f"cprd: error: the standby cannot restore the table: {e}", file=sys.stderr)
+            return 1
         if env.get("rolled_back"):  # we are the previous program and cannot restore either
             print(f"cprd: error: the rollback cannot restore either: {e}", file=sys.stderr)
             return 1
@@ -217,9 +220,15 @@ def _rebuild(state: Any, state_fd: int) -> tuple[FdTable, socket.socket]:
 async def _serve_restored(state: Any, state_fd: int, table: FdTable, listener: socket.socket,
                           own_args: tuple[str, ...]) -> int:
     from .. import upgrade
+    from .standby import stand_by
     from .takeover import reap, take_over
 
-    took = await take_over(table, state, strict=not state.rolled_back)  # answers nobody before it returns
+    if state.mode == "standby":  # serve only once the daemon died
+        took = await stand_by(table, state)
+        if took is None:
+            return 0
+    else:
+        took = await take_over(table, state, strict=not state.rolled_back)  # answers nobody before it returns
     if state.nice is not None:  # the old program lowered our priority while the stand-in served
         try:
             os.setpriority(os.PRIO_PROCESS, 0, int(state.nice))
@@ -251,9 +260,13 @@ async def _serve_restored(state: Any, state_fd: int, table: FdTable, listener: s
                   "program": state.failed_program if state.rolled_back else state.argv_new,
                   "previous_pid": state.pid, "standin_pid": cpid, "standin_journal": took.messages,
                   "standin_handed_over": took.handed_over, "fenced": took.fenced, "phases_ms": took.phases_ms}
-        log.info("event=upgraded pid=%d entries=%d ms=%.1f rolled_back=%s standin=%s journal_messages=%s fenced=%s "
-                 "phases_ms=%s", os.getpid(), len(st.table), ms, result["rolled_back"], cpid, took.messages,
-                 took.fenced, took.phases_ms)
+        if state.mode == "standby":
+            log.warning("event=took_over pid=%d from_pid=%d entries=%d ms=%.1f note=the-daemon-died-its-standby-serves",
+                        os.getpid(), state.pid, len(st.table), ms)
+        else:
+            log.info("event=upgraded pid=%d entries=%d ms=%.1f rolled_back=%s standin=%s journal_messages=%s "
+                     "fenced=%s phases_ms=%s", os.getpid(), len(st.table), ms, result["rolled_back"], cpid,
+                     took.messages, took.fenced, took.phases_ms)
         if os.getpid() != state.pid:
             sdnotify.mainpid(os.getpid())
         sdnotify.ready(d.status_line())

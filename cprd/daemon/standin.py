@@ -432,6 +432,8 @@ class StandIn:
             d.life.thaw()
         if not d.endpoint.accepting:
             d.endpoint.start_accepting()
+        if getattr(d, "standby", None) is not None:  # retired for the upgrade: we are the daemon again
+            d.standby.resume()
         reason = self.reason
         log.error("event=upgrade_rolled_back pid=%d reason=%r entries=%d", os.getpid(), reason, len(st.table))
         log.info("event=sole_owner pid=%d role=stand-in", os.getpid())

@@ -39,6 +39,7 @@ class Config:
     uid_max_stores: int | None = None
     reserve: int | None = None
     own_args: tuple[str, ...] = ()  # the command line after `cprd`, to exec again on an upgrade
+    standby: bool = False  # keep a standby (daemon/standby.py)
 
     def describe(self) -> dict[str, Any]:
         """What an upgrade hands on (own_args come from the new program's own command line)."""
@@ -46,7 +47,7 @@ class Config:
                 "max_clients": self.max_clients, "queue_timeout": self.queue_timeout,
                 "upgrade_timeout": self.upgrade_timeout, "answer_timeout": self.answer_timeout,
                 "uid_max_entries": self.uid_max_entries, "uid_max_stores": self.uid_max_stores,
-                "reserve": self.reserve}
+                "reserve": self.reserve, "standby": self.standby}
 
     @classmethod
     def from_state(cls, cfg: dict[str, Any], own_args: tuple[str, ...]) -> Config:
@@ -57,7 +58,7 @@ class Config:
                    upgrade_timeout=cfg.get("upgrade_timeout", d.upgrade_timeout),
                    answer_timeout=cfg.get("answer_timeout", d.answer_timeout),
                    uid_max_entries=cfg.get("uid_max_entries"), uid_max_stores=cfg.get("uid_max_stores"),
-                   reserve=cfg.get("reserve"), own_args=own_args)
+                   reserve=cfg.get("reserve"), own_args=own_args, standby=bool(cfg.get("standby", False)))
 
 
 @dataclass(slots=True)
@@ -118,8 +119,8 @@ class DaemonState:
         """From the state an in-place upgrade wrote (see upgrade_state)."""
         st = cls(state.role, table, listener, state.control_path, state.control_fid,
                  Config.from_state(state.config, own_args), handoffs=state.handoffs,
-                 upgrades=state.upgrades + (0 if state.rolled_back else 1), salvage=state.salvage,
-                 source_died=state.source_died)
+                 upgrades=state.upgrades + (0 if state.rolled_back or state.mode == "standby" else 1),
+                 salvage=state.salvage, source_died=state.source_died)
         st.replies.take_from(state.results)
         return st
 

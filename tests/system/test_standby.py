@@ -1,0 +1,171 @@
+"""The standby (`--standby`): a second process that holds a copy of every fd, is told of every change
+before its client is answered, and takes over when the daemon dies. Real daemons, SIGKILLs under
+churn, every acknowledged entry proved the very open file (kcmp) against the clients' own copies."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import psutil
+from helpers import (UPGRADE_SPEC, ChurnWithDeletes, close_copies, hold_copies, kcmp_file, prove_same,
+                     table_holders)
+
+SPEC = UPGRADE_SPEC
+
+
+def _status(cluster) -> dict:
+    with cluster.client() as c:
+        return c.status()
+
+
+def _standing_by(cluster, daemon: int, timeout: float = 30.0) -> int:
+    """The pid of the daemon's standby, once it stands by (its program started and holds the table)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = _status(cluster)
+        sb = st.get("standby") or {}
+        if st["pid"] == daemon and sb.get("state") == "up":
+            assert f"event=standing_by pid={sb['pid']} for={daemon}" in cluster.logs()
+            return sb["pid"]
+        assert time.monotonic() < deadline, (st.get("standby"), cluster.logs()[-3000:])
+        time.sleep(0.02)
+
+
+def _serving(cluster, not_pid: int, timeout: float = 30.0) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            pid = _status(cluster)["pid"]
+            if pid != not_pid:
+                return pid
+        except Exception:  # noqa: BLE001 - the control socket is served again within a moment
+            pass
+        assert time.monotonic() < deadline, cluster.logs()[-3000:]
+        time.sleep(0.01)
+
+
+def test_each_sigkill_of_the_daemon_under_churn_loses_no_acknowledged_change(cluster):
+    """Three SIGKILLs of whichever process serves, under puts and deletes: each time its standby
+    serves the same control socket in its own pid, with every acknowledged put (the very fd put,
+    kcmp) and no acknowledged delete undone, no client request fails (each retried one is answered
+    once), and a new standby follows."""
+    src = cluster.source(SPEC, extra=("--standby",))
+    with cluster.client() as c:
+        copies = hold_copies(c)
+    churn = None
+    try:
+        daemon = src.pid
+        standby = _standing_by(cluster, daemon)
+        with ChurnWithDeletes(cluster.control) as churn:
+            for _ in range(3):
+                time.sleep(0.3)
+                os.kill(daemon, signal.SIGKILL)
+                serving = _serving(cluster, daemon)
+                assert serving == standby, "the standby serves, in its own pid"
+                assert psutil.Process(serving).name() != "cprd-standby", "it no longer calls itself a standby"
+                daemon, standby = serving, _standing_by(cluster, serving)
+        assert not churn.failed, churn.failed
+        assert len(churn.mine) > 20 and len(churn.deleted) > 5
+        prove_same(cluster, {**copies, **churn.mine})  # exactly these entries: none lost, no delete undone
+        with cluster.client() as c:
+            served = {(e["name"], e["id"]) for e in c.ls()}
+            st = c.status()
+        assert not served & churn.deleted
+        assert st["standby"]["pid"] == standby and st["standby"]["state"] == "up"
+        logs = cluster.logs()
+        assert logs.count("event=took_over") == 3, logs[-3000:]
+        # who holds the table: the daemon and its standby, every entry each; nobody else
+        holders = table_holders(cluster.control, daemon)
+        assert set(holders) == {daemon, standby} and len(set(holders.values())) == 1, holders
+    finally:
+        close_copies(copies)
+        if churn is not None:
+            close_copies(churn.mine)
+
+
+def test_a_standby_that_dies_or_stops_reading_is_replaced_and_a_stop_retires_it(cluster):
+    """The standby killed: a new one within a moment. The standby stopped (SIGSTOP) while changes
+    come: once its queue is full it is fenced and replaced, and the changes go on being answered.
+    SIGTERM to the daemon: it and its standby exit; nobody takes over."""
+    src = cluster.source("eventfds=4", extra=("--standby",))
+    first = _standing_by(cluster, src.pid)
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while (second := (_status(cluster)["standby"] or {}).get("pid")) in (None, first):
+        assert time.monotonic() < deadline, cluster.logs()[-3000:]
+        time.sleep(0.02)
+    second = _standing_by(cluster, src.pid)
+    assert "event=standby_ended pid=%d" % first in cluster.logs()
+    os.kill(second, signal.SIGSTOP)
+    with cluster.client() as c:
+        for i in range(3000):  # each put's journal message waits in the stopped standby's queue
+            ev = os.eventfd(0)
+            try:
+                c.put("q", i, ev)
+            finally:
+                os.close(ev)
+            if (c.status()["standby"] or {}).get("pid") not in (second, None):
+                break
+        else:
+            raise AssertionError(f"the stopped standby was never replaced: {c.status()['standby']}")
+    assert "event=standby_fenced pid=%d" % second in cluster.logs()
+    assert not psutil.pid_exists(second) or psutil.Process(second).status() == psutil.STATUS_ZOMBIE
+    third = _standing_by(cluster, src.pid)
+    src.send_signal(signal.SIGTERM)
+    assert src.wait(30) == 0
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(third) and psutil.Process(third).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the retired standby did not exit"
+        time.sleep(0.02)
+    assert "event=took_over" not in cluster.logs() and not os.path.exists(cluster.control)
+
+
+def test_status_shows_the_standby_and_a_handoff_gives_the_target_its_own(cluster):
+    src = cluster.source("eventfds=4", extra=("--standby",))
+    first = _standing_by(cluster, src.pid)
+    r = cluster.ctl("status", "--json")
+    st = json.loads(r.stdout)
+    assert st["standby"]["pid"] == first and st["standby"]["synchronous"] is True
+    assert st["standby"]["queued_bytes"] == 0
+    tgt = cluster.spawn("target", "--listen", str(cluster.dir / "h.sock"), "--standby")
+    from cprd.tools.procs import wait_for_socket
+    wait_for_socket(str(cluster.dir / "h.sock"), tgt)
+    r = cluster.ctl("handoff", "--to", str(cluster.dir / "h.sock"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert src.wait(30) == 0
+    standby = _standing_by(cluster, tgt.pid)
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(first) and psutil.Process(first).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the source's standby did not exit after the handoff"
+        time.sleep(0.02)
+    os.kill(tgt.pid, signal.SIGKILL)
+    assert _serving(cluster, tgt.pid) == standby
+    with cluster.client() as c:
+        assert len(c.ls()) == 4
+
+
+def test_a_stopped_daemon_is_killed_by_its_standby_which_serves(cluster):
+    """A daemon that stops answering (SIGSTOP: alive, silent) is judged by answers: its standby kills
+    it (SIGKILL reaches a stopped process) and serves once it is gone, never beside it."""
+    src = cluster.source("eventfds=4", extra=("--standby",))
+    standby = _standing_by(cluster, src.pid)
+    with cluster.client() as c:
+        ev = os.eventfd(7)
+        c.put("before", 1, ev)
+    t0 = time.monotonic()
+    os.kill(src.pid, signal.SIGSTOP)
+    assert _serving(cluster, src.pid) == standby
+    waited = time.monotonic() - t0
+    assert src.wait(10) == -signal.SIGKILL
+    assert 3.0 <= waited < 30, waited
+    assert "event=daemon_silent pid=%d" % src.pid in cluster.logs()
+    with cluster.client() as c:
+        _, fd = c.get("before", 1)
+    try:
+        assert kcmp_file(os.getpid(), ev, os.getpid(), fd), "the very eventfd put"
+    finally:
+        os.close(fd)
+        os.close(ev)
