@@ -391,7 +391,9 @@ async def _probe(state: Any, pidfd: int) -> None:
 
 
 def _readable(fd: int) -> bool:
-    return bool(select.select([fd], [], [], 0)[0])
+    p = select.poll()  # (select() cannot take an fd above 1023)
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(0))
 
 
 async def _first_readable(fds: list[int]) -> None:

@@ -95,6 +95,12 @@ def add_parser(b: argparse.ArgumentParser) -> None:
     rs.add_argument("--steady", type=float, default=3.0, help="seconds of load before the restarts (default 3)")
     rs.add_argument("--reps", type=int, default=5, help="starts measured of each program starter (default 5)")
     rs.add_argument("--json", action="store_true")
+    sb = sub.add_parser("standby", help="--standby: what it costs each put and delete, and how long a client "
+                                        "waits when the daemon is killed and its standby takes over")
+    sb.add_argument("--fds", type=int, default=1000, help="entries in the table (default 1000)")
+    sb.add_argument("--mutations", type=int, default=2000, help="puts and deletes measured (default 2000)")
+    sb.add_argument("--kills", type=int, default=10, help="SIGKILLs of the serving daemon (default 10)")
+    sb.add_argument("--json", action="store_true")
     m = sub.add_parser("memory", help="bytes per entry of an FdTable of N real fds (tracemalloc and RSS)")
     m.add_argument("--sizes", default="540,2870,7530,19000", help="comma-separated table sizes (fds)")
     m.add_argument("--json", action="store_true")
@@ -150,6 +156,13 @@ def main(a: argparse.Namespace) -> int:
         if a.restarts < 1 or a.clients < 1 or a.steady <= 0:
             raise UsageError("--restarts and --clients must be at least 1, --steady above 0")
         _emit(bench_restart(a.restarts, a.clients, a.steady, a.reps), a.json, print_restart)
+        return 0
+    if a.bench == "standby":
+        from .bench_standby import bench_standby, print_standby
+
+        if a.fds < 0 or a.mutations < 1 or a.kills < 1:
+            raise UsageError("--fds must be 0 or more, --mutations and --kills at least 1")
+        _emit(bench_standby(a.fds, a.mutations, a.kills), a.json, print_standby)
         return 0
     if a.bench == "tenants":
         from .bench_tenants import bench_tenants, print_tenants
