@@ -663,6 +663,9 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--fds", type=int, default=200, help="eventfds the first source holds (default 200)")
     ch.add_argument("--clients", type=int, default=3, help="concurrent clients churning (default 3)")
     ch.add_argument("--rate", type=float, default=100, help="requests per second of each client (default 100)")
+    ch.add_argument("--standby", action="store_true",
+                    help="instead: a daemon with --standby; each round SIGKILLs or SIGSTOPs the serving daemon and its "
+                         "standby at random moments under churn (docs/standby.md)")
     ch.add_argument("--keep-logs", action="store_true", help="keep the daemons' logs (their directory is printed)")
     ch.add_argument("--json", action="store_true", help="print one JSON object")
     ch.set_defaults(func=cmd_chaos)

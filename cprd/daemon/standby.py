@@ -55,7 +55,7 @@ import trio
 from .. import proc
 from ..protocol.upgrade import Deadlines, Role
 from .standin import Stream
-from .takeover import TakeOver, _Journal
+from .takeover import TakeOver, Journal
 
 log = logging.getLogger("cprd.standby")
 
@@ -308,7 +308,7 @@ async def stand_by(table: Any, state: Any) -> TakeOver | None:
     out = TakeOver()
     answers = ReplyCache()
     answers.take_from(state.results)
-    journal = _Journal(state.standin.journal_fd, table, out, strict=False)
+    journal = Journal(state.standin.journal_fd, table, out, strict=False)
     words = state.guardian_fd
     pidfd = proc.pidfd_open(state.pid)
     if pidfd is not None and os.getppid() != state.pid:  # it died before we looked: the pid may be another's

@@ -49,8 +49,9 @@ class TakeOver:
     children: list[tuple[int, int | None]] = field(default_factory=list)  # (pid, pidfd) to reap once serving
 
 
-class _Journal:
-    """The new program's end of the journal: applies what it reads to the table."""
+class Journal:
+    """The reading end of a journal (the new program's, a restore's, a standby's): applies what it
+    reads to the table."""
 
     def __init__(self, fd: int, table: Any, out: TakeOver, strict: bool) -> None:
         self.sock = socket.socket(fileno=fd)
@@ -150,7 +151,7 @@ async def take_over(table: Any, state: UpgradeState, strict: bool = True) -> Tak
         gpid = state.guardian_pid
         out.children = [(gpid, proc.pidfd_open(gpid) if proc.is_child(gpid) else None)]
         return out
-    journal = _Journal(standin.journal_fd, table, out, strict)
+    journal = Journal(standin.journal_fd, table, out, strict)
     try:
         if state.mode == "restore":  # the guardian's copy: the others are fenced, so it is complete
             journal.strict = False
@@ -164,7 +165,7 @@ async def take_over(table: Any, state: UpgradeState, strict: bool = True) -> Tak
 
 
 class _Driver:
-    def __init__(self, journal: _Journal, state: UpgradeState, out: TakeOver) -> None:
+    def __init__(self, journal: Journal, state: UpgradeState, out: TakeOver) -> None:
         self.journal, self.state, self.out = journal, state, out
         self.d = state.deadlines
         self.standin_pid = state.standin.pid if state.standin else None

@@ -22,6 +22,12 @@ A campaign starts a source with a small table. Each round:
    while a process of the table lives; a request that failed or waited past the clients' bound;
    the owner's fds growing beside its table (a leak).
 
+With ``--standby`` the source runs with ``--standby`` and every round is a "standby" round: no
+move, one or two faults (SIGKILL or SIGSTOP of the serving daemon or of its standby, at random
+moments under churn); the round settles once a daemon serves with its standby up. The same checks
+hold, with the standby allowed beside the owner among the holders of the listening socket; only a
+round that kills both the daemon and its standby may lose the table.
+
 ``CPRD_CHAOS_TAMPER=1`` (tests only) injects no fault and changes the table behind the model's
 back in the first round, so that a test can see the checks catch it.
 
@@ -60,8 +66,10 @@ from ..errors import CprdError, UsageError
 from .procs import cprd_cmd, wait_for_socket
 from .stress import new_fd
 
-ROLES = {"handoff": ("source", "target"), "upgrade": ("daemon", "stand-in", "guardian")}
-MOMENTS_MS = {"handoff": (0, 25), "upgrade": (0, 450)}  # when faults fire, after the move began (its span)
+ROLES = {"handoff": ("source", "target"), "upgrade": ("daemon", "stand-in", "guardian"),
+         "standby": ("daemon", "standby")}
+# when faults fire, after the move began (its span); a standby round's move is the faults themselves
+MOMENTS_MS = {"handoff": (0, 25), "upgrade": (0, 450), "standby": (0, 500)}
 HOLD_S = (0.1, 2.5)  # how long a SIGSTOP lasts before its SIGCONT
 WAIT_BOUND_S = 45.0  # a client request may take this long at most (its own retries included)
 SETTLE_S = 60.0
@@ -202,7 +210,8 @@ class Churner:
 
 
 class Campaign:
-    def __init__(self, seed: int, fds: int, clients: int, rate: float, log_dir: str) -> None:
+    def __init__(self, seed: int, fds: int, clients: int, rate: float, log_dir: str, standby: bool = False) -> None:
+        self.standby = standby
         self.rng = random.Random(seed)
         self.seed, self.fds, self.clients, self.rate = seed, fds, clients, rate
         self.dir = log_dir
@@ -238,12 +247,13 @@ class Campaign:
             if name.startswith("state"):
                 shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
         p = self.spawn("source", "--control", self.control, "--populate", f"eventfds={self.fds}",
-                       "--state-dir", os.path.join(self.dir, f"state-{self.restarts}"))
+                       "--state-dir", os.path.join(self.dir, f"state-{self.restarts}"),
+                       *(["--standby"] if self.standby else []))
         wait_for_socket(self.control, p)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             st = _status(self.control, 1.0)
-            if st and st["pid"] == p.pid:
+            if st and st["pid"] == p.pid and (not self.standby or (st.get("standby") or {}).get("state") == "up"):
                 return p.pid
             time.sleep(0.02)
         raise CprdError("the chaos source did not start serving")
@@ -273,7 +283,7 @@ class Campaign:
             return daemon
         if role == "target":
             return target
-        name = "cprd-standin" if role == "stand-in" else "cprd-guardian"
+        name = {"stand-in": "cprd-standin", "guardian": "cprd-guardian", "standby": "cprd-standby"}[role]
         try:
             for c in psutil.Process(daemon).children():
                 if c.name() == name:
@@ -291,7 +301,7 @@ class Campaign:
             owner = await trio.to_thread.run_sync(self.start_source)
         else:
             owner = st["pid"]
-        move = ("handoff", "upgrade")[n % 2]
+        move = "standby" if self.standby else ("handoff", "upgrade")[n % 2]
         faults = []
         for i in range(0 if os.environ.get("CPRD_CHAOS_TAMPER") else self.rng.choice((1, 1, 2))):
             lo, hi = MOMENTS_MS[move]
@@ -337,6 +347,11 @@ class Campaign:
         return r
 
     async def _move(self, r: Round, move: str, listen: str, done: trio.Event) -> None:
+        if move == "standby":  # the faults are the move: over once the last has fired
+            await trio.sleep(MOMENTS_MS["standby"][1] / 1e3 + 0.1)
+            r.move_result = "faults fired"
+            done.set()
+            return
         try:
             async with AsyncClient(self.control, timeout=SETTLE_S, retry_for=0) as c:
                 if move == "handoff":
@@ -376,7 +391,7 @@ class Campaign:
             st = await trio.to_thread.run_sync(_status, self.control, 2.0)
             if st is not None and st["state"] == "serving":
                 kids = [c for c in _children(st["pid"]) if c.name() in ("cprd-standin", "cprd-guardian")]
-                if not kids:
+                if not kids and (r.move != "standby" or (st.get("standby") or {}).get("state") == "up"):
                     return st["pid"]
             elif st is None and not self._alive():
                 return None  # nobody serves and no process of the table lives
@@ -405,6 +420,8 @@ class Campaign:
         # a handoff's source and target both killed: every holder of the table died, it may be lost
         killed = {f.role for f in r.faults if f.action == "kill" and f.pid and f.fired_at}
         killed_sole = killed_sole or (r.move == "handoff" and {"source", "target"} <= killed)
+        if r.move == "standby":  # the table has two holders: only both killed may lose it
+            killed_sole = {"daemon", "standby"} <= killed
         for c in churners:
             r.violations += c.wrong
         st = _status(self.control, 5.0) if r.owner_after else None
@@ -458,6 +475,8 @@ class Campaign:
                     with Client(self.control) as c:
                         c.delete(e["name"], e["id"])
         holders = _holders_of_listener(self.control)
+        if r.move == "standby":
+            holders -= {((st.get("standby") or {}).get("pid"))}  # its copy, by design
         if holders - {owner}:
             r.violations.append(f"processes besides the owner hold the listening control socket: {sorted(holders)}")
         n = len(os.listdir(f"/proc/{owner}/fd")) - st["entries"]
@@ -549,6 +568,8 @@ def _owner_kind(pid: int, r: Round, c: Campaign) -> str:
     upgrade the new program (the daemon's pid), the stand-in, or the guardian's restored program."""
     if r.move == "handoff":
         return "source" if pid == r.owner_before else "target"
+    if r.move == "standby":
+        return "daemon" if pid == r.owner_before else "standby"
     try:
         name = psutil.Process(pid).name()
     except psutil.Error:
@@ -607,9 +628,9 @@ def _log_time(line: str) -> float | None:
 
 
 async def run(rounds: int, seed: int, fds: int, clients: int, rate: float, progress: bool,
-              log_dir: str) -> dict:
+              log_dir: str, standby: bool = False) -> dict:
     ctypes.CDLL(None).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphaned stand-ins become ours
-    c = Campaign(seed, fds, clients, rate, log_dir)
+    c = Campaign(seed, fds, clients, rate, log_dir, standby)
     results: list[Round] = []
     t0 = time.monotonic()
     try:
@@ -651,7 +672,7 @@ def main(a) -> int:
     os.chmod(log_dir, 0o700)
     progress = sys.stderr.isatty() and not a.json
     try:
-        res = trio.run(run, a.rounds, seed, a.fds, a.clients, a.rate, progress, log_dir)
+        res = trio.run(run, a.rounds, seed, a.fds, a.clients, a.rate, progress, log_dir, a.standby)
     finally:
         keep = a.keep_logs
         if not keep:
@@ -669,7 +690,7 @@ def main(a) -> int:
             print(f"    round {v['round']} ({v['move']}, faults {v['faults']}): {v['what']}")
     if res["violations"]:
         print(f"cprd: error: {res['violations']} violations; reproduce with `cprd chaos --seed {seed} --rounds "
-              f"{a.rounds}`" + (f" (logs kept in {log_dir})" if a.keep_logs else " (--keep-logs keeps the logs)"),
-              file=sys.stderr)
+              f"{a.rounds}{' --standby' if a.standby else ''}`"
+              + (f" (logs kept in {log_dir})" if a.keep_logs else " (--keep-logs keeps the logs)"), file=sys.stderr)
         return 1
     return 0

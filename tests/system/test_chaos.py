@@ -35,6 +35,19 @@ def test_a_short_chaos_campaign_finds_no_violation():
     assert {"source", "target", "daemon"} <= fired, (seed, res["by_role"], res["missed"])
 
 
+def test_a_short_standby_campaign_finds_no_violation():
+    """--standby: SIGKILLs and SIGSTOPs of the serving daemon and of its standby under churn; no
+    acknowledged change lost, no request failed, never two holders serving."""
+    seed = random.SystemRandom().randrange(1 << 30)
+    code, res, err = _chaos("--standby", "--rounds", "8", "--seed", str(seed))
+    assert code == 0 and res["violations"] == 0, (seed, res["violation_details"], err[-2000:])
+    assert res["moves"] == {"standby": 8} and res["ops"] > 500, res
+    fired = {k.split(":")[0] for k in res["by_role"]}
+    assert fired == {"daemon", "standby"}, (seed, res["by_role"], res["missed"])
+    if res["by_role"].get("daemon:kill"):
+        assert res["by_outcome"].get("standby", 0) >= 1, ("a killed daemon's standby took over", seed, res)
+
+
 def test_the_campaigns_checks_catch_a_table_changed_behind_the_models_back():
     code, res, err = _chaos("--rounds", "1", "--seed", "7", env={"CPRD_CHAOS_TAMPER": "1"})
     found = " | ".join(v["what"] for v in res["violation_details"])

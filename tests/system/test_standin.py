@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from cprd.client import Client
-from cprd.daemon.takeover import TakeOver, _Journal
+from cprd.daemon.takeover import TakeOver, Journal
 from cprd.protocol import upgrade as pu
 from cprd.protocol.upgrade import Ev
 from cprd.table import FdTable
@@ -293,7 +293,7 @@ def test_a_journal_with_a_hole_is_never_taken_over_from(strict):
     for messages, events, applied in cases:
         out = TakeOver()
         sock = _journal(*messages)
-        j = _Journal(sock.detach(), FdTable(), out, strict)
+        j = Journal(sock.detach(), FdTable(), out, strict)
         try:
             got = j.read()
         finally:
