@@ -170,3 +170,23 @@ def test_a_stopped_daemon_is_killed_by_its_standby_which_serves(cluster):
     finally:
         os.close(fd)
         os.close(ev)
+
+
+def test_an_upgrade_retires_the_standby_and_the_new_program_starts_its_own(cluster):
+    """The standby is retired as an in-place upgrade starts (the guardian protects the upgrade); the
+    program that serves after it forks a new one, which takes over at the next SIGKILL."""
+    src = cluster.source("eventfds=6", extra=("--standby",))
+    first = _standing_by(cluster, src.pid)
+    r = cluster.ctl("upgrade", "--json")
+    assert r.returncode == 0 and not json.loads(r.stdout)["rolled_back"], (r.stdout, r.stderr)
+    second = _standing_by(cluster, src.pid)
+    assert second != first
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(first) and psutil.Process(first).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the retired standby did not exit"
+        time.sleep(0.02)
+    assert "event=standby_retired pid=%d why=an upgrade starts" % first in cluster.logs()
+    os.kill(src.pid, signal.SIGKILL)
+    assert _serving(cluster, src.pid) == second
+    with cluster.client() as c:
+        assert len(c.ls()) == 6
