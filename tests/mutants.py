@@ -279,7 +279,8 @@ MUTANTS = [
            ("tests/system/test_standby.py::test_a_standby_that_dies_or_stops_reading_is_replaced_and_a_stop_"
             "retires_it",)),
     Mutant("silent-daemon-left-serving", "a daemon that stops answering is killed by its standby, which serves",
-           "cprd/daemon/standby.py", "                n.start_soon(_probe, state, pidfd)\n", "                pass\n",
+           "cprd/daemon/standby.py", "                n.start_soon(_probe, state, pidfd, journal.sock, heard)\n",
+           "                pass\n",
            ("tests/system/test_standby.py::test_a_stopped_daemon_is_killed_by_its_standby_which_serves",)),
     Mutant("ready-without-ready", "a new generation that never says READY=1 is not taken as ready", "cprd/serve.py",
            "                await g.ready_event.wait()\n", "                pass\n",

@@ -23,6 +23,9 @@ process's own fd limit.
   (statefd.py) and execs cprd in its own pid with the daemon's own arguments. That program restores
   the table, serves the same listening control socket (clients waiting in its backlog meanwhile),
   tells a service manager its pid (``MAINPID=``) and forks a standby of its own.
+* **Judged by answers.** The standby probes the daemon (P on the journal, answered p on its pipe by
+  the daemon's event loop); none for 3 x answer_timeout: the daemon is killed, and its end is the
+  take-over. The daemon judges the standby by its queue (``_judge``).
 * **Retired, never orphaned.** A deliberate end of the daemon (SIGTERM, a handoff that moved the
   table, an in-place upgrade about to start) first tells the standby to exit (R on its pipe): it
   never takes over a table that is somewhere else now. During a handoff or an upgrade there is no
@@ -61,6 +64,7 @@ log = logging.getLogger("cprd.standby")
 
 RETIRE = b"R"  # on its pipe: exit, take nothing over
 UP = b"U"  # from it on the journal: its program runs and holds the table
+PING, PONG = b"P", b"p"  # its probe of the daemon (on the journal), and the daemon's answer (on its pipe)
 JUDGE_EVERY_S = 0.1
 PROBE_EVERY_S, PROBE_MIN_S = 1.0, 3.0  # the standby's status requests to the daemon
 BACKOFF_S = (0.05, 5.0)
@@ -117,6 +121,7 @@ class Standby:
             os.setpgid(pid, pid)  # out of the daemon's group from this side too (a group kill)
         except OSError:
             pass
+        os.set_blocking(rw, False)
         self.pid, self.sock, self.words = pid, pair[0], rw
         self.pidfd = proc.pidfd_open(pid)
         self.stream = Stream({Role.GUARDIAN: self.sock}, on_break=self._broken, on_guardian_gone=self._gone)
@@ -179,8 +184,9 @@ class Standby:
                 backoff = min(backoff * 2, BACKOFF_S[1])
 
     async def _hear_up(self) -> None:
-        """U on the journal: its program runs and holds the table (status: up)."""
-        sock = self.sock
+        """U on the journal: its program runs and holds the table (status: up). P: its probe, answered
+        p on its pipe by this event loop (a daemon whose loop is stuck or stopped answers nothing)."""
+        sock, words = self.sock, self.words
         while sock is not None:
             await trio.lowlevel.wait_readable(sock)
             try:
@@ -192,6 +198,11 @@ class Standby:
             if word == UP:
                 self.up = True
                 log.info("event=standby_up pid=%s ms=%.0f", self.pid, (time.time() - (self.since or 0)) * 1e3)
+            elif word == PING and words is not None:
+                try:
+                    os.write(words, PONG)
+                except OSError:  # (full: it reads none of them; its queue judges it)
+                    pass
             elif not word:
                 return
 
@@ -319,23 +330,26 @@ async def stand_by(table: Any, state: Any) -> TakeOver | None:
         journal.sock.send(UP)
     except OSError:
         pass
+    heard = [trio.current_time()]  # when the daemon last answered a probe
     try:
         async with trio.open_nursery() as n:
             if pidfd is not None:
-                n.start_soon(_probe, state, pidfd)
+                n.start_soon(_probe, state, pidfd, journal.sock, heard)
             while pidfd is not None:
                 fds = [pidfd] + ([journal.sock.fileno()] if not journal.ended else []) + ([words] if words else [])
                 await _first_readable(fds)
                 if words and _readable(words):
                     try:
-                        word = os.read(words, 1)
+                        got = os.read(words, 64)
                     except OSError:
-                        word = b""
-                    if word == RETIRE:
+                        got = b""
+                    if RETIRE in got:
                         log.info("event=standby_retired pid=%d", os.getpid())
                         n.cancel_scope.cancel()
                         return None
-                    if word == b"":
+                    if PONG in got:
+                        heard[0] = trio.current_time()
+                    if got == b"":
                         words = None  # (the daemon's end: closed with it; its pidfd says so)
                 if not journal.ended:
                     journal.read()
@@ -359,33 +373,23 @@ async def stand_by(table: Any, state: Any) -> TakeOver | None:
                 os.close(fd)
 
 
-async def _probe(state: Any, pidfd: int) -> None:
-    """The daemon alive is not enough: it must answer. A status request every PROBE_EVERY_S; none
-    answered (Busy is an answer) for 3 x answer_timeout (at least PROBE_MIN_S): it is stopped or
-    frozen, and its clients wait. It is killed (SIGKILL through its pidfd, which a stopped or frozen
-    process cannot ignore); its end, seen by the caller, is the take-over: never two serving."""
-    from ..client import AsyncClient
-    from ..errors import Busy, CprdError
-
+async def _probe(state: Any, pidfd: int, sock: socket.socket, heard: list[float]) -> None:
+    """The daemon alive is not enough: it must answer. P on the journal every PROBE_EVERY_S, which the
+    daemon's event loop answers p on our pipe; none for 3 x answer_timeout (at least PROBE_MIN_S): it
+    is stopped or frozen, and its clients wait. It is killed (SIGKILL through its pidfd, which a
+    stopped or frozen process cannot ignore); its end, seen by the caller, is the take-over: never
+    two serving. (Not a request on the control socket: its path may be gone while the daemon serves
+    on the socket it holds.)"""
     limit = max(PROBE_MIN_S, 3 * float(state.config.get("answer_timeout", 1.0)))
-    heard = trio.current_time()
     while True:
         await trio.sleep(PROBE_EVERY_S)
-        client = AsyncClient(state.control_path, timeout=limit, retry_for=0.0)
         try:
-            with trio.move_on_after(limit):
-                try:
-                    await client.status()
-                except Busy:
-                    pass
-                heard = trio.current_time()
-        except (CprdError, OSError):
-            pass
-        finally:
-            client.close()
-        if trio.current_time() - heard >= limit:
+            sock.send(PING)
+        except OSError:
+            pass  # (its end is closed: it is gone, and its pidfd says so)
+        if trio.current_time() - heard[0] >= limit:
             log.error("event=daemon_silent pid=%d seconds=%.1f note=killed;-its-standby-takes-over", state.pid,
-                      trio.current_time() - heard)
+                      trio.current_time() - heard[0])
             proc.kill(pidfd, state.pid)
             return
 
