@@ -7,22 +7,22 @@ Between upgrades every fd lives in one process: its death (SIGKILL, the OOM kill
 lose them all. A copy of an open file description in a second process costs a reference, and that
 process's own fd limit.
 
-* **Start.** Once the daemon serves, it forks the standby. The fork is the snapshot: the standby's
-  table is the daemon's at that instant, fd numbers and all. From the fork on, the daemon sends
-  every change of its table to the standby (the upgrade's journal, ``standin.Stream``: each save with
-  its fd attached, each delete, and the answer to each mutation) *before* the client hears the
-  answer. A message in the standby's socket queue is the standby's even if the daemon dies the next
+* **Start.** Once the daemon serves, it forks. The fork is the snapshot: the child writes the state
+  of the table as it is at that instant (an in-place upgrade's format, statefd.py) and execs cprd
+  on it in standby mode, so that its interpreter and event loop start now, not when the daemon
+  dies; it says U on the journal once it holds the table. From the fork on, the daemon sends every
+  change of its table to the standby (the upgrade's journal, ``standin.Stream``: each save with its
+  fd attached, each delete, and the answer to each mutation) *before* the client hears the answer.
+  A message in the standby's socket queue is the standby's even if the daemon dies the next
   instant: no client ever hears "done" for a change the standby could lose.
-* **Kept current.** The standby applies the journal as it comes (a delete closes its copy on a closer
-  thread, so that a close that blocks never holds up its watch), and keeps the answers (a retried
-  request is answered once, with its first answer). It holds nothing else: the client connections
-  the fork copied are closed at once.
-* **Take-over.** The standby watches the daemon's pidfd: it is readable the instant the daemon is
-  gone, whatever killed it. The standby then applies what is left in its queue (all of it: the
-  daemon can send no more), writes the state of its table as an in-place upgrade's rollback would
-  (statefd.py) and execs cprd in its own pid with the daemon's own arguments. That program restores
-  the table, serves the same listening control socket (clients waiting in its backlog meanwhile),
-  tells a service manager its pid (``MAINPID=``) and forks a standby of its own.
+* **Kept current** (``stand_by``, in the exec'd program). It applies the journal as it comes (a
+  delete closes its copy on a closer thread, so that a close that blocks never holds up its watch)
+  and keeps the answers (a retried request is answered once, with its first answer).
+* **Take-over.** The standby watches the daemon's pidfd, readable the instant the daemon is gone,
+  whatever killed it. It applies what is left in its queue (all of it: the daemon can send no
+  more) and serves the same listening control socket in its own pid (clients wait in its backlog
+  meanwhile), tells a service manager its pid (``MAINPID=``, daemon/main.py) and forks a standby of
+  its own: the daemon's death to serving is a few milliseconds.
 * **Judged by answers.** The standby probes the daemon (P on the journal, answered p on its pipe by
   the daemon's event loop); none for 3 x answer_timeout: the daemon is killed, and its end is the
   take-over. The daemon judges the standby by its queue (``_judge``).
@@ -35,9 +35,9 @@ process's own fd limit.
   kills it, and forks a new one (a new snapshot) once the old one is gone, after a short backoff;
   meanwhile mutations are answered without a standby, as without --standby.
 
-What this module may know: trio (the daemon's side only), fork, pidfds, the table, the journal's
-format, the upgrade's state. The standby's side uses no trio and no logging until its exec (a fork
-of a process whose logging lock another thread may hold).
+What this module may know: trio, fork and exec, pidfds, the table, the journal's format, the
+upgrade's state. The fork uses no trio and no logging until its exec (a fork of a process whose
+logging lock another thread may hold).
 """
 
 from __future__ import annotations
