@@ -262,10 +262,10 @@ def test_restarts_start_a_ready_generation_before_the_old_one_stops_and_refuse_n
 
 
 @pytest.mark.parametrize("mode, reason", [("exit", "exited before it was ready: exit status 3"),
-                                          ("never-ready", "was not ready within 10 s (notify)")])
+                                          ("never-ready", "was not ready within 5 s (notify)")])
 def test_a_new_generation_that_fails_is_killed_and_the_old_one_keeps_serving(cluster, tmp_path, mode, reason):
     cluster.source("eventfds=1")
-    app = App(cluster, tmp_path)
+    app = App(cluster, tmp_path, "web", "notify", "--ready-timeout", "5")
     try:
         old = app.ready_gens()[0]["pid"]
         app.mode.write_text(mode)
