@@ -191,3 +191,37 @@ def test_an_upgrade_retires_the_standby_and_the_new_program_starts_its_own(clust
     assert _serving(cluster, src.pid) == second
     with cluster.client() as c:
         assert len(c.ls()) == 6
+
+
+def test_an_apps_store_and_its_listener_survive_the_daemons_death(cluster, tmp_path):
+    """What `cprd run --listen` keeps (an app's fd store: its listener, its notify socket, its names)
+    is part of the table: after a SIGKILL of the daemon its standby serves the store, the next run
+    gets the very same listener, and a connection that waited in its backlog meanwhile is there."""
+    import socket
+    import subprocess
+    import sys
+
+    src = cluster.source("eventfds=2", extra=("--standby",))
+    env = {**os.environ, "CPRD_CONTROL": cluster.control}
+    show = "import os; print(os.readlink('/proc/self/fd/3'))"
+    first = subprocess.run([sys.executable, "-m", "cprd", "run", "--name", "web", "--listen", "http=tcp:127.0.0.1:0",
+                            "--", sys.executable, "-c", show], env=env, capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0, first.stderr
+    with cluster.client() as c:
+        (row,) = c.fdstore("web", "list")
+        _, fd = c.get("fdstore/web", row["id"])
+    with socket.socket(fileno=fd) as s:
+        port = s.getsockname()[1]
+    standby = _standing_by(cluster, src.pid)
+    os.kill(src.pid, signal.SIGKILL)
+    waiting = socket.create_connection(("127.0.0.1", port), timeout=10)  # nobody accepts: it waits in the backlog
+    waiting.sendall(b"hi")
+    assert _serving(cluster, src.pid) == standby
+    again = subprocess.run([sys.executable, "-m", "cprd", "run", "--name", "web", "--listen",
+                            f"http=tcp:127.0.0.1:{port}", "--", sys.executable, "-c",
+                            "import socket; s = socket.socket(fileno=3); c, _ = s.accept(); print(c.recv(2).decode()); "
+                            + show], env=env, capture_output=True, text=True, timeout=60, input="")
+    assert again.returncode == 0, again.stderr
+    said, inode = again.stdout.split()
+    assert said == "hi" and inode == first.stdout.strip(), "the very listener, and the connection that waited in it"
+    waiting.close()
