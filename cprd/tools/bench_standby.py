@@ -4,11 +4,11 @@ is killed and its standby takes over.
 1. Cost: a source with `--populate eventfds=N`, without and then with `--standby`; one client puts a
    new eventfd and deletes it again, M times; the latency of each put and each delete (every one is
    journaled to the standby before its answer).
-2. Take-over: a source with `--standby`; one client loops puts (a new eventfd each, retried with the
-   same request id across the take-over); K times, SIGKILL to whichever daemon serves, once its
-   standby is up. For each kill: the longest a put waited for its answer around the kill, and the
-   daemon's own figure (from the death seen to serving). Every acknowledged put is then checked to
-   be in the table (count), none twice.
+2. Take-over: a source with `--standby`; one client loops a put of a new eventfd and a delete of
+   the put KEEP before it (each retried with the same request id across the take-over); K times,
+   SIGKILL to whichever daemon serves, once its standby is up. For each kill: the longest a request
+   sent from 50 ms before the kill to 1 s after it waited for its answer, and the new daemon's own
+   figure (from the death seen to serving). The table must then hold exactly the last KEEP puts.
 
 What this module may know: processes, the client.
 """
@@ -25,8 +25,11 @@ import threading
 import time
 from typing import Any
 
+from .. import proc
 from ..client import Client
 from .procs import cprd_cmd, stop, wait_for_socket
+
+KEEP = 100  # puts the take-over churn keeps in the table (each older one is deleted)
 
 
 def _source(d: str, control: str, fds: int, standby: bool) -> subprocess.Popen:
@@ -34,7 +37,7 @@ def _source(d: str, control: str, fds: int, standby: bool) -> subprocess.Popen:
     p = subprocess.Popen(cprd_cmd("source", "--control", control, "--populate", f"eventfds={fds}",
                                   "--state-dir", os.path.join(d, "state"), *(["--standby"] if standby else []),
                                   log_level="info"),
-                         stdin=subprocess.DEVNULL, stderr=log)
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
     log.close()
     wait_for_socket(control, p)
     return p
@@ -102,13 +105,19 @@ def _takeovers(d: str, fds: int, kills: int) -> dict[str, Any]:
                 try:
                     c.put("k", i, ev)
                     done.append((t, time.monotonic() - t))
+                    if i >= KEEP:  # the table stays the same size: the oldest put goes
+                        t = time.monotonic()
+                        c.delete("k", i - KEEP)
+                        done.append((t, time.monotonic() - t))
                 except Exception as e:  # noqa: BLE001 - a figure
                     failed.append(f"{type(e).__name__}: {e}")
                 finally:
                     os.close(ev)
                 i += 1
+        last[0] = i
 
     rows = []
+    last = [0]
     daemons = [p.pid]
     try:
         _up(control, p.pid)
@@ -124,25 +133,39 @@ def _takeovers(d: str, fds: int, kills: int) -> dict[str, Any]:
             daemons.append(daemon)
             _up(control, daemon)
             time.sleep(0.2)
-            around = [s for t, s in done if t_kill - 1.0 <= t <= t_kill + 0.5]
+            # the requests in flight at the kill, or sent until the standby serves
+            around = [s for t, s in done if t_kill - 0.05 <= t <= t_kill + 1.0]
             rows.append({"longest_wait_ms": round(max(around) * 1e3, 1) if around else None})
         stop_ev.set()
         th.join(60)
         with open(os.path.join(d, "daemon.log"), errors="replace") as f:
             figures = [float(x.split("ms=")[1].split()[0]) for x in f if "event=took_over" in x]
         with Client(control, timeout=30) as c:
-            served = sum(1 for e in c.ls() if e["name"] == "k")
+            served = sorted(e["id"] for e in c.ls() if e["name"] == "k")
+        want = list(range(max(0, last[0] - KEEP), last[0]))
+        served = len(served) if served == want else f"{len(served)}, not the {len(want)} acknowledged: {served[:5]}"
         waits = [r["longest_wait_ms"] for r in rows if r["longest_wait_ms"] is not None]
         return {"kills": rows, "failed": failed[:5], "failures": len(failed), "acknowledged": len(done),
                 "served": served, "longest_wait_ms": _spread(waits), "takeover_ms": _spread(figures)}
     finally:
         stop_ev.set()
-        for pid in daemons:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        _end(daemons[-1])  # the one that serves: SIGTERM retires its standby (a SIGKILL would make it take over)
+        for pid in daemons[:-1]:
+            _end(pid)
         stop(p)
+
+
+def _end(pid: int) -> None:
+    """SIGTERM (a daemon retires its standby), then SIGKILL after 10 s."""
+    pidfd = proc.pidfd_open(pid)
+    if pidfd is None:
+        return
+    try:
+        proc.signal_pidfd(pidfd, signal.SIGTERM)
+        if not proc.wait_ended(pidfd, 10.0):
+            proc.signal_pidfd(pidfd, signal.SIGKILL)
+    finally:
+        os.close(pidfd)
 
 
 def _spread(xs: list[float]) -> dict[str, float] | None:
@@ -167,4 +190,5 @@ def print_standby(r: dict[str, Any]) -> None:
     t = r["takeover"]
     print(f"  take-over after SIGKILL ({len(t['kills'])} kills, a client putting all along): longest wait for an "
           f"answer {t['longest_wait_ms']} ms; the standby's own figure (death seen -> serving) {t['takeover_ms']} ms")
-    print(f"  puts acknowledged {t['acknowledged']}, in the table {t['served']}, failed {t['failures']}")
+    print(f"  requests acknowledged {t['acknowledged']}, failed {t['failures']}; the table holds the last puts: "
+          f"{t['served']}")

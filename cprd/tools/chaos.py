@@ -510,6 +510,18 @@ class Campaign:
                 pass
 
     def stop_all(self) -> None:
+        st = _status(self.control, 2.0) if self.standby else None
+        if st is not None:  # SIGTERM retires the standby; a SIGKILL of the daemon alone would make it take over
+            try:
+                psutil.Process(st["pid"]).terminate()
+                psutil.Process(st["pid"]).wait(10)
+            except (psutil.Error, psutil.TimeoutExpired):
+                pass
+        for _ in range(2):  # (a second pass: whatever a standby forked while the first ran)
+            self._kill_descendants()
+        self.model.clear()
+
+    def _kill_descendants(self) -> None:
         for p in _descendants():
             try:
                 p.send_signal(signal.SIGCONT)
@@ -521,7 +533,6 @@ class Campaign:
                 p.wait(10)
             except (psutil.Error, psutil.TimeoutExpired):
                 pass
-        self.model.clear()
 
 
 def subprocess_devnull():

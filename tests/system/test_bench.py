@@ -94,6 +94,18 @@ def test_fdstore_json_has_the_fields():
     assert r.returncode == 2 and "--fds and --senders must be at least 1" in r.stderr
 
 
+def test_standby_json_has_the_fields_and_a_take_over_lost_nothing():
+    r = json_of(run("bench", "standby", "--fds", "50", "--mutations", "100", "--kills", "2", "--json", timeout=180))
+    assert [c["standby"] for c in r["cost"]] == [False, True]
+    for c in r["cost"]:
+        assert 0 < c["put"]["p50_ms"] <= c["put"]["p99_ms"] <= c["put"]["max_ms"], c
+    t = r["takeover"]
+    assert t["failures"] == 0 and t["served"] == 100 and len(t["kills"]) == 2, t
+    assert t["takeover_ms"]["max"] > 0 and t["longest_wait_ms"]["max"] > 0, t
+    bad = run("bench", "standby", "--kills", "0")
+    assert bad.returncode == 2 and "--kills at least 1" in bad.stderr
+
+
 def test_upgrade_json_has_the_fields():
     rows = json_of(run("bench", "upgrade", "--sizes", "50", "--reps", "1", "--json", timeout=120))
     assert [r["fds"] for r in rows] == [50]
