@@ -58,7 +58,7 @@ import trio
 from .. import proc
 from ..protocol.upgrade import Deadlines, Role
 from .standin import Stream
-from .takeover import TakeOver, Journal
+from .takeover import Journal, TakeOver, first_readable
 
 log = logging.getLogger("cprd.standby")
 
@@ -337,7 +337,7 @@ async def stand_by(table: Any, state: Any) -> TakeOver | None:
                 n.start_soon(_probe, state, pidfd, journal.sock, heard)
             while pidfd is not None:
                 fds = [pidfd] + ([journal.sock.fileno()] if not journal.ended else []) + ([words] if words else [])
-                await _first_readable(fds)
+                await first_readable(fds)
                 if words and _readable(words):
                     try:
                         got = os.read(words, 64)
@@ -398,12 +398,3 @@ def _readable(fd: int) -> bool:
     p = select.poll()  # (select() cannot take an fd above 1023)
     p.register(fd, select.POLLIN)
     return bool(p.poll(0))
-
-
-async def _first_readable(fds: list[int]) -> None:
-    async with trio.open_nursery() as n:
-        for fd in fds:
-            async def one(fd: int = fd) -> None:
-                await trio.lowlevel.wait_readable(fd)
-                n.cancel_scope.cancel()
-            n.start_soon(one)

@@ -230,7 +230,7 @@ class _Driver:
         if self.guardian_pidfd is not None and not proc.ended(self.guardian_pidfd):
             fds.append(self.guardian_pidfd)
         with trio.move_on_at(deadline):
-            await _first_readable(fds)
+            await first_readable(fds)
         if not self.journal.ended:
             got += self.journal.read()
         if self.link is not None:
@@ -285,7 +285,7 @@ class _Driver:
                 await trio.lowlevel.wait_readable(pidfd)
 
 
-async def _first_readable(fds: list[int]) -> None:
+async def first_readable(fds: list[int]) -> None:
     """Return once any of fds is readable (or at once, with none)."""
     if not fds:
         await trio.sleep_forever()
