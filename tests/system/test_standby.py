@@ -163,7 +163,8 @@ def test_a_stopped_daemon_is_killed_by_its_standby_which_serves(cluster):
     assert _serving(cluster, src.pid) == standby
     waited = time.monotonic() - t0
     assert src.wait(10) == -signal.SIGKILL
-    assert 3.0 <= waited < 30, waited
+    # silent for 3 s counted from its last answer (probes go every second): killed 2-3 s after the stop
+    assert 1.9 <= waited < 30, waited
     assert "event=daemon_silent pid=%d" % src.pid in cluster.logs()
     with cluster.client() as c:
         _, fd = c.get("before", 1)
