@@ -163,7 +163,8 @@ class Daemon:
         return await self.handlers(req, fds, conn, who)
 
     # -- lifecycle ---------------------------------------------------------------------------
-    async def run(self, on_serving: Callable[[], Awaitable[None]] | None = None, stores_after: bool = False) -> int:
+    async def run(self, on_serving: Callable[[], Awaitable[None]] | None = None, stores_after: bool = False,
+                  new_main_pid: bool = False) -> int:
         """Serve until stopped. `stores_after`: read the fd stores' sockets only once on_serving
         returned (a target: once it confirmed; before that the table may still go back to the
         source, and a datagram read meanwhile would be lost with the target)."""
@@ -182,7 +183,7 @@ class Daemon:
                     await self.stores.run(nursery)
                 log.info("event=serving role=%s pid=%d control=%s entries=%d", st.role, os.getpid(),
                          st.control_path, len(st.table))
-                if st.role == "target":
+                if st.role == "target" or new_main_pid:
                     sdnotify.mainpid(os.getpid())  # the service's main process is now this one
                 sdnotify.ready(self.status_line())
                 if on_serving is not None:

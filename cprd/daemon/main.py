@@ -267,12 +267,11 @@ async def _serve_restored(state: Any, state_fd: int, table: FdTable, listener: s
             log.info("event=upgraded pid=%d entries=%d ms=%.1f rolled_back=%s standin=%s journal_messages=%s "
                      "fenced=%s phases_ms=%s", os.getpid(), len(st.table), ms, result["rolled_back"], cpid,
                      took.messages, took.fenced, took.phases_ms)
-        if os.getpid() != state.pid:
-            sdnotify.mainpid(os.getpid())
         sdnotify.ready(d.status_line())
         if state.requester_fd is not None:
             conn = trio.socket.from_stdlib_socket(socket.socket(fileno=state.requester_fd))
             with conn:
                 await d.endpoint.reply(conn, cp.encode_reply(result), [])
 
-    return await d.run(on_serving)
+    # another pid than the daemon's (a guardian's restore, a standby): MAINPID= before the first READY=1
+    return await d.run(on_serving, new_main_pid=os.getpid() != state.pid)

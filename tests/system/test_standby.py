@@ -227,3 +227,32 @@ def test_an_apps_store_and_its_listener_survive_the_daemons_death(cluster, tmp_p
     said, inode = again.stdout.split()
     assert said == "hi" and inode == first.stdout.strip(), "the very listener, and the connection that waited in it"
     waiting.close()
+
+
+def test_the_service_manager_is_told_the_standbys_pid_when_it_takes_over(cluster, tmp_path):
+    """MAINPID= (sd_notify) from the standby that took over, then READY=1, on the NOTIFY_SOCKET the
+    daemon was started with; the standby says nothing while it stands by."""
+    import socket
+
+    path = str(tmp_path / "notify.sock")
+    ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ns.bind(path)
+    ns.settimeout(30)
+    src = cluster.source("eventfds=3", env={"NOTIFY_SOCKET": path}, extra=("--standby",))
+
+    def fields() -> dict[str, str]:
+        return dict(line.split("=", 1) for line in ns.recv(4096).decode().splitlines())
+
+    assert fields()["READY"] == "1"
+    standby = _standing_by(cluster, src.pid)
+    ns.settimeout(0.3)
+    try:
+        extra = ns.recv(4096)
+    except TimeoutError:
+        extra = b""
+    assert extra == b"", f"the standby spoke while it stood by: {extra!r}"
+    ns.settimeout(30)
+    os.kill(src.pid, signal.SIGKILL)
+    assert fields() == {"MAINPID": str(standby)}
+    assert fields()["READY"] == "1"
+    ns.close()
