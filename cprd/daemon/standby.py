@@ -48,7 +48,6 @@ import os
 import select
 import signal
 import socket
-import sys
 import termios
 import time
 from typing import Any
@@ -86,6 +85,7 @@ class Standby:
         self.since: float | None = None  # when the current one was forked (time.time())
         self.last_end = ""  # how the last one ended
         self.up = False  # its program said U
+        self.retiring: float | None = None  # when it was told R
 
     # -- the fork ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -112,7 +112,7 @@ class Standby:
                 os.close(rw)
                 code = _standby(st, pair[1], rr, parent)
             except BaseException as e:  # noqa: BLE001 - report, then exit: never return into the event loop
-                print(f"cprd standby: {type(e).__name__}: {e}", file=sys.stderr)
+                os.write(2, f"cprd standby: {type(e).__name__}: {e}\n".encode(errors="replace"))
             finally:
                 os._exit(code)
         pair[1].close()
@@ -170,8 +170,9 @@ class Standby:
                     n.start_soon(self._judge)
                     if self.pidfd is not None:
                         await trio.lowlevel.wait_readable(self.pidfd)
-                    else:  # (no pidfd: it may be gone already) judged by its queue alone
-                        await trio.sleep_forever()
+                    else:  # (no pidfd: it may be gone already) its end, looked for without reaping it
+                        while os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                            await trio.sleep(JUDGE_EVERY_S)
                     n.cancel_scope.cancel()
             finally:
                 ended = self._reap()
@@ -212,11 +213,22 @@ class Standby:
         does not read (stopped, frozen): fenced, and a new one follows."""
         cfg = self.d.st.config
         last, progress = 0, trio.current_time()
+        started = progress
         while self.sock is not None:
             await trio.sleep(JUDGE_EVERY_S)
             q = self.queued()
             now = trio.current_time()
             if q is None:
+                return
+            if self.retiring is not None:  # told R: it exits within answer_timeout, or is killed
+                if now - self.retiring > cfg.answer_timeout:
+                    log.error("event=standby_fenced pid=%s reason='retired, it did not exit within %g s'", self.pid,
+                              cfg.answer_timeout)
+                    proc.kill(self.pidfd, self.pid)
+                    return
+                continue
+            if not self.up and now - started > cfg.upgrade_timeout:
+                self._broken(f"its program did not start within {cfg.upgrade_timeout:g} s", None)
                 return
             if q == 0 or q < last:
                 progress = now
@@ -255,7 +267,7 @@ class Standby:
         if self.sock is not None:
             self.sock.close()
         self.pid = self.pidfd = self.words = self.sock = None
-        self.since, self.last_end, self.up = None, "", False
+        self.since, self.last_end, self.up, self.retiring = None, "", False, None
         return pid, how
 
     def retire(self, why: str) -> None:
@@ -265,6 +277,7 @@ class Standby:
         if self.pid is None:
             return
         self.last_end = f"retired: {why}"
+        self.retiring = trio.current_time()
         self._unjournal()
         try:
             os.write(self.words, RETIRE)
@@ -278,7 +291,8 @@ class Standby:
     def describe(self) -> dict[str, Any]:
         """For status: its pid, since when, how many were forked, what its queue holds (bytes the
         daemon sent it that it has not read yet; every answered change is in it or applied)."""
-        state = ("up" if self.up else "starting") if self.pid else ("replacing" if self.wanted.is_set() else "off")
+        state = ("retiring" if self.retiring is not None else "up" if self.up else "starting") if self.pid else (
+            "replacing" if self.wanted.is_set() else "off")
         return {"pid": self.pid, "since": self.since, "started": self.started, "queued_bytes": self.queued(),
                 "synchronous": True, "state": state}
 
@@ -302,15 +316,56 @@ def _standby(st: Any, sock: socket.socket, words: int, daemon_pid: int) -> int:
     prep = upgrade.prepare(state, None, list(st.config.own_args))
     try:
         statefd.exec_with(prep.state.argv_new, prep.state.crossing_fds(prep.state_fd), prep.state_fd)
-    except OSError as e:
-        print(f"cprd standby: cannot run cprd: {e}", file=sys.stderr)
+    except OSError as e:  # (os.write: sys.stderr's lock may be held by a thread of the daemon at the fork)
+        os.write(2, f"cprd standby: cannot run cprd: {e}\n".encode(errors="replace"))
     return 1
 
 
 # -- the standby: the exec'd program, until the daemon dies ------------------------------------------
+class _Words:
+    """What the daemon writes on our pipe: R (retired), p (its answers to our probes). Read to the
+    end each time (an R may wait behind many p); after the daemon's death all it wrote is there."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+        self.heard = trio.current_time()  # the daemon's last answer
+        self.retired = self.closed = False
+        if fd is not None:
+            os.set_blocking(fd, False)
+
+    def drain(self) -> None:
+        while self.fd is not None and not self.closed:
+            try:
+                got = os.read(self.fd, 4096)
+            except BlockingIOError:
+                return
+            except OSError:
+                got = b""
+            if not got:
+                self.closed = True
+            self.retired |= RETIRE in got
+            if PONG in got:
+                self.heard = trio.current_time()
+
+
+def _watch_daemon(pid: int) -> int | None:
+    """A pidfd of the daemon; None if it is gone already (our parent no longer: it died before we
+    looked, and the pid may be another's). Any other failure raises: with no way to watch the
+    daemon, a standby must never take anything over."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+    if os.getppid() != pid:
+        os.close(pidfd)
+        return None
+    return pidfd
+
+
 async def stand_by(table: Any, state: Any) -> TakeOver | None:
     """Apply the daemon's journal as it comes until the daemon dies (the take-over: what to serve
-    with) or retires us (None). Nothing else happens here: the caller serves."""
+    with) or retires us (None). Nothing else happens here: the caller serves. Whatever the way out,
+    a take-over happens only once the daemon is gone and nothing it wrote says retired."""
     from .replies import ReplyCache
 
     with open("/proc/self/comm") as f:
@@ -320,44 +375,38 @@ async def stand_by(table: Any, state: Any) -> TakeOver | None:
     answers = ReplyCache()
     answers.take_from(state.results)
     journal = Journal(state.standin.journal_fd, table, out, strict=False)
-    words = state.guardian_fd
-    pidfd = proc.pidfd_open(state.pid)
-    if pidfd is not None and os.getppid() != state.pid:  # it died before we looked: the pid may be another's
-        os.close(pidfd)
-        pidfd = None
-    log.info("event=standing_by pid=%d for=%d entries=%d", os.getpid(), state.pid, len(table))
+    words = _Words(state.guardian_fd)
+    pidfd = None
     try:
-        journal.sock.send(UP)
-    except OSError:
-        pass
-    heard = [trio.current_time()]  # when the daemon last answered a probe
-    try:
-        async with trio.open_nursery() as n:
-            if pidfd is not None:
-                n.start_soon(_probe, state, pidfd, journal.sock, heard)
-            while pidfd is not None:
-                fds = [pidfd] + ([journal.sock.fileno()] if not journal.ended else []) + ([words] if words else [])
-                await first_readable(fds)
-                if words and _readable(words):
-                    try:
-                        got = os.read(words, 64)
-                    except OSError:
-                        got = b""
-                    if RETIRE in got:
-                        log.info("event=standby_retired pid=%d", os.getpid())
-                        n.cancel_scope.cancel()
-                        return None
-                    if PONG in got:
-                        heard[0] = trio.current_time()
-                    if got == b"":
-                        words = None  # (the daemon's end: closed with it; its pidfd says so)
-                if not journal.ended:
-                    journal.read()
-                    answers.take_from(out.answers)
-                    out.answers.clear()
-                if _readable(pidfd):
-                    break
-            n.cancel_scope.cancel()
+        try:
+            pidfd = _watch_daemon(state.pid)
+        except OSError as e:
+            log.error("event=standby_cannot_watch pid=%d error=%r note=it-exits;-the-daemon-forks-another", state.pid,
+                      str(e))
+            return None
+        log.info("event=standing_by pid=%d for=%d entries=%d", os.getpid(), state.pid, len(table))
+        try:
+            journal.sock.send(UP)
+        except OSError:
+            pass
+        if pidfd is not None:
+            async with trio.open_nursery() as n:
+                n.start_soon(_probe, state, pidfd, journal.sock, words, n.cancel_scope)
+                while not words.retired:
+                    fds = [pidfd] + ([journal.sock.fileno()] if not journal.ended else [])
+                    await first_readable(fds + ([words.fd] if words.fd is not None and not words.closed else []))
+                    words.drain()
+                    if not journal.ended:
+                        journal.read()
+                        answers.take_from(out.answers)
+                        out.answers.clear()
+                    if _readable(pidfd):
+                        break
+                n.cancel_scope.cancel()
+        words.drain()  # all the daemon ever wrote: a deliberate end said R first
+        if words.retired:
+            log.info("event=standby_retired pid=%d", os.getpid())
+            return None
         out.t_asked = trio.current_time()
         proc.set_name(name)  # the daemon's name again: a standby no more
         journal.read()  # the rest: all the daemon ever sent
@@ -368,28 +417,38 @@ async def stand_by(table: Any, state: Any) -> TakeOver | None:
         return out
     finally:
         journal.close()
-        for fd in (pidfd, words):
+        for fd in (pidfd, words.fd):
             if fd is not None:
                 os.close(fd)
 
 
-async def _probe(state: Any, pidfd: int, sock: socket.socket, heard: list[float]) -> None:
+async def _probe(state: Any, pidfd: int, sock: socket.socket, words: _Words, scope: trio.CancelScope) -> None:
     """The daemon alive is not enough: it must answer. P on the journal every PROBE_EVERY_S, which the
     daemon's event loop answers p on our pipe; none for 3 x answer_timeout (at least PROBE_MIN_S): it
     is stopped or frozen, and its clients wait. It is killed (SIGKILL through its pidfd, which a
     stopped or frozen process cannot ignore); its end, seen by the caller, is the take-over: never
     two serving. (Not a request on the control socket: its path may be gone while the daemon serves
-    on the socket it holds.)"""
+    on the socket it holds.) Silence is counted only while we ran: a tick that comes late (we were
+    stopped, or busy) starts it again."""
     limit = max(PROBE_MIN_S, 3 * float(state.config.get("answer_timeout", 1.0)))
+    last = trio.current_time()
     while True:
         await trio.sleep(PROBE_EVERY_S)
+        now = trio.current_time()
+        if now - last > 2 * PROBE_EVERY_S:
+            words.heard = now
+        last = now
         try:
             sock.send(PING)
         except OSError:
             pass  # (its end is closed: it is gone, and its pidfd says so)
-        if trio.current_time() - heard[0] >= limit:
+        words.drain()
+        if words.retired:
+            scope.cancel()  # (the caller sees it)
+            return
+        if now - words.heard >= limit:
             log.error("event=daemon_silent pid=%d seconds=%.1f note=killed;-its-standby-takes-over", state.pid,
-                      trio.current_time() - heard[0])
+                      now - words.heard)
             proc.kill(pidfd, state.pid)
             return
 

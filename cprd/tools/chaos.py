@@ -479,11 +479,13 @@ class Campaign:
             holders -= {((st.get("standby") or {}).get("pid"))}  # its copy, by design
         if holders - {owner}:
             r.violations.append(f"processes besides the owner hold the listening control socket: {sorted(holders)}")
-        n = len(os.listdir(f"/proc/{owner}/fd")) - st["entries"]
+        # (entries counted again: a salvage's clean-up above deleted some since st was asked)
+        entries_now = (_status(self.control, 5.0) or st)["entries"]
+        n = len(os.listdir(f"/proc/{owner}/fd")) - entries_now
         if self.base is None:
             self.base = n
         elif n > self.base + 4:
-            r.violations.append(f"the owner (pid {owner}) has {n} fds beside its {st['entries']} entries; a new "
+            r.violations.append(f"the owner (pid {owner}) has {n} fds beside its {entries_now} entries; a new "
                                 f"source had {self.base}: a leak")
 
     def _tamper(self) -> None:
