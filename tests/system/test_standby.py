@@ -256,3 +256,21 @@ def test_the_service_manager_is_told_the_standbys_pid_when_it_takes_over(cluster
     assert fields() == {"MAINPID": str(standby)}
     assert fields()["READY"] == "1"
     ns.close()
+
+
+def test_a_daemon_stopped_before_its_standby_started_is_not_taken_over(cluster):
+    """SIGTERM right after the start, while the standby's program is still starting: the R the daemon
+    wrote before it exited is read by the standby when it finds the daemon gone; it exits and
+    nobody serves the table (it was stopped on purpose)."""
+    src = cluster.source("eventfds=3", extra=("--standby",))
+    standby = (_status(cluster).get("standby") or {}).get("pid")
+    src.send_signal(signal.SIGTERM)
+    assert src.wait(30) == 0
+    if standby:
+        deadline = time.monotonic() + 30
+        while psutil.pid_exists(standby) and psutil.Process(standby).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "the standby did not exit"
+            time.sleep(0.02)
+    time.sleep(0.3)
+    assert "event=took_over" not in cluster.logs() and "event=daemon_died" not in cluster.logs(), cluster.logs()[-2000:]
+    assert not os.path.exists(cluster.control)
