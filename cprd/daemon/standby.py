@@ -97,6 +97,7 @@ class Standby:
         try:
             rr, rw = os.pipe2(os.O_CLOEXEC)
             parent = os.getpid()
+            t_fork = time.perf_counter()
             pid = os.fork()
         except BaseException:
             for s in pair:
@@ -128,7 +129,9 @@ class Standby:
         st.table.stream, st.stream = self.stream.op, self.stream
         self.started += 1
         self.since = time.time()
-        log.info("event=standby_started pid=%d entries=%d", pid, len(st.table))
+        # the fork is the one step here that grows with the table (page tables, the fd table): clients wait for it
+        log.info("event=standby_started pid=%d entries=%d fork_ms=%.1f", pid, len(st.table),
+                 (time.perf_counter() - t_fork) * 1e3)
 
     def _unjournal(self) -> None:
         st = self.d.st
